@@ -1,0 +1,45 @@
+"""`offsite client run ...`: take part in a job from a data owner's workstation."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from offsite.client.run import ClientConfig, exit_code_for, run
+
+log = logging.getLogger("offsite.client")
+
+
+def cmd_run(args) -> int:
+    try:
+        cfg = ClientConfig(server=args.server, ca_file=Path(args.ca), workdir=Path(args.workdir), data=Path(args.data),
+                           heldout=Path(args.heldout) if args.heldout else None,
+                           token_file=Path(args.token_file) if args.token_file else None, threads=args.threads,
+                           show_progress=not args.no_progress)
+        summary = run(cfg)
+    except Exception as e:  # every failure leaves with a message and a distinct exit code
+        code = exit_code_for(e)
+        if code == 1:
+            raise
+        detail = e.details() if hasattr(e, "details") else str(e)
+        print(f"offsite client: error: {detail}", file=sys.stderr)
+        return code
+    log.info("client done: rounds %s, %d bytes uploaded", summary["rounds"], summary["upload_bytes"])
+    return 0
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="enroll (first time), then train and upload each round until the job is done",
+                       description="Exit codes: 0 done, 2 bad data file, 3 authentication failed, "
+                                   "4 coordinator unreachable, 5 bad configuration.")
+    p.add_argument("--server", required=True, help="coordinator host:port")
+    p.add_argument("--ca", required=True, help="the coordinator's CA certificate (PEM)")
+    p.add_argument("--workdir", required=True, help="this client's folder: identity, bundle cache, adapters")
+    p.add_argument("--data", required=True, help="training data (JSONL with a 'text' field); never leaves this machine")
+    p.add_argument("--heldout", help="optional held-out JSONL for local before/after evaluation")
+    p.add_argument("--token-file", help="single-use enrollment token (needed the first time)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_run)

@@ -1,0 +1,134 @@
+"""`offsite cloud ...`: init, jobs create, serve, status."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+
+from offsite.cloud.blobs import BlobStore
+from offsite.cloud.coordinator import Coordinator
+from offsite.cloud.finalize import finalize
+from offsite.cloud.identity import StateLayout, init_state, load_sealing_key
+from offsite.cloud.job import JobConfig
+from offsite.cloud.server import start_server
+from offsite.cloud.state import SqliteState
+from offsite.errors import ConfigError
+from offsite.files import atomic_write
+
+log = logging.getLogger("offsite.cloud")
+
+
+def open_coordinator(state_dir: str, on_training_done=None) -> Coordinator:
+    layout = StateLayout(Path(state_dir))
+    if not layout.db.is_file():
+        raise ConfigError(f"{state_dir} is not a coordinator state folder; run `offsite cloud init` first")
+    return Coordinator(layout, SqliteState(layout.db), BlobStore(layout.blobs), load_sealing_key(layout), on_training_done)
+
+
+def cmd_init(args) -> int:
+    names = [n.strip() for n in args.clients.split(",") if n.strip()]
+    hosts = args.host or ["localhost", "127.0.0.1"]
+    tokens = init_state(args.state, names, hosts, args.token_ttl_hours * 3600, SqliteState)
+    print(f"coordinator state created in {args.state}; CA certificate: {StateLayout(Path(args.state)).ca_cert}")
+    for name, path in tokens.items():
+        print(f"  enrollment token for {name}: {path}")
+    return 0
+
+
+def cmd_jobs_create(args) -> int:
+    coordinator = open_coordinator(args.state)
+    cfg = JobConfig.from_toml(args.config)
+    job = coordinator.create_job(cfg)
+    _, _, art = coordinator.job(job.job_id)
+    p = art["params"]
+    print(f"job {job.job_id}: {cfg.rounds} rounds; emulator keeps middle blocks {art['plan']['kept_middle']}; "
+          f"params full {p['full']:,}, emulator {p['emulator']:,}, adapter {p['adapter']:,}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    done = threading.Event()
+    holder: dict = {}
+
+    def finish(job_id: str) -> None:
+        def work():
+            c = holder["coordinator"]
+            rec, cfg, art = c.job(job_id)
+            try:
+                finalize(cfg, art, c.state, c.blobs, c.layout.jobs / job_id, log=log.info)
+                c.state.update_job(job_id, status="done")
+            except Exception:
+                log.exception("job %s: finalization failed", job_id)
+                c.state.update_job(job_id, status="failed")
+            if not any(j.status in ("running", "finalizing") for j in c.state.jobs()):
+                done.set()
+        threading.Thread(target=work, name=f"finalize-{job_id}", daemon=True).start()
+
+    coordinator = open_coordinator(args.state, on_training_done=finish)
+    holder["coordinator"] = coordinator
+    server, port, _ = start_server(coordinator, coordinator.layout, args.address)
+    if args.port_file:
+        atomic_write(Path(args.port_file), f"{port}\n".encode())
+    log.info("coordinator serving on port %d (TLS)", port)
+    for job in coordinator.state.jobs():
+        if job.status == "finalizing":  # a crash interrupted finalization: do it again
+            finish(job.job_id)
+    try:
+        while not (args.exit_when_done and done.wait(1.0)):
+            if not args.exit_when_done:
+                time.sleep(1.0)
+    except KeyboardInterrupt:
+        pass
+    log.info("coordinator stopping")
+    server.stop(grace=args.grace).wait()
+    return 0
+
+
+def cmd_status(args) -> int:
+    coordinator = open_coordinator(args.state)
+    state = coordinator.state
+    out = {"jobs": [], "clients": [{"id": c.client_id, "name": c.name, "last_seen": c.last_seen} for c in state.clients()]}
+    for job in state.jobs():
+        cfg = JobConfig.from_json(job.config_json)
+        out["jobs"].append({"job_id": job.job_id, "status": job.status, "round": job.round, "rounds": cfg.rounds,
+                            "updates": [u.__dict__ for u in state.updates(job.job_id)],
+                            "rejected": [{"round": r, "client_id": c, "reason": why} for r, c, why in state.rejections(job.job_id)]})
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    for j in out["jobs"]:
+        print(f"job {j['job_id']}: {j['status']}, round {min(j['round'] + 1, j['rounds'])}/{j['rounds']}, "
+              f"{len(j['updates'])} updates accepted, {len(j['rejected'])} rejected")
+    now = time.time()
+    for c in out["clients"]:
+        print(f"  client {c['id']}: last seen {now - c['last_seen']:.0f} s ago")
+    return 0
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("init", help="create a state folder: CA, server certificate, keys, enrollment tokens")
+    p.add_argument("--state", required=True, help="state folder to create")
+    p.add_argument("--clients", required=True, help="comma-separated client names, one token each")
+    p.add_argument("--host", action="append", default=None, help="server certificate host name or IP (repeatable)")
+    p.add_argument("--token-ttl-hours", type=float, default=72.0)
+    p.set_defaults(func=cmd_init)
+    jobs = sub.add_parser("jobs", help="manage jobs").add_subparsers(dest="jobs_command", required=True)
+    p = jobs.add_parser("create", help="build the emulator and open a job from a TOML file")
+    p.add_argument("--state", required=True)
+    p.add_argument("--config", required=True, help="job TOML file")
+    p.set_defaults(func=cmd_jobs_create)
+    p = sub.add_parser("serve", help="run the coordinator (gRPC over TLS)")
+    p.add_argument("--state", required=True)
+    p.add_argument("--address", default="127.0.0.1:50051", help="host:port to bind; port 0 picks a free one")
+    p.add_argument("--port-file", help="write the bound port here")
+    p.add_argument("--exit-when-done", action="store_true", help="stop once every job is finished")
+    p.add_argument("--grace", type=float, default=5.0, help="seconds to let in-flight calls finish on stop")
+    p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("status", help="jobs, rounds and clients")
+    p.add_argument("--state", required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)

@@ -1,0 +1,104 @@
+"""The coordinator's identity material: a CA, a TLS server certificate, the X25519 key updates are
+sealed to, and single-use enrollment tokens. Private keys are written 0600 and never logged."""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import ipaddress
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.x509.oid import NameOID
+
+from offsite.cloud.state import State
+from offsite.errors import ConfigError
+from offsite.files import atomic_write
+
+
+@dataclass(frozen=True)
+class StateLayout:
+    """Where everything lives inside a coordinator's state folder."""
+
+    root: Path
+
+    @property
+    def ca_cert(self) -> Path: return self.root / "tls" / "ca.pem"
+    @property
+    def ca_key(self) -> Path: return self.root / "tls" / "ca.key"
+    @property
+    def server_cert(self) -> Path: return self.root / "tls" / "server.pem"
+    @property
+    def server_key(self) -> Path: return self.root / "tls" / "server.key"
+    @property
+    def sealing_key(self) -> Path: return self.root / "keys" / "coordinator.x25519"
+    @property
+    def db(self) -> Path: return self.root / "state.sqlite"
+    @property
+    def blobs(self) -> Path: return self.root / "blobs"
+    @property
+    def tokens(self) -> Path: return self.root / "tokens"
+    @property
+    def jobs(self) -> Path: return self.root / "jobs"
+
+
+def hash_secret(secret: str) -> str:
+    """Tokens are stored only as hashes: a leaked database does not let anyone enroll or log in."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _pem_key(key) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+def _cert(subject: str, public_key, issuer_key, issuer_name: x509.Name | None, ca: bool, hosts: list[str], days: int) -> x509.Certificate:
+    now = dt.datetime.now(dt.timezone.utc)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    builder = (x509.CertificateBuilder().subject_name(name).issuer_name(issuer_name or name)
+               .public_key(public_key).serial_number(x509.random_serial_number())
+               .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if hosts:
+        sans = []
+        for h in hosts:
+            try:
+                sans.append(x509.IPAddress(ipaddress.ip_address(h)))
+            except ValueError:
+                sans.append(x509.DNSName(h))
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def init_state(root: str | Path, client_names: list[str], hosts: list[str], token_ttl_s: float, state_factory) -> dict[str, Path]:
+    """Create a new state folder. Returns {client name: path of its enrollment token file}."""
+    layout = StateLayout(Path(root))
+    if layout.db.exists():
+        raise ConfigError(f"{layout.root} already holds a coordinator state; refusing to overwrite it")
+    if len(set(client_names)) != len(client_names) or not client_names:
+        raise ConfigError(f"client names must be unique and non-empty: {client_names}")
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_cert = _cert("offsite coordinator CA", ca_key.public_key(), ca_key, None, True, [], 3650)
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    server_cert = _cert(hosts[0], server_key.public_key(), ca_key, ca_cert.subject, False, hosts, 825)
+    atomic_write(layout.ca_key, _pem_key(ca_key), mode=0o600)
+    atomic_write(layout.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM))
+    atomic_write(layout.server_key, _pem_key(server_key), mode=0o600)
+    atomic_write(layout.server_cert, server_cert.public_bytes(serialization.Encoding.PEM))
+    atomic_write(layout.sealing_key, _pem_key(X25519PrivateKey.generate()), mode=0o600)
+    state: State = state_factory(layout.db)
+    token_files = {}
+    for name in client_names:
+        token = secrets.token_urlsafe(32)
+        state.add_token(hash_secret(token), name, time.time() + token_ttl_s)
+        token_files[name] = layout.tokens / f"{name}.token"
+        atomic_write(token_files[name], (token + "\n").encode(), mode=0o600)
+    return token_files
+
+
+def load_sealing_key(layout: StateLayout) -> X25519PrivateKey:
+    return serialization.load_pem_private_key(layout.sealing_key.read_bytes(), password=None)

@@ -1,0 +1,71 @@
+"""A job's configuration, read from TOML and validated before anything runs."""
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from offsite.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    job_id: str
+    base_model: str
+    rounds: int = 2
+    clients_per_round: int = 1
+    bottom: int = 2
+    top: int = 2
+    emulator_layers: int = 2
+    epochs: float = 1.0
+    lr: float = 3e-3
+    batch_size: int = 16
+    max_length: int = 256
+    seed: int = 0
+    max_update_bytes: int = 1 << 30
+    eval_sets: dict[str, str] = field(default_factory=dict)   # name -> JSONL the model owner may evaluate on
+    protection_data: str | None = None                        # JSONL of general (pretraining-domain) text
+    export_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.job_id or not self.job_id.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(f"job id must be letters, digits, '-' or '_', got {self.job_id!r}")
+        for name in ("rounds", "clients_per_round", "bottom", "top", "emulator_layers", "batch_size", "max_length"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"job {name} must be at least 1, got {getattr(self, name)}")
+        if self.epochs <= 0 or self.lr <= 0:
+            raise ConfigError(f"job epochs and lr must be positive, got {self.epochs} and {self.lr}")
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "JobConfig":
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"{path}: {e}") from e
+        flat = {**raw.get("job", {}), **raw.get("split", {}), **raw.get("training", {}), **raw.get("eval", {})}
+        if "id" in flat:
+            flat["job_id"] = flat.pop("id")
+        base = path.parent
+        for key in ("base_model", "protection_data", "export_dir"):  # paths are relative to the file
+            value = flat.get(key)
+            if isinstance(value, str) and not Path(value).is_absolute():
+                if key == "export_dir" or (base / value).exists():  # else base_model may be a hub id
+                    flat[key] = str((base / value).resolve())
+        if "sets" in flat:
+            flat["eval_sets"] = {k: str((base / v).resolve()) for k, v in flat.pop("sets").items()}
+        unknown = set(flat) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(f"{path}: unknown job settings {sorted(unknown)}")
+        try:
+            return cls(**flat)
+        except TypeError as e:
+            raise ConfigError(f"{path}: {e}") from e
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "JobConfig":
+        return cls(**json.loads(text))

@@ -1,0 +1,172 @@
+"""The coordinator's durable state behind one interface; SQLite is the implementation.
+
+Every method is a small transaction, so a crash leaves either the old or the new state. The contract
+test (tests/test_state.py) runs against every implementation.
+"""
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from offsite.errors import AlreadyExistsError, NotFoundError
+
+
+@dataclass(frozen=True)
+class ClientRecord:
+    client_id: str
+    name: str
+    signing_key: bytes
+    enrolled_at: float
+    last_seen: float
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    job_id: str
+    config_json: str
+    status: str           # "running" | "finalizing" | "done" | "failed"
+    round: int            # the open round (0-based); equals total rounds once training is over
+    artifacts_json: str   # digests of the bundle manifest, skeleton, global adapter per round
+
+
+@dataclass(frozen=True)
+class UpdateRecord:
+    job_id: str
+    round: int
+    client_id: str
+    num_examples: int
+    blob_sha256: str
+    upload_bytes: int
+
+
+class State(Protocol):
+    def add_token(self, token_hash: str, name: str, expires_at: float) -> None: ...
+    def consume_token(self, token_hash: str, now: float) -> str | None: ...
+    def add_client(self, client_id: str, name: str, signing_key: bytes, session_hash: str) -> None: ...
+    def client_by_session(self, session_hash: str) -> ClientRecord | None: ...
+    def client(self, client_id: str) -> ClientRecord: ...
+    def clients(self) -> list[ClientRecord]: ...
+    def touch_client(self, client_id: str) -> None: ...
+    def add_job(self, job_id: str, config_json: str, artifacts_json: str) -> None: ...
+    def job(self, job_id: str) -> JobRecord: ...
+    def jobs(self) -> list[JobRecord]: ...
+    def update_job(self, job_id: str, *, status: str | None = None, round: int | None = None,
+                   artifacts_json: str | None = None) -> None: ...
+    def add_update(self, update: UpdateRecord) -> int: ...
+    def updates(self, job_id: str, round: int | None = None) -> list[UpdateRecord]: ...
+    def add_rejection(self, job_id: str, round: int, client_id: str, reason: str) -> None: ...
+    def rejections(self, job_id: str) -> list[tuple[int, str, str]]: ...
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tokens (token_hash TEXT PRIMARY KEY, name TEXT NOT NULL, expires_at REAL NOT NULL, used_at REAL);
+CREATE TABLE IF NOT EXISTS clients (client_id TEXT PRIMARY KEY, name TEXT NOT NULL, signing_key BLOB NOT NULL,
+    session_hash TEXT NOT NULL UNIQUE, enrolled_at REAL NOT NULL, last_seen REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (job_id TEXT PRIMARY KEY, config_json TEXT NOT NULL, status TEXT NOT NULL,
+    round INTEGER NOT NULL, artifacts_json TEXT NOT NULL, created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS updates (job_id TEXT NOT NULL, round INTEGER NOT NULL, client_id TEXT NOT NULL,
+    num_examples INTEGER NOT NULL, blob_sha256 TEXT NOT NULL, upload_bytes INTEGER NOT NULL, accepted_at REAL NOT NULL,
+    PRIMARY KEY (job_id, round, client_id));
+CREATE TABLE IF NOT EXISTS rejections (job_id TEXT NOT NULL, round INTEGER NOT NULL, client_id TEXT NOT NULL,
+    reason TEXT NOT NULL, at REAL NOT NULL);
+"""
+
+
+class SqliteState:
+    """State in one SQLite file (WAL mode); safe to share between the server's threads."""
+
+    def __init__(self, path: str | Path):
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+
+    def _run(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def add_token(self, token_hash: str, name: str, expires_at: float) -> None:
+        self._run("INSERT INTO tokens VALUES (?, ?, ?, NULL)", (token_hash, name, expires_at))
+
+    def consume_token(self, token_hash: str, now: float) -> str | None:
+        """Mark the token used and return its client name, or None if unknown, used or expired."""
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE tokens SET used_at = ? WHERE token_hash = ? AND used_at IS NULL AND expires_at > ? RETURNING name",
+                (now, token_hash, now))
+            row = cur.fetchone()
+            return row[0] if row else None
+
+    def add_client(self, client_id: str, name: str, signing_key: bytes, session_hash: str) -> None:
+        now = time.time()
+        self._run("INSERT INTO clients VALUES (?, ?, ?, ?, ?, ?)", (client_id, name, signing_key, session_hash, now, now))
+
+    @staticmethod
+    def _client(row: tuple) -> ClientRecord:
+        return ClientRecord(row[0], row[1], bytes(row[2]), row[3], row[4])
+
+    def client_by_session(self, session_hash: str) -> ClientRecord | None:
+        rows = self._run("SELECT client_id, name, signing_key, enrolled_at, last_seen FROM clients WHERE session_hash = ?", (session_hash,))
+        return self._client(rows[0]) if rows else None
+
+    def client(self, client_id: str) -> ClientRecord:
+        rows = self._run("SELECT client_id, name, signing_key, enrolled_at, last_seen FROM clients WHERE client_id = ?", (client_id,))
+        if not rows:
+            raise NotFoundError(f"no client {client_id}")
+        return self._client(rows[0])
+
+    def clients(self) -> list[ClientRecord]:
+        return [self._client(r) for r in self._run("SELECT client_id, name, signing_key, enrolled_at, last_seen FROM clients ORDER BY name")]
+
+    def touch_client(self, client_id: str) -> None:
+        self._run("UPDATE clients SET last_seen = ? WHERE client_id = ?", (time.time(), client_id))
+
+    def add_job(self, job_id: str, config_json: str, artifacts_json: str) -> None:
+        try:
+            self._run("INSERT INTO jobs VALUES (?, ?, 'running', 0, ?, ?)", (job_id, config_json, artifacts_json, time.time()))
+        except sqlite3.IntegrityError:
+            raise AlreadyExistsError(f"job {job_id} already exists") from None
+
+    def job(self, job_id: str) -> JobRecord:
+        rows = self._run("SELECT job_id, config_json, status, round, artifacts_json FROM jobs WHERE job_id = ?", (job_id,))
+        if not rows:
+            raise NotFoundError(f"no job {job_id!r}")
+        return JobRecord(*rows[0])
+
+    def jobs(self) -> list[JobRecord]:
+        return [JobRecord(*r) for r in self._run("SELECT job_id, config_json, status, round, artifacts_json FROM jobs ORDER BY created_at")]
+
+    def update_job(self, job_id: str, *, status: str | None = None, round: int | None = None,
+                   artifacts_json: str | None = None) -> None:
+        job = self.job(job_id)
+        self._run("UPDATE jobs SET status = ?, round = ?, artifacts_json = ? WHERE job_id = ?",
+                  (status or job.status, job.round if round is None else round, artifacts_json or job.artifacts_json, job_id))
+
+    def add_update(self, update: UpdateRecord) -> int:
+        """Record an accepted update once; return how many the round now has."""
+        with self._lock:
+            try:
+                self._db.execute("INSERT INTO updates VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                 (update.job_id, update.round, update.client_id, update.num_examples,
+                                  update.blob_sha256, update.upload_bytes, time.time()))
+            except sqlite3.IntegrityError:
+                raise AlreadyExistsError(f"client {update.client_id} already has an accepted update for round {update.round}") from None
+            return self._db.execute("SELECT COUNT(*) FROM updates WHERE job_id = ? AND round = ?", (update.job_id, update.round)).fetchone()[0]
+
+    def updates(self, job_id: str, round: int | None = None) -> list[UpdateRecord]:
+        sql = "SELECT job_id, round, client_id, num_examples, blob_sha256, upload_bytes FROM updates WHERE job_id = ?"
+        args: tuple = (job_id,)
+        if round is not None:
+            sql, args = sql + " AND round = ?", (job_id, round)
+        return [UpdateRecord(*r) for r in self._run(sql + " ORDER BY round, client_id", args)]
+
+    def add_rejection(self, job_id: str, round: int, client_id: str, reason: str) -> None:
+        self._run("INSERT INTO rejections VALUES (?, ?, ?, ?, ?)", (job_id, round, client_id, reason, time.time()))
+
+    def rejections(self, job_id: str) -> list[tuple[int, str, str]]:
+        return self._run("SELECT round, client_id, reason FROM rejections WHERE job_id = ? ORDER BY at", (job_id,))

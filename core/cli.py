@@ -1,0 +1,36 @@
+"""`offsite`: one command line with `cloud`, `client` and `emulator` groups."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from transformers.utils import logging as hf_logging
+
+from offsite.errors import OffsiteError
+
+
+def main(argv: list[str] | None = None) -> int:
+    from offsite.client import cli as client_cli
+    from offsite.cloud import cli as cloud_cli
+    from offsite.emulator import cli as emulator_cli
+
+    parser = argparse.ArgumentParser(prog="offsite", description="Federated Offsite-Tuning of causal language models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    groups = parser.add_subparsers(dest="group", required=True)
+    cloud_cli.register(groups.add_parser("cloud", help="the model owner's coordinator"))
+    client_cli.register(groups.add_parser("client", help="the data owner's client"))
+    emulator_cli.register(groups.add_parser("emulator", help="build and inspect emulators"))
+    args = parser.parse_args(argv)
+    hf_logging.disable_progress_bar()  # per-file load/save bars drown the useful output
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        return int(args.func(args) or 0)
+    except OffsiteError as e:
+        print(f"offsite: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

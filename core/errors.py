@@ -1,0 +1,45 @@
+"""Specific error types. The gRPC edge maps each to a status code (offsite.cloud.service)."""
+
+
+class OffsiteError(Exception):
+    """Base of every error this project raises on purpose."""
+
+
+class ConfigError(OffsiteError):
+    """A configuration value is invalid."""
+
+
+class UnsupportedModelError(OffsiteError):
+    """The model's structure cannot be split."""
+
+
+class DataError(OffsiteError):
+    """A data file is missing or malformed; the message names the file and line."""
+
+
+class IntegrityError(OffsiteError):
+    """Bytes do not match the hash that was promised for them."""
+
+
+class AuthError(OffsiteError):
+    """Unknown, reused or expired credential."""
+
+
+class NotFoundError(OffsiteError):
+    """The named job, blob or client does not exist."""
+
+
+class PreconditionError(OffsiteError):
+    """The request is well formed but not valid now (wrong job or round, round closed, job done)."""
+
+
+class AlreadyExistsError(OffsiteError):
+    """The thing was already accepted once (a replayed update)."""
+
+
+class InvalidUpdateError(OffsiteError):
+    """An uploaded update failed a check (seal, signature, tensor names, shapes, dtypes, values)."""
+
+
+class TooLargeError(OffsiteError):
+    """An upload is larger than the job allows."""

@@ -1,0 +1,152 @@
+"""The one language-model loop everybody uses: encode, batch, measure mean token loss, train.
+
+Pretraining, the client's adapter training, the central baseline and every evaluation go through
+these functions, so their numbers are comparable.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+IGNORE = -100
+
+
+@lru_cache(maxsize=1)
+def cpu_has_fast_bf16() -> bool:
+    """bf16 autocast only pays on CPUs with AMX or AVX512-BF16 (FIELD_NOTES)."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def encode(tokenizer, texts: Iterable[str], max_len: int) -> list[list[int]]:
+    """Each text becomes [bos] + tokens + [eos], truncated to max_len."""
+    texts = list(texts)
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    return [([tokenizer.bos_token_id] + x + [tokenizer.eos_token_id])[:max_len] for x in ids]
+
+
+def pack(encoded: list[list[int]], seq_len: int) -> list[list[int]]:
+    """Concatenate examples and cut into full windows of seq_len (for pretraining on running text)."""
+    flat = [t for x in encoded for t in x]
+    return [flat[i : i + seq_len] for i in range(0, len(flat) - seq_len + 1, seq_len)]
+
+
+def batches(
+    encoded: list[list[int]], batch_size: int, pad_id: int, shuffle: bool = False, seed: int = 0
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Right-padded (input_ids, attention_mask, labels) batches; labels ignore padding."""
+    order = list(range(len(encoded)))
+    if shuffle:
+        random.Random(seed).shuffle(order)
+    for start in range(0, len(order), batch_size):
+        rows = [encoded[i] for i in order[start : start + batch_size]]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, r in enumerate(rows):
+            ids[j, : len(r)] = torch.tensor(r)
+            mask[j, : len(r)] = 1
+        labels = ids.masked_fill(mask == 0, IGNORE)
+        yield ids, mask, labels
+
+
+def token_loss_sum(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over real tokens, and how many tokens were scored."""
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    target = labels[:, 1:]
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE, reduction="sum")
+    return loss, int((target != IGNORE).sum())
+
+
+@torch.no_grad()
+def mean_token_loss(model, encoded: list[list[int]], pad_id: int, batch_size: int = 32, bf16: bool = False) -> float:
+    """Held-out mean token loss (nats per token) of `model` on encoded examples."""
+    model.eval()
+    total, count = 0.0, 0
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        for ids, mask, labels in batches(encoded, batch_size, pad_id):
+            loss, n = token_loss_sum(model, ids, mask, labels)
+            total, count = total + float(loss), count + n
+    return total / max(count, 1)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: float = 1.0
+    lr: float = 3e-3
+    batch_size: int = 16
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    seed: int = 0
+    bf16: bool = False
+    max_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.epochs <= 0 or self.lr <= 0 or self.batch_size < 1:
+            raise ValueError(f"epochs, lr and batch_size must be positive: {self}")
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    steps: int
+    tokens: int
+    seconds: float
+    last_loss: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+
+def train(model, encoded: list[list[int]], params: list[torch.nn.Parameter], pad_id: int, cfg: TrainConfig,
+          desc: str = "train", show_progress: bool = True) -> TrainStats:
+    """AdamW with linear warmup and cosine decay over `cfg.epochs` passes of `encoded`."""
+    steps_per_epoch = math.ceil(len(encoded) / cfg.batch_size)
+    total = max(1, round(steps_per_epoch * cfg.epochs))
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+
+    def lr_at(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    model.train()
+    step, tokens, last = 0, 0, float("nan")
+    start = time.perf_counter()
+    bar = tqdm(total=total, desc=desc, disable=not show_progress, mininterval=2.0)
+    epoch = 0
+    while step < total:
+        for ids, mask, labels in batches(encoded, cfg.batch_size, pad_id, shuffle=True, seed=cfg.seed + epoch):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                loss_sum, n = token_loss_sum(model, ids, mask, labels)
+            loss = loss_sum / max(n, 1)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step, tokens, last = step + 1, tokens + n, float(loss.detach())
+            elapsed = time.perf_counter() - start
+            bar.set_postfix(loss=f"{last:.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}", refresh=False)
+            bar.update(1)
+            if step >= total:
+                break
+        epoch += 1
+    bar.close()
+    model.eval()
+    return TrainStats(steps=step, tokens=tokens, seconds=time.perf_counter() - start, last_loss=last)

@@ -1,0 +1,49 @@
+"""Tensors on the wire and on disk: safetensors bytes only (never pickle), and strict checks."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+from safetensors.torch import load, save
+
+from offsite.errors import InvalidUpdateError
+
+TensorSpec = dict[str, tuple[list[int], str]]
+
+
+def to_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    return save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+
+
+def from_bytes(data: bytes) -> dict[str, torch.Tensor]:
+    try:
+        return load(data)
+    except Exception as e:  # safetensors raises its own error types for malformed headers
+        raise InvalidUpdateError(f"not a valid safetensors payload: {e}") from e
+
+
+def spec_of(tensors: dict[str, torch.Tensor]) -> TensorSpec:
+    return {k: (list(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in sorted(tensors.items())}
+
+
+def spec_digest(spec: TensorSpec) -> str:
+    """A stable hash of names, shapes and dtypes: binds an update to the skeleton it was trained from."""
+    canonical = json.dumps({k: [list(s), d] for k, (s, d) in sorted(spec.items())}, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def check_matches(tensors: dict[str, torch.Tensor], spec: TensorSpec) -> None:
+    """Raise InvalidUpdateError unless `tensors` has exactly the spec's names, shapes and dtypes, all finite."""
+    missing = sorted(set(spec) - set(tensors))
+    extra = sorted(set(tensors) - set(spec))
+    if missing or extra:
+        raise InvalidUpdateError(f"tensor names differ from the skeleton: missing {missing[:5]}, extra {extra[:5]}")
+    for name, (shape, dtype) in spec.items():
+        t = tensors[name]
+        if list(t.shape) != list(shape):
+            raise InvalidUpdateError(f"tensor {name} has shape {list(t.shape)}, expected {list(shape)}")
+        if str(t.dtype).removeprefix("torch.") != dtype:
+            raise InvalidUpdateError(f"tensor {name} has dtype {t.dtype}, expected {dtype}")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise InvalidUpdateError(f"tensor {name} has non-finite values")

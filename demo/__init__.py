@@ -1,0 +1,1 @@
+"""The embedded default demo: a small pretrained base, three data owners, one federated job."""

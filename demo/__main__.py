@@ -1,0 +1,24 @@
+"""`python -m offsite.demo`: the whole system end to end on the embedded default (see README)."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from offsite.demo.run import DemoSettings, run_demo
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m offsite.demo", description=__doc__)
+    parser.add_argument("--out", default="runs/demo", help="run folder (the base model is cached in it)")
+    parser.add_argument("--rounds", type=int, default=DemoSettings.rounds)
+    args = parser.parse_args()
+    started = time.perf_counter()
+    ok = run_demo(Path(args.out), DemoSettings(rounds=args.rounds))
+    print(f"demo finished in {time.perf_counter() - started:.0f} s: {'all checks passed' if ok else 'CHECKS FAILED'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Drive the demo: base model, client data, then the coordinator and three clients as real processes
+over TLS, then the central baseline, the report and its checks."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import AutoModelForCausalLM
+
+from offsite import lm
+from offsite.demo import domain
+from offsite.demo.base import BaseConfig, prepare_base
+from offsite.demo.central import central_finetune
+from offsite.demo.corpus import general_corpus
+from offsite.demo.report import checks, format_table
+from offsite.files import atomic_write, write_json
+from offsite.textdata import read_texts
+from offsite.emulator.build import load_base
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    clients: int = 3
+    rounds: int = 3
+    n_train: int = 1500        # records per client
+    n_heldout: int = 200
+    main_share: float = 0.8    # non-IID: share of each client's data from its main kind of bulletin
+    epochs: float = 1.0        # local epochs per round
+    lr: float = 3e-3
+    batch_size: int = 16
+    max_length: int = 256
+    central_lr: float = 1e-3
+    seed: int = 0
+    base: BaseConfig = field(default_factory=BaseConfig)
+
+
+def _offsite(*args: str) -> list[str]:
+    return [sys.executable, "-m", "offsite.cli", *args]
+
+
+def _job_toml(s: DemoSettings, base_dir: Path, data: Path, export_dir: Path) -> str:
+    sets = ", ".join(f'"client-{i + 1}" = "{data / f"client-{i + 1}" / "heldout.jsonl"}"' for i in range(s.clients))
+    return f"""# The demo's job: adapter = bottom 2 + top 2 blocks, emulator keeps 2 of the 4 middle blocks.
+[job]
+id = "demo"
+base_model = "{base_dir}"
+rounds = {s.rounds}
+clients_per_round = {s.clients}
+
+[split]
+bottom = 2
+top = 2
+emulator_layers = 2
+
+[training]
+epochs = {s.epochs}
+lr = {s.lr}
+batch_size = {s.batch_size}
+max_length = {s.max_length}
+seed = {s.seed}
+
+[eval]
+# Held-out sets the model owner evaluates the plug-in on (in this demo the data owners lend them).
+sets = {{ {sets} }}
+protection_data = "{data / 'general_heldout.jsonl'}"
+export_dir = "{export_dir}"
+"""
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        if proc.poll() is not None or time.time() > deadline:
+            raise RuntimeError(f"coordinator did not start (exit code {proc.poll()})")
+        time.sleep(0.2)
+
+
+def run_demo(out: Path, s: DemoSettings) -> bool:
+    out = out.resolve()
+    base_dir = prepare_base(out / "base", s.base)
+    for sub in ("cloud", "clients", "data", "logs", "export"):
+        shutil.rmtree(out / sub, ignore_errors=True)
+    data = out / "data"
+    folders = domain.write_clients(data, s.clients, s.n_train, s.n_heldout, s.main_share, s.seed)
+    _, general_held = general_corpus()
+    domain.write_jsonl(data / "general_heldout.jsonl", general_held)
+    atomic_write(out / "job.toml", _job_toml(s, base_dir, data, out / "export").encode())
+    state, logs = out / "cloud", out / "logs"
+    logs.mkdir(parents=True)
+    names = [f.name for f in folders]
+    subprocess.run(_offsite("cloud", "init", "--state", str(state), "--clients", ",".join(names)), check=True)
+    subprocess.run(_offsite("cloud", "jobs", "create", "--state", str(state), "--config", str(out / "job.toml")), check=True)
+    started = time.perf_counter()
+    server = subprocess.Popen(_offsite("cloud", "serve", "--state", str(state), "--address", "127.0.0.1:0",
+                                       "--port-file", str(state / "port"), "--exit-when-done"))
+    _wait_for(state / "port", server, 60)
+    port = (state / "port").read_text().strip()
+    clients = []
+    for folder in folders:
+        log = open(logs / f"{folder.name}.log", "w")
+        cmd = _offsite("client", "run", "--server", f"localhost:{port}", "--ca", str(state / "tls" / "ca.pem"),
+                       "--workdir", str(out / "clients" / folder.name), "--data", str(folder / "train.jsonl"),
+                       "--heldout", str(folder / "heldout.jsonl"), "--token-file", str(state / "tokens" / f"{folder.name}.token"),
+                       "--threads", "1")
+        clients.append((folder.name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
+    print(f"demo: coordinator on localhost:{port} (TLS); {len(clients)} clients training; logs in {logs}")
+    failed = []
+    for name, proc, log in clients:
+        if proc.wait() != 0:
+            failed.append(name)
+        log.close()
+    if server.wait(timeout=900) != 0 or failed:
+        print(f"demo: a process failed (clients {failed}, coordinator exit {server.returncode}); see {logs}")
+        return False
+    federated_s = time.perf_counter() - started
+    report = json.loads((state / "jobs" / "demo" / "report.json").read_text())
+    central = central_finetune(str(base_dir), [f / "train.jsonl" for f in folders],
+                               {f.name: f / "heldout.jsonl" for f in folders},
+                               epochs=s.epochs * s.rounds, lr=s.central_lr, batch_size=s.batch_size,
+                               max_length=s.max_length, seed=s.seed)
+    for name, loss in central.items():
+        report["eval"][name]["central_full_finetune"] = loss
+    a = report["eval"]["all"]
+    report["gap_closure"] = round((a["full_zero_shot"] - a["plug_in"]) / (a["full_zero_shot"] - a["central_full_finetune"]), 4)
+    report["central_epochs"] = s.epochs * s.rounds
+    report["federated_seconds"] = round(federated_s, 1)
+    report["export_reload_plug_in"] = _reload_check(Path(report["export_dir"]), folders, s.max_length)
+    write_json(out / "report.json", report)
+    print(format_table(report))
+    problems = checks(report)
+    for p in problems:
+        print(f"CHECK FAILED: {p}")
+    print(f"report: {out / 'report.json'}; exported model: {report['export_dir']}")
+    return not problems
+
+
+def _reload_check(export_dir: Path, folders: list[Path], max_length: int) -> float:
+    """Load the export with plain transformers and measure its loss on all held-out data again."""
+    model = AutoModelForCausalLM.from_pretrained(str(export_dir))
+    _, tokenizer = load_base(str(export_dir))
+    enc = [x for f in folders for x in lm.encode(tokenizer, read_texts(f / "heldout.jsonl"), max_length)]
+    return round(lm.mean_token_loss(model, enc, tokenizer.pad_token_id), 4)

@@ -1,0 +1,1 @@
+"""Everything about the model: finding blocks, splitting, emulator bundles, plug-in and export."""

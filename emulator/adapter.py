@@ -1,0 +1,56 @@
+"""The adapter's tensors under one canonical naming: the full model's state-dict names.
+
+The same adapter block sits at different indices in the emulator and in the full model; naming its
+tensors by the full model's indices lets the cloud plug an update in with a plain state-dict load.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from offsite.emulator.blocks import find_blocks
+from offsite.emulator.plan import SplitPlan
+from offsite.errors import InvalidUpdateError
+
+
+def _block_tensors(model: nn.Module, plan: SplitPlan, on_emulator: bool) -> dict[str, torch.nn.Parameter]:
+    found = find_blocks(model)
+    out = {}
+    for original in plan.adapter_blocks:
+        index = plan.emulator_index(original) if on_emulator else original
+        for name, param in found.blocks[index].named_parameters():
+            out[f"{found.path}.{original}.{name}"] = param
+    return out
+
+
+def adapter_parameters(model: nn.Module, plan: SplitPlan, on_emulator: bool) -> dict[str, torch.nn.Parameter]:
+    """The live adapter parameters of `model`, keyed by canonical name (for training)."""
+    return _block_tensors(model, plan, on_emulator)
+
+
+def extract_adapter(model: nn.Module, plan: SplitPlan, on_emulator: bool) -> dict[str, torch.Tensor]:
+    """A detached fp32 copy of the adapter's tensors, keyed by canonical name."""
+    return {k: v.detach().float().clone() for k, v in _block_tensors(model, plan, on_emulator).items()}
+
+
+@torch.no_grad()
+def load_adapter(model: nn.Module, plan: SplitPlan, adapter: dict[str, torch.Tensor], on_emulator: bool) -> None:
+    """Copy `adapter` into the model's adapter blocks; the names must match exactly."""
+    params = _block_tensors(model, plan, on_emulator)
+    if set(params) != set(adapter):
+        missing, extra = sorted(set(params) - set(adapter)), sorted(set(adapter) - set(params))
+        raise InvalidUpdateError(f"adapter does not fit the model: missing {missing[:5]}, extra {extra[:5]}")
+    for name, param in params.items():
+        if param.shape != adapter[name].shape:
+            raise InvalidUpdateError(f"adapter tensor {name} has shape {list(adapter[name].shape)}, model has {list(param.shape)}")
+        param.copy_(adapter[name].to(param.dtype))
+
+
+def freeze_all_but_adapter(model: nn.Module, plan: SplitPlan, on_emulator: bool) -> list[nn.Parameter]:
+    """Freeze everything (embeddings, emulator middle, head) except the adapter; return the trainables."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    trainable = list(_block_tensors(model, plan, on_emulator).values())
+    for p in trainable:
+        p.requires_grad_(True)
+    return trainable

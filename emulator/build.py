@@ -1,0 +1,69 @@
+"""Build an emulator bundle and the adapter skeleton from a base model."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from offsite.emulator.adapter import extract_adapter
+from offsite.emulator.blocks import find_blocks, keep_blocks, num_blocks
+from offsite.emulator.bundle import write_manifest
+from offsite.emulator.plan import SplitPlan
+from offsite.files import atomic_write, sha256_file
+from offsite.tensors import to_bytes
+
+
+def load_base(path_or_id: str):
+    """Load a causal LM and its tokenizer from a local folder or a hub id (fp32, for training and eval)."""
+    model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path_or_id)
+    model.eval()
+    return model, tokenizer
+
+
+def make_emulator(model, plan: SplitPlan):
+    """Cut `model` in place down to the plan's emulator (adapter blocks + kept middle)."""
+    return keep_blocks(model, plan.emulator_order)
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    bundle_dir: Path
+    skeleton: dict[str, torch.Tensor]
+    plan: SplitPlan
+    full_params: int
+    emulator_params: int
+    adapter_params: int
+
+
+def build(base: str, bottom: int, top: int, emulator_layers: int, out_dir: str | Path) -> BuildResult:
+    """Write the emulator bundle to `out_dir` and return the adapter skeleton (the base's adapter blocks).
+
+    The base is loaded once and cut in place, so only one copy of the model is ever in memory.
+    """
+    out_dir = Path(out_dir)
+    model, tokenizer = load_base(base)
+    plan = SplitPlan.uniform(num_blocks(model.config), bottom, top, emulator_layers)
+    full_params = sum(p.numel() for p in model.parameters())
+    skeleton = extract_adapter(model, plan, on_emulator=False)
+    block_path = find_blocks(model).path
+    make_emulator(model, plan)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(out_dir))
+    base_hashes = {p.name: sha256_file(p) for p in sorted(Path(base).glob("*.safetensors"))} if Path(base).is_dir() else {"hub_id": base}
+    write_manifest(out_dir, plan, block_path, {"base": base_hashes, "strategy": "uniform", "distilled": False, "quantized": None})
+    return BuildResult(
+        bundle_dir=out_dir,
+        skeleton=skeleton,
+        plan=plan,
+        full_params=full_params,
+        emulator_params=sum(p.numel() for p in model.parameters()),
+        adapter_params=sum(t.numel() for t in skeleton.values()),
+    )
+
+
+def save_skeleton(skeleton: dict[str, torch.Tensor], path: str | Path) -> None:
+    atomic_write(path, to_bytes(skeleton))

@@ -1,0 +1,69 @@
+"""Emulator bundles: a standard Hugging Face model folder plus `offsite-manifest.json`.
+
+The manifest lists the SHA-256 and size of every file; loading verifies all of them before any file
+is parsed. Weights are safetensors only, so loading a bundle never executes code.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from offsite.emulator.plan import SplitPlan
+from offsite.errors import IntegrityError
+from offsite.files import sha256_file, write_json
+
+MANIFEST = "offsite-manifest.json"
+FORMAT = "offsite-emulator/1"
+
+
+def write_manifest(folder: Path, plan: SplitPlan, block_path: str, provenance: dict) -> dict:
+    files = {
+        p.name: {"sha256": sha256_file(p), "size": p.stat().st_size}
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name != MANIFEST
+    }
+    manifest = {
+        "format": FORMAT,
+        "files": files,
+        "plan": plan.to_dict(),
+        "block_path": block_path,
+        "emulator_order": list(plan.emulator_order),
+        "adapter_blocks": list(plan.adapter_blocks),
+        "provenance": provenance,
+    }
+    write_json(folder / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(folder: str | Path) -> dict:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise IntegrityError(f"{path}: bundle manifest missing")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise IntegrityError(f"{path}: unknown bundle format {manifest.get('format')!r}")
+    return manifest
+
+
+def verify_bundle(folder: str | Path) -> dict:
+    """Check every file against the manifest; raise IntegrityError naming the first bad file."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    for name, meta in manifest["files"].items():
+        path = folder / name
+        if not path.is_file():
+            raise IntegrityError(f"bundle file {name} is missing from {folder}")
+        if path.stat().st_size != meta["size"] or sha256_file(path) != meta["sha256"]:
+            raise IntegrityError(f"bundle file {name} does not match its manifest hash")
+    return manifest
+
+
+def load_bundle(folder: str | Path):
+    """Verify, then load the emulator model, its tokenizer and plan."""
+    manifest = verify_bundle(folder)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    return model, tokenizer, SplitPlan.from_dict(manifest["plan"])

@@ -1,0 +1,127 @@
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class EnrollRequest(_message.Message):
+    __slots__ = ("token", "signing_public_key")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    SIGNING_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    signing_public_key: bytes
+    def __init__(self, token: _Optional[str] = ..., signing_public_key: _Optional[bytes] = ...) -> None: ...
+
+class EnrollResponse(_message.Message):
+    __slots__ = ("client_id", "session_token", "coordinator_public_key", "job_id")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    session_token: str
+    coordinator_public_key: bytes
+    job_id: str
+    def __init__(self, client_id: _Optional[str] = ..., session_token: _Optional[str] = ..., coordinator_public_key: _Optional[bytes] = ..., job_id: _Optional[str] = ...) -> None: ...
+
+class GetTaskRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class TrainingSettings(_message.Message):
+    __slots__ = ("epochs", "lr", "batch_size", "max_length", "seed")
+    EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    epochs: float
+    lr: float
+    batch_size: int
+    max_length: int
+    seed: int
+    def __init__(self, epochs: _Optional[float] = ..., lr: _Optional[float] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class Task(_message.Message):
+    __slots__ = ("kind", "job_id", "round", "total_rounds", "bundle_manifest_sha256", "adapter_sha256", "skeleton_digest", "training", "retry_after_s")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        KIND_UNSPECIFIED: _ClassVar[Task.Kind]
+        WAIT: _ClassVar[Task.Kind]
+        TRAIN: _ClassVar[Task.Kind]
+        DONE: _ClassVar[Task.Kind]
+    KIND_UNSPECIFIED: Task.Kind
+    WAIT: Task.Kind
+    TRAIN: Task.Kind
+    DONE: Task.Kind
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_MANIFEST_SHA256_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_SHA256_FIELD_NUMBER: _ClassVar[int]
+    SKELETON_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_S_FIELD_NUMBER: _ClassVar[int]
+    kind: Task.Kind
+    job_id: str
+    round: int
+    total_rounds: int
+    bundle_manifest_sha256: str
+    adapter_sha256: str
+    skeleton_digest: str
+    training: TrainingSettings
+    retry_after_s: float
+    def __init__(self, kind: _Optional[_Union[Task.Kind, str]] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., bundle_manifest_sha256: _Optional[str] = ..., adapter_sha256: _Optional[str] = ..., skeleton_digest: _Optional[str] = ..., training: _Optional[_Union[TrainingSettings, _Mapping]] = ..., retry_after_s: _Optional[float] = ...) -> None: ...
+
+class DownloadRequest(_message.Message):
+    __slots__ = ("sha256", "offset")
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    offset: int
+    def __init__(self, sha256: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class Chunk(_message.Message):
+    __slots__ = ("data", "offset", "total_size")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    offset: int
+    total_size: int
+    def __init__(self, data: _Optional[bytes] = ..., offset: _Optional[int] = ..., total_size: _Optional[int] = ...) -> None: ...
+
+class UploadHeader(_message.Message):
+    __slots__ = ("job_id", "round", "num_examples", "size", "sha256")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    round: int
+    num_examples: int
+    size: int
+    sha256: str
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., num_examples: _Optional[int] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class UploadChunk(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: UploadHeader
+    data: bytes
+    def __init__(self, header: _Optional[_Union[UploadHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class UploadReceipt(_message.Message):
+    __slots__ = ("round", "updates_in_round")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    UPDATES_IN_ROUND_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    updates_in_round: int
+    def __init__(self, round: _Optional[int] = ..., updates_in_round: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,36 @@
+"""Shared fixtures: a tiny saved LLaMA-style model with its own tokenizer, and client data files."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from offsite.demo import domain
+from offsite.demo.base import train_tokenizer
+
+
+def make_tiny_model(out: Path, num_layers: int = 6, seed: int = 0) -> Path:
+    texts = domain.make_client_records(0, 3, 300, 0.34, seed=1)
+    tokenizer = train_tokenizer(texts, vocab_size=300)
+    config = AutoConfig.for_model("llama", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=128, tie_word_embeddings=True,
+                                  pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                                  eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def client_data(tmp_path_factory) -> list[Path]:
+    return domain.write_clients(tmp_path_factory.mktemp("data"), n_clients=2, n_train=40, n_heldout=10)

@@ -1,0 +1,57 @@
+"""End to end: the coordinator and two clients as real processes over loopback TLS, one round."""
+import json
+import subprocess
+import sys
+import time
+
+import torch
+from transformers import AutoModelForCausalLM
+
+
+
+def offsite(*args):
+    return [sys.executable, "-m", "offsite.cli", *args]
+
+
+def test_one_round_over_tls_with_real_processes(tiny_model, client_data, tmp_path):
+    state = tmp_path / "state"
+    subprocess.run(offsite("cloud", "init", "--state", str(state), "--clients", "client-1,client-2"), check=True)
+    sets = ", ".join(f'"{f.name}" = "{f / "heldout.jsonl"}"' for f in client_data)
+    (tmp_path / "job.toml").write_text(f'[job]\nid = "e2e"\nbase_model = "{tiny_model}"\nrounds = 1\nclients_per_round = 2\n'
+                                       f'[split]\nemulator_layers = 1\n[training]\nbatch_size = 8\n'
+                                       f'[eval]\nsets = {{ {sets} }}\n')
+    subprocess.run(offsite("cloud", "jobs", "create", "--state", str(state), "--config", str(tmp_path / "job.toml")), check=True)
+    server = subprocess.Popen(offsite("cloud", "serve", "--state", str(state), "--address", "127.0.0.1:0",
+                                      "--port-file", str(tmp_path / "port"), "--exit-when-done"))
+    try:
+        deadline = time.time() + 60
+        while not (tmp_path / "port").exists():
+            assert server.poll() is None and time.time() < deadline, "coordinator did not start"
+            time.sleep(0.1)
+        port = (tmp_path / "port").read_text().strip()
+        clients = [subprocess.Popen(offsite("client", "run", "--server", f"localhost:{port}", "--ca", str(state / "tls" / "ca.pem"),
+                                            "--workdir", str(tmp_path / f.name), "--data", str(f / "train.jsonl"),
+                                            "--token-file", str(state / "tokens" / f"{f.name}.token"), "--threads", "1",
+                                            "--no-progress"), stderr=subprocess.PIPE, text=True)
+                   for f in client_data]
+        for c in clients:
+            _, err = c.communicate(timeout=180)
+            assert c.returncode == 0, err
+        assert server.wait(timeout=120) == 0
+    finally:
+        server.kill()
+    report = json.loads((state / "jobs" / "e2e" / "report.json").read_text())
+    assert [c["rounds_participated"] for c in report["clients"]] == [1, 1]
+    assert all(c["upload_bytes"] > 0 and c["train_examples"] == 40 for c in report["clients"])
+    assert report["transport"] == {"tls": True, "sealed_updates": True}
+    assert set(report["eval"]) == {"all", "client-1", "client-2"}
+    # the exported model is the base with the aggregated adapter, loadable with plain transformers
+    exported = AutoModelForCausalLM.from_pretrained(report["export_dir"])
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model))
+    status = json.loads(subprocess.run(offsite("cloud", "status", "--state", str(state), "--json"),
+                                       check=True, capture_output=True, text=True).stdout)
+    assert status["jobs"][0]["status"] == "done" and len(status["jobs"][0]["updates"]) == 2
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(exported.state_dict()[name], base.state_dict()[name])  # the adapter was trained
+    middle = "model.layers.3.mlp.up_proj.weight"
+    assert torch.equal(exported.state_dict()[middle], base.state_dict()[middle])  # the middle never changes

@@ -1,0 +1,65 @@
+"""Contract test: every State implementation behaves the same."""
+import time
+
+import pytest
+
+from offsite.cloud.state import SqliteState, UpdateRecord
+from offsite.errors import AlreadyExistsError, NotFoundError
+
+IMPLEMENTATIONS = {
+    "sqlite-file": lambda tmp: SqliteState(tmp / "state.sqlite"),
+    "sqlite-memory": lambda tmp: SqliteState(":memory:"),
+}
+
+
+@pytest.fixture(params=sorted(IMPLEMENTATIONS))
+def state(request, tmp_path):
+    return IMPLEMENTATIONS[request.param](tmp_path)
+
+
+def test_tokens_are_single_use_and_expire(state):
+    now = time.time()
+    state.add_token("h1", "client-1", now + 60)
+    state.add_token("h2", "client-2", now - 1)
+    assert state.consume_token("h1", now) == "client-1"
+    assert state.consume_token("h1", now) is None
+    assert state.consume_token("h2", now) is None
+    assert state.consume_token("nope", now) is None
+
+
+def test_clients_by_session(state):
+    state.add_client("c1", "client-1", b"k" * 32, "sess")
+    assert state.client_by_session("sess").name == "client-1"
+    assert state.client_by_session("other") is None
+    assert state.client("c1").signing_key == b"k" * 32
+    with pytest.raises(NotFoundError):
+        state.client("c2")
+
+
+def test_jobs_and_updates_counted_once(state):
+    state.add_job("j", "{}", "{}")
+    with pytest.raises(AlreadyExistsError):
+        state.add_job("j", "{}", "{}")
+    assert state.add_update(UpdateRecord("j", 0, "c1", 10, "d1", 100)) == 1
+    assert state.add_update(UpdateRecord("j", 0, "c2", 20, "d2", 100)) == 2
+    with pytest.raises(AlreadyExistsError):
+        state.add_update(UpdateRecord("j", 0, "c1", 10, "d3", 100))
+    assert [u.client_id for u in state.updates("j", 0)] == ["c1", "c2"]
+    state.update_job("j", round=1, status="finalizing")
+    job = state.job("j")
+    assert (job.round, job.status) == (1, "finalizing")
+    with pytest.raises(NotFoundError):
+        state.job("missing")
+
+
+def test_rejections_recorded(state):
+    state.add_rejection("j", 0, "c1", "bad signature")
+    assert state.rejections("j") == [(0, "c1", "bad signature")]
+
+
+def test_sqlite_state_survives_reopen(tmp_path):
+    first = SqliteState(tmp_path / "s.sqlite")
+    first.add_job("j", "{}", "{}")
+    first.add_update(UpdateRecord("j", 0, "c1", 10, "d1", 100))
+    again = SqliteState(tmp_path / "s.sqlite")
+    assert len(again.updates("j")) == 1 and again.job("j").status == "running"
