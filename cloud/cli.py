@@ -4,13 +4,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import threading
 import time
 from pathlib import Path
 
 from offsite.cloud.blobs import BlobStore
 from offsite.cloud.coordinator import Coordinator
-from offsite.cloud.finalize import finalize
+from offsite.cloud.finalize import finalize_job
 from offsite.cloud.identity import StateLayout, init_state, load_sealing_key
 from offsite.cloud.job import JobConfig
 from offsite.cloud.server import start_server
@@ -21,11 +22,11 @@ from offsite.files import atomic_write
 log = logging.getLogger("offsite.cloud")
 
 
-def open_coordinator(state_dir: str, on_training_done=None) -> Coordinator:
+def open_coordinator(state_dir: str) -> Coordinator:
     layout = StateLayout(Path(state_dir))
     if not layout.db.is_file():
         raise ConfigError(f"{state_dir} is not a coordinator state folder; run `offsite cloud init` first")
-    return Coordinator(layout, SqliteState(layout.db), BlobStore(layout.blobs), load_sealing_key(layout), on_training_done)
+    return Coordinator(layout, SqliteState(layout.db), BlobStore(layout.blobs), load_sealing_key(layout))
 
 
 def cmd_init(args) -> int:
@@ -50,39 +51,29 @@ def cmd_jobs_create(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    done = threading.Event()
-    holder: dict = {}
+    stop = threading.Event()
+    coordinator = open_coordinator(args.state)
 
     def finish(job_id: str) -> None:
-        def work():
-            c = holder["coordinator"]
-            rec, cfg, art = c.job(job_id)
-            try:
-                finalize(cfg, art, c.state, c.blobs, c.layout.jobs / job_id, log=log.info)
-                c.state.update_job(job_id, status="done")
-            except Exception:
-                log.exception("job %s: finalization failed", job_id)
-                c.state.update_job(job_id, status="failed")
-            if not any(j.status in ("running", "finalizing") for j in c.state.jobs()):
-                done.set()
+        def work() -> None:
+            finalize_job(coordinator, job_id, log)
+            if args.exit_when_done and not any(j.status in ("running", "finalizing") for j in coordinator.state.jobs()):
+                stop.set()
         threading.Thread(target=work, name=f"finalize-{job_id}", daemon=True).start()
 
-    coordinator = open_coordinator(args.state, on_training_done=finish)
-    holder["coordinator"] = coordinator
-    server, port, _ = start_server(coordinator, coordinator.layout, args.address)
+    coordinator.on_training_done = finish
+    server, port, health_servicer = start_server(coordinator, coordinator.layout, args.address)
     if args.port_file:
         atomic_write(Path(args.port_file), f"{port}\n".encode())
     log.info("coordinator serving on port %d (TLS)", port)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
     for job in coordinator.state.jobs():
         if job.status == "finalizing":  # a crash interrupted finalization: do it again
             finish(job.job_id)
-    try:
-        while not (args.exit_when_done and done.wait(1.0)):
-            if not args.exit_when_done:
-                time.sleep(1.0)
-    except KeyboardInterrupt:
-        pass
-    log.info("coordinator stopping")
+    stop.wait()
+    log.info("coordinator stopping; letting in-flight calls finish for up to %.0f s", args.grace)
+    health_servicer.enter_graceful_shutdown()
     server.stop(grace=args.grace).wait()
     return 0
 

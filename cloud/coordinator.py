@@ -67,7 +67,7 @@ class Coordinator:
                  on_training_done: Callable[[str], None] | None = None):
         self.layout, self.state, self.blobs = layout, state, blobs
         self._sealing_key = sealing_key
-        self._on_training_done = on_training_done
+        self.on_training_done = on_training_done  # called with the job id when its last round closes
         self._lock = threading.Lock()
 
     # --- jobs -----------------------------------------------------------------------------------
@@ -190,5 +190,5 @@ class Coordinator:
                  len(self.state.updates(job_id, rec.round)))
         self.state.update_job(job_id, round=rec.round + 1, artifacts_json=json.dumps(art),
                               status="finalizing" if done else "running")
-        if done and self._on_training_done:
-            self._on_training_done(job_id)
+        if done and self.on_training_done:
+            self.on_training_done(job_id)

@@ -1,7 +1,6 @@
 """The end of a job: plug the aggregated adapter into the full model, evaluate, export, report."""
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -11,40 +10,45 @@ from offsite.cloud.job import JobConfig
 from offsite.cloud.state import State
 from offsite.emulator.adapter import load_adapter
 from offsite.emulator.bundle import load_bundle
-from offsite.emulator.evaluate import losses
 from offsite.emulator.plan import SplitPlan
-from offsite.emulator.plugin import export, plug_in
+from offsite.emulator.build import load_base
+from offsite.emulator.plugin import export
 from offsite.files import write_json
 from offsite.tensors import from_bytes
 from offsite.textdata import read_texts
 
 
+def _evaluate(model, sets: dict[str, list[list[int]]], pad_id: int) -> dict[str, float]:
+    """Loss on every set, and on their union as "all"."""
+    out = {"all": lm.mean_token_loss(model, [x for enc in sets.values() for x in enc], pad_id)} if sets else {}
+    out.update({name: lm.mean_token_loss(model, enc, pad_id) for name, enc in sets.items()})
+    return {k: round(v, 4) for k, v in out.items()}
+
+
 def finalize(cfg: JobConfig, artifacts: dict, state: State, blobs: BlobStore, job_dir: Path, log=print) -> dict:
-    """Write `job_dir/report.json` and the exported model; return the report."""
+    """Write `job_dir/report.json` and the exported model; return the report.
+
+    One full model and one emulator are held at a time: each is evaluated as is, then the adapter is
+    loaded into it and it is evaluated again.
+    """
     started = time.perf_counter()
     plan = SplitPlan.from_dict(artifacts["plan"])
-    skeleton = from_bytes(blobs.get(artifacts["adapters"][0]))
     adapter = from_bytes(blobs.get(artifacts["adapters"][-1]))
-    full, tokenizer = plug_in(cfg.base_model, plan, skeleton)      # the untouched base
-    plugged, _ = plug_in(cfg.base_model, plan, adapter)
+    full, tokenizer = load_base(cfg.base_model)
     emulator, _, _ = load_bundle(artifacts["bundle_dir"])
-    tuned_emulator, _, _ = load_bundle(artifacts["bundle_dir"])
-    load_adapter(tuned_emulator, plan, adapter, on_emulator=True)
-    models = {"full_zero_shot": full, "emulator_zero_shot": emulator,
-              "emulator_with_adapter": tuned_emulator, "plug_in": plugged}
     pad = tokenizer.pad_token_id
     sets = {name: lm.encode(tokenizer, read_texts(path), cfg.max_length) for name, path in cfg.eval_sets.items()}
-    evaluation = {}
-    if sets:
-        evaluation["all"] = losses(models, [x for enc in sets.values() for x in enc], pad)
-        evaluation.update({name: losses(models, enc, pad) for name, enc in sets.items()})
-    protection = None
-    if cfg.protection_data:
-        general = lm.encode(tokenizer, read_texts(cfg.protection_data), cfg.max_length)
-        protection = {"full": round(lm.mean_token_loss(full, general, pad), 4),
-                      "emulator": round(lm.mean_token_loss(emulator, general, pad), 4)}
+    general = lm.encode(tokenizer, read_texts(cfg.protection_data), cfg.max_length) if cfg.protection_data else None
+    columns = {"full_zero_shot": _evaluate(full, sets, pad), "emulator_zero_shot": _evaluate(emulator, sets, pad)}
+    protection = ({"full": round(lm.mean_token_loss(full, general, pad), 4),
+                   "emulator": round(lm.mean_token_loss(emulator, general, pad), 4)} if general else None)
+    load_adapter(emulator, plan, adapter, on_emulator=True)
+    columns["emulator_with_adapter"] = _evaluate(emulator, sets, pad)
+    load_adapter(full, plan, adapter, on_emulator=False)
+    columns["plug_in"] = _evaluate(full, sets, pad)
+    evaluation = {name: {col: values[name] for col, values in columns.items()} for name in columns["plug_in"]}
     export_dir = Path(cfg.export_dir or job_dir / "export")
-    export(plugged, tokenizer, export_dir)
+    export(full, tokenizer, export_dir)
     updates = state.updates(cfg.job_id)
     names = {c.client_id: c.name for c in state.clients()}
     clients = []
@@ -73,5 +77,12 @@ def finalize(cfg: JobConfig, artifacts: dict, state: State, blobs: BlobStore, jo
     return report
 
 
-def load_report(job_dir: Path) -> dict:
-    return json.loads((job_dir / "report.json").read_text())
+def finalize_job(coordinator, job_id: str, log) -> None:
+    """Finalize and record the outcome; a failure marks the job failed instead of killing the server."""
+    _, cfg, art = coordinator.job(job_id)
+    try:
+        finalize(cfg, art, coordinator.state, coordinator.blobs, coordinator.layout.jobs / job_id, log=log.info)
+        coordinator.state.update_job(job_id, status="done")
+    except Exception:
+        log.exception("job %s: finalization failed", job_id)
+        coordinator.state.update_job(job_id, status="failed")

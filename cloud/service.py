@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 
 import grpc
 
@@ -114,7 +113,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         h = first.header
         header = UploadHeader(h.job_id, h.round, h.num_examples, h.size, h.sha256)
         self.coordinator.check_upload_header(client, header)
-        parts, received, digest = [], 0, hashlib.sha256()
+        parts, received = [], 0
         for msg in request_iterator:
             if msg.WhichOneof("part") != "data":
                 raise InvalidUpdateError("only data chunks may follow the header")

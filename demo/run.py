@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from offsite import lm
 from offsite.demo import domain
@@ -20,7 +20,6 @@ from offsite.demo.corpus import general_corpus
 from offsite.demo.report import checks, format_table
 from offsite.files import atomic_write, write_json
 from offsite.textdata import read_texts
-from offsite.emulator.build import load_base
 
 
 @dataclass(frozen=True)
@@ -142,6 +141,6 @@ def run_demo(out: Path, s: DemoSettings) -> bool:
 def _reload_check(export_dir: Path, folders: list[Path], max_length: int) -> float:
     """Load the export with plain transformers and measure its loss on all held-out data again."""
     model = AutoModelForCausalLM.from_pretrained(str(export_dir))
-    _, tokenizer = load_base(str(export_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(export_dir))
     enc = [x for f in folders for x in lm.encode(tokenizer, read_texts(f / "heldout.jsonl"), max_length)]
     return round(lm.mean_token_loss(model, enc, tokenizer.pad_token_id), 4)
