@@ -6,9 +6,9 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test protos clean
 
+# The CPU wheel of torch goes in first: an unpinned torch would pull gigabytes of CUDA packages.
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
-	# The CPU wheel of torch first: an unpinned torch would pull gigabytes of CUDA packages.
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)

@@ -19,9 +19,10 @@ from offsite.textdata import read_texts
 
 
 def _evaluate(model, sets: dict[str, list[list[int]]], pad_id: int) -> dict[str, float]:
-    """Loss on every set, and on their union as "all"."""
-    out = {"all": lm.mean_token_loss(model, [x for enc in sets.values() for x in enc], pad_id)} if sets else {}
-    out.update({name: lm.mean_token_loss(model, enc, pad_id) for name, enc in sets.items()})
+    """Mean token loss on every set, and on their union as "all" (token-weighted, from the same sums)."""
+    sums = {name: lm.loss_sum_count(model, enc, pad_id) for name, enc in sets.items()}
+    out = {"all": sum(t for t, _ in sums.values()) / max(1, sum(n for _, n in sums.values()))} if sets else {}
+    out.update({name: t / max(n, 1) for name, (t, n) in sums.items()})
     return {k: round(v, 4) for k, v in out.items()}
 
 

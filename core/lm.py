@@ -70,14 +70,21 @@ def token_loss_sum(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.T
 
 
 @torch.no_grad()
-def mean_token_loss(model, encoded: list[list[int]], pad_id: int, batch_size: int = 32, bf16: bool = False) -> float:
-    """Held-out mean token loss (nats per token) of `model` on encoded examples."""
+def loss_sum_count(model, encoded: list[list[int]], pad_id: int, batch_size: int = 32, bf16: bool = False) -> tuple[float, int]:
+    """Summed token loss and token count; examples are batched by length so little is padding."""
     model.eval()
+    by_length = sorted(encoded, key=len)
     total, count = 0.0, 0
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        for ids, mask, labels in batches(encoded, batch_size, pad_id):
+        for ids, mask, labels in batches(by_length, batch_size, pad_id):
             loss, n = token_loss_sum(model, ids, mask, labels)
             total, count = total + float(loss), count + n
+    return total, count
+
+
+def mean_token_loss(model, encoded: list[list[int]], pad_id: int, batch_size: int = 32, bf16: bool = False) -> float:
+    """Held-out mean token loss (nats per token) of `model` on encoded examples."""
+    total, count = loss_sum_count(model, encoded, pad_id, batch_size, bf16)
     return total / max(count, 1)
 
 

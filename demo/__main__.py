@@ -6,6 +6,8 @@ import sys
 import time
 from pathlib import Path
 
+from transformers.utils import logging as hf_logging
+
 from offsite.demo.run import DemoSettings, run_demo
 
 
@@ -14,6 +16,7 @@ def main() -> int:
     parser.add_argument("--out", default="runs/demo", help="run folder (the base model is cached in it)")
     parser.add_argument("--rounds", type=int, default=DemoSettings.rounds)
     args = parser.parse_args()
+    hf_logging.disable_progress_bar()
     started = time.perf_counter()
     ok = run_demo(Path(args.out), DemoSettings(rounds=args.rounds))
     print(f"demo finished in {time.perf_counter() - started:.0f} s: {'all checks passed' if ok else 'CHECKS FAILED'}")

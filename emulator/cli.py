@@ -1,15 +1,30 @@
-"""`offsite emulator build ...`: the same build the coordinator runs, as a command."""
+"""`offsite emulator build|eval`: the same code the coordinator runs, as commands."""
 from __future__ import annotations
 
 import argparse
+import json
 
 from offsite.emulator.build import build
+from offsite.emulator.evaluate import compare_full_and_emulator
 
 
 def cmd_build(args) -> int:
     result = build(args.model, args.bottom, args.top, args.emulator_layers, args.out)
     print(f"emulator bundle in {result.bundle_dir}: blocks {list(result.plan.emulator_order)} of {result.plan.num_blocks}; "
           f"params full {result.full_params:,}, emulator {result.emulator_params:,}, adapter {result.adapter_params:,}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    out = compare_full_and_emulator(args.model, args.emulator, args.data, args.max_length)
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"{'':<10}{'loss':>9}{'ppl':>11}{'params':>14}{'bytes':>15}")
+    for name in ("full", "emulator"):
+        r = out[name]
+        print(f"{name:<10}{r['loss']:>9.4f}{r['ppl']:>11.3f}{r['params']:>14,}{r['bytes']:>15,}")
+    print(f"emulator bundle on disk: {out['emulator']['bundle_bytes']:,} bytes; {out['examples']} held-out examples")
     return 0
 
 
@@ -22,3 +37,10 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--emulator-layers", type=int, required=True, help="middle blocks the emulator keeps")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_build)
+    p = sub.add_parser("eval", help="held-out loss and perplexity of the full model and the emulator alone")
+    p.add_argument("--model", required=True, help="local folder or hub id of the full model")
+    p.add_argument("--emulator", required=True, help="emulator bundle folder")
+    p.add_argument("--data", required=True, help="JSONL with a 'text' field")
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)

@@ -1,9 +1,33 @@
-"""Held-out evaluation of several models on the same examples."""
+"""Held-out evaluation: the same examples through several models, loss and perplexity side by side."""
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 from offsite import lm
+from offsite.emulator.build import load_base
+from offsite.emulator.bundle import load_bundle, read_manifest
+from offsite.textdata import read_texts
 
 
 def losses(models: dict, encoded: list[list[int]], pad_id: int) -> dict[str, float]:
     """Mean token loss of each named model on the same encoded examples."""
     return {name: round(lm.mean_token_loss(m, encoded, pad_id), 4) for name, m in models.items()}
+
+
+def compare_full_and_emulator(model: str, emulator_dir: str | Path, data: str | Path, max_length: int = 512) -> dict:
+    """Loss, perplexity, parameters and bytes of the full model and of the emulator alone."""
+    full, tokenizer = load_base(model)
+    emulator, _, plan = load_bundle(emulator_dir)
+    encoded = lm.encode(tokenizer, read_texts(data), max_length)
+    manifest = read_manifest(emulator_dir)
+    out = {}
+    for name, m in (("full", full), ("emulator", emulator)):
+        loss = lm.mean_token_loss(m, encoded, tokenizer.pad_token_id)
+        out[name] = {"loss": round(loss, 4), "ppl": round(math.exp(loss), 3),
+                     "params": sum(p.numel() for p in m.parameters()),
+                     "bytes": sum(p.numel() * p.element_size() for p in m.parameters())}
+    out["emulator"]["bundle_bytes"] = sum(f["size"] for f in manifest["files"].values())
+    out["plan"] = plan.to_dict()
+    out["examples"] = len(encoded)
+    return out
