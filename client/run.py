@@ -58,11 +58,15 @@ def run(cfg: ClientConfig) -> dict:
         me: ClientIdentity = load_identity(cfg.workdir) or enroll(stub, _token(cfg), cfg.workdir)
         log.info("client %s: %d training examples from %s", me.client_id, len(texts), cfg.data)
         trainer, rounds_done, upload_bytes = None, [], 0
+
+        def summary() -> dict:
+            return {"client_id": me.client_id, "rounds": rounds_done, "upload_bytes": upload_bytes}
+
         while True:
             task = stub.GetTask(pb.GetTaskRequest(job_id=me.job_id), metadata=me.metadata)
             if task.kind == pb.Task.DONE:
                 log.info("client %s: job %s is done", me.client_id, task.job_id)
-                return {"client_id": me.client_id, "rounds": rounds_done, "upload_bytes": upload_bytes}
+                return summary()
             if task.kind == pb.Task.WAIT:
                 time.sleep(max(task.retry_after_s, 0.2))
                 continue
@@ -83,6 +87,9 @@ def run(cfg: ClientConfig) -> dict:
             log.info("client %s: round %d trained (%d steps, %.0f tok/s, local held-out %s -> %s), sealed %d bytes, "
                      "accepted as %d of the round", me.client_id, task.round, result.stats.steps, result.stats.tokens_per_s,
                      _fmt(result.heldout_before), _fmt(result.heldout_after), len(envelope), receipt.updates_in_round)
+            if task.round + 1 >= task.total_rounds:  # the last round: nothing more to ask the coordinator
+                log.info("client %s: took part in the last round of job %s", me.client_id, task.job_id)
+                return summary()
 
 
 def _fmt(x: float | None) -> str:
