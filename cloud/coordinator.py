@@ -74,7 +74,7 @@ class Coordinator:
     def create_job(self, cfg: JobConfig) -> JobRecord:
         """Build the emulator bundle and skeleton, store them as blobs, and open round 0."""
         job_dir = self.layout.jobs / cfg.job_id
-        result = build(cfg.base_model, cfg.bottom, cfg.top, cfg.emulator_layers, job_dir / "bundle")
+        result = build(cfg.base_model, cfg.emulator_config(), job_dir / "bundle")
         bundle_files = {p.name: self.blobs.put_file(p) for p in sorted(result.bundle_dir.iterdir()) if p.is_file()}
         skeleton_bytes = to_bytes(result.skeleton)
         spec = spec_of(result.skeleton)

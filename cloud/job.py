@@ -6,6 +6,7 @@ import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from offsite.emulator.config import EmulatorConfig
 from offsite.errors import ConfigError
 
 
@@ -23,6 +24,9 @@ class JobConfig:
     batch_size: int = 16
     max_length: int = 256
     seed: int = 0
+    distill_data: str | None = None       # model owner's text for emulator distillation
+    distill_steps: int = 0
+    distill_lr: float = 1e-4
     max_update_bytes: int = 1 << 30
     eval_sets: dict[str, str] = field(default_factory=dict)   # name -> JSONL the model owner may evaluate on
     protection_data: str | None = None                        # JSONL of general (pretraining-domain) text
@@ -31,11 +35,17 @@ class JobConfig:
     def __post_init__(self) -> None:
         if not self.job_id or not self.job_id.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(f"job id must be letters, digits, '-' or '_', got {self.job_id!r}")
-        for name in ("rounds", "clients_per_round", "bottom", "top", "emulator_layers", "batch_size", "max_length"):
+        for name in ("rounds", "clients_per_round", "batch_size", "max_length"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"job {name} must be at least 1, got {getattr(self, name)}")
         if self.epochs <= 0 or self.lr <= 0:
             raise ConfigError(f"job epochs and lr must be positive, got {self.epochs} and {self.lr}")
+        self.emulator_config()  # validates the split and distillation settings
+
+    def emulator_config(self) -> EmulatorConfig:
+        return EmulatorConfig(bottom=self.bottom, top=self.top, emulator_layers=self.emulator_layers,
+                              distill_data=self.distill_data, distill_steps=self.distill_steps,
+                              distill_lr=self.distill_lr, seed=self.seed)
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "JobConfig":
@@ -48,7 +58,7 @@ class JobConfig:
         if "id" in flat:
             flat["job_id"] = flat.pop("id")
         base = path.parent
-        for key in ("base_model", "protection_data", "export_dir"):  # paths are relative to the file
+        for key in ("base_model", "protection_data", "export_dir", "distill_data"):  # paths are relative to the file
             value = flat.get(key)
             if isinstance(value, str) and not Path(value).is_absolute():
                 if key == "export_dir" or (base / value).exists():  # else base_model may be a hub id

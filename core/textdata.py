@@ -8,10 +8,15 @@ from offsite.errors import DataError
 
 
 def read_texts(path: str | Path) -> list[str]:
-    """Texts of a JSONL file with a `text` field; errors name the file and line."""
+    """Texts of a JSONL file with a `text` field, or the paragraphs of a .txt file; errors name the file and line."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: data file not found")
+    if path.suffix == ".txt":
+        paragraphs = [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+        if not paragraphs:
+            raise DataError(f"{path}: no text")
+        return paragraphs
     texts = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):

@@ -1,18 +1,22 @@
 """Build an emulator bundle and the adapter skeleton from a base model."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from offsite import lm
 from offsite.emulator.adapter import extract_adapter
 from offsite.emulator.blocks import find_blocks, keep_blocks, num_blocks
 from offsite.emulator.bundle import write_manifest
+from offsite.emulator.config import EmulatorConfig
+from offsite.emulator.distill import DistillConfig, distill
 from offsite.emulator.plan import SplitPlan
 from offsite.files import atomic_write, sha256_file
 from offsite.tensors import to_bytes
+from offsite.textdata import read_texts
 
 
 def load_base(path_or_id: str):
@@ -38,23 +42,36 @@ class BuildResult:
     adapter_params: int
 
 
-def build(base: str, bottom: int, top: int, emulator_layers: int, out_dir: str | Path) -> BuildResult:
+def build(base: str, cfg: EmulatorConfig, out_dir: str | Path, show_progress: bool = True) -> BuildResult:
     """Write the emulator bundle to `out_dir` and return the adapter skeleton (the base's adapter blocks).
 
-    The base is loaded once and cut in place, so only one copy of the model is ever in memory.
+    Without distillation the base is loaded once and cut in place: one copy of the model in memory.
+    Distillation needs the full model as teacher, so it holds the full model and the emulator.
     """
     out_dir = Path(out_dir)
     model, tokenizer = load_base(base)
-    plan = SplitPlan.uniform(num_blocks(model.config), bottom, top, emulator_layers)
+    plan = SplitPlan.uniform(num_blocks(model.config), cfg.bottom, cfg.top, cfg.emulator_layers)
     full_params = sum(p.numel() for p in model.parameters())
     skeleton = extract_adapter(model, plan, on_emulator=False)
     block_path = find_blocks(model).path
-    make_emulator(model, plan)
+    distill_info = None
+    if cfg.distilled:
+        teacher, model = model, make_emulator(load_base(base)[0], plan)
+        dcfg = DistillConfig(steps=cfg.distill_steps, lr=cfg.distill_lr, batch_size=cfg.distill_batch_size,
+                             seed=cfg.seed, bf16=lm.cpu_has_fast_bf16())
+        windows = lm.pack(lm.encode(tokenizer, read_texts(cfg.distill_data), max_len=10**9), dcfg.seq_len)
+        stats = distill(teacher, model, plan, windows, tokenizer.pad_token_id, dcfg,
+                        checkpoint_dir=out_dir.parent / f".{out_dir.name}.distill", show_progress=show_progress)
+        del teacher
+        distill_info = {"data_sha256": sha256_file(cfg.distill_data), **asdict(dcfg), "last_nmse": stats.last_nmse}
+    else:
+        make_emulator(model, plan)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(out_dir))
     base_hashes = {p.name: sha256_file(p) for p in sorted(Path(base).glob("*.safetensors"))} if Path(base).is_dir() else {"hub_id": base}
-    write_manifest(out_dir, plan, block_path, {"base": base_hashes, "strategy": "uniform", "distilled": False, "quantized": None})
+    write_manifest(out_dir, plan, block_path, {"base": base_hashes, "strategy": "uniform", "distillation": distill_info,
+                                               "quantized": None})
     return BuildResult(
         bundle_dir=out_dir,
         skeleton=skeleton,

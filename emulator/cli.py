@@ -5,11 +5,14 @@ import argparse
 import json
 
 from offsite.emulator.build import build
+from offsite.emulator.config import EmulatorConfig
 from offsite.emulator.evaluate import compare_full_and_emulator
 
 
 def cmd_build(args) -> int:
-    result = build(args.model, args.bottom, args.top, args.emulator_layers, args.out)
+    cfg = EmulatorConfig(bottom=args.bottom, top=args.top, emulator_layers=args.emulator_layers,
+                         distill_data=args.distill_data, distill_steps=args.distill_steps, distill_lr=args.distill_lr)
+    result = build(args.model, cfg, args.out)
     print(f"emulator bundle in {result.bundle_dir}: blocks {list(result.plan.emulator_order)} of {result.plan.num_blocks}; "
           f"params full {result.full_params:,}, emulator {result.emulator_params:,}, adapter {result.adapter_params:,}")
     return 0
@@ -30,12 +33,15 @@ def cmd_eval(args) -> int:
 
 def register(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("build", help="build an emulator bundle (uniform layer drop)")
+    p = sub.add_parser("build", help="build an emulator bundle (uniform layer drop, optional distillation)")
     p.add_argument("--model", required=True, help="local folder or hub id of a causal LM")
     p.add_argument("--bottom", type=int, default=2)
     p.add_argument("--top", type=int, default=2)
     p.add_argument("--emulator-layers", type=int, required=True, help="middle blocks the emulator keeps")
     p.add_argument("--out", required=True)
+    p.add_argument("--distill-data", help="text to distill the emulator on (JSONL 'text' or .txt)")
+    p.add_argument("--distill-steps", type=int, default=0, help="distillation steps (0: none); resumes from checkpoints")
+    p.add_argument("--distill-lr", type=float, default=1e-4)
     p.set_defaults(func=cmd_build)
     p = sub.add_parser("eval", help="held-out loss and perplexity of the full model and the emulator alone")
     p.add_argument("--model", required=True, help="local folder or hub id of the full model")

@@ -7,6 +7,7 @@ from offsite.emulator.adapter import extract_adapter, load_adapter
 from offsite.emulator.blocks import find_blocks, keep_blocks
 from offsite.emulator.build import build, load_base, make_emulator
 from offsite.emulator.bundle import load_bundle, verify_bundle
+from offsite.emulator.config import EmulatorConfig
 from offsite.emulator.plan import SplitPlan
 from offsite.emulator.plugin import export, plug_in
 from offsite.errors import ConfigError, IntegrityError, UnsupportedModelError
@@ -96,7 +97,7 @@ def test_model_without_blocks_is_refused_by_type():
 
 
 def test_bundle_round_trip_and_tamper_detection(tiny_model, tmp_path):
-    result = build(str(tiny_model), 2, 2, 1, tmp_path / "bundle")
+    result = build(str(tiny_model), EmulatorConfig(emulator_layers=1), tmp_path / "bundle")
     assert result.adapter_params == sum(t.numel() for t in result.skeleton.values())
     model, tokenizer, plan = load_bundle(tmp_path / "bundle")
     assert plan == result.plan and model.config.num_hidden_layers == 5

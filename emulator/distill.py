@@ -1,0 +1,163 @@
+"""Distill the emulator's kept middle blocks to imitate the full middle (Offsite-Tuning, sec. 3.3).
+
+Student = the layer-dropped middle, teacher = the full middle, adapter blocks and embeddings frozen.
+loss = LM loss of the emulator + nmse_weight * NMSE(teacher middle output, student middle output),
+NMSE = mean(((T - S) / rms(T))^2) over real tokens, rms taken per token over the hidden size.
+Checkpoints (safetensors + JSON, never pickle) make a long run resumable.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from offsite import lm
+from offsite.emulator.blocks import find_blocks
+from offsite.emulator.plan import SplitPlan
+from offsite.errors import ConfigError
+from offsite.files import write_json
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    steps: int
+    lr: float = 1e-4
+    batch_size: int = 8
+    seq_len: int = 128
+    nmse_weight: float = 30.0
+    checkpoint_every: int = 50
+    seed: int = 0
+    bf16: bool = False
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.seq_len < 2 or self.checkpoint_every < 1:
+            raise ConfigError(f"distillation steps, batch_size, seq_len and checkpoint_every must be positive: {self}")
+        if self.lr <= 0 or self.nmse_weight < 0:
+            raise ConfigError(f"distillation lr must be positive and nmse_weight non-negative: {self}")
+
+
+@dataclass(frozen=True)
+class DistillStats:
+    steps: int
+    resumed_from: int
+    first_loss: float
+    last_loss: float
+    last_nmse: float
+
+
+def nmse(teacher: torch.Tensor, student: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """mean(((T - S) / rms(T))^2) over the positions where mask is 1."""
+    rms = teacher.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-6)
+    err = ((teacher - student) / rms).pow(2).mean(-1)
+    return (err * mask).sum() / mask.sum().clamp_min(1)
+
+
+def _middle_output(hidden_states: tuple[torch.Tensor, ...], plan: SplitPlan, n_blocks: int) -> torch.Tensor:
+    """hidden_states[i] is the input of block i; the middle ends where the top adapter starts."""
+    return hidden_states[n_blocks - plan.top]
+
+
+@lru_cache(maxsize=2)
+def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    order = list(range(n))
+    random.Random(seed + epoch).shuffle(order)
+    return tuple(order)
+
+
+def _batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
+    """Which windows batch `step` uses: a pure function of the step, so a resumed run sees the same data."""
+    return [_epoch_order(n, seed, pos // n)[pos % n] for pos in range(step * batch_size, (step + 1) * batch_size)]
+
+
+def _checkpoint_paths(folder: Path) -> tuple[Path, Path, Path]:
+    return folder / "student.safetensors", folder / "optimizer.safetensors", folder / "progress.json"
+
+
+def _save_checkpoint(folder: Path, student: dict[str, torch.nn.Parameter], opt: torch.optim.AdamW, step: int,
+                     cfg: DistillConfig) -> None:
+    weights, opt_path, progress = _checkpoint_paths(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {}
+    for name, p in student.items():
+        s = opt.state.get(p, {})
+        if s:
+            state[f"{name}.exp_avg"], state[f"{name}.exp_avg_sq"] = s["exp_avg"], s["exp_avg_sq"]
+    save_file({k: v.detach().contiguous() for k, v in student.items()}, str(weights) + ".tmp")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(opt_path) + ".tmp")
+    Path(str(weights) + ".tmp").replace(weights)
+    Path(str(opt_path) + ".tmp").replace(opt_path)
+    write_json(progress, {"step": step, "config": asdict(cfg)})  # written last: it commits the checkpoint
+
+
+def _load_checkpoint(folder: Path, student: dict[str, torch.nn.Parameter], opt: torch.optim.AdamW, cfg: DistillConfig) -> int:
+    weights, opt_path, progress = _checkpoint_paths(folder)
+    if not progress.is_file():
+        return 0
+    meta = json.loads(progress.read_text())
+    if meta["config"] != asdict(cfg):
+        raise ConfigError(f"{folder} holds a checkpoint of a different distillation run; remove it or use another folder")
+    saved, opt_state = load_file(str(weights)), load_file(str(opt_path))
+    with torch.no_grad():
+        for name, p in student.items():
+            p.copy_(saved[name])
+            if f"{name}.exp_avg" in opt_state:
+                opt.state[p] = {"step": torch.tensor(float(meta["step"])), "exp_avg": opt_state[f"{name}.exp_avg"],
+                                "exp_avg_sq": opt_state[f"{name}.exp_avg_sq"]}
+    return int(meta["step"])
+
+
+def distill(teacher, student_model, plan: SplitPlan, windows: list[list[int]], pad_id: int, cfg: DistillConfig,
+            checkpoint_dir: Path | None = None, show_progress: bool = True) -> DistillStats:
+    """Train `student_model`'s kept middle blocks in place; `teacher` is the full model (frozen)."""
+    if not windows:
+        raise ConfigError("distillation needs at least one window of text")
+    n_full, n_emu = plan.num_blocks, len(plan.emulator_order)
+    blocks = find_blocks(student_model)
+    middle = range(plan.bottom, plan.bottom + len(plan.kept_middle))
+    for p in list(teacher.parameters()) + list(student_model.parameters()):
+        p.requires_grad_(False)
+    student = {f"{blocks.path}.{i}.{name}": p for i in middle for name, p in blocks.blocks[i].named_parameters()}
+    for p in student.values():
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(list(student.values()), lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95))
+    start = _load_checkpoint(checkpoint_dir, student, opt, cfg) if checkpoint_dir else 0
+    teacher.eval()
+    student_model.train()
+    first = last = last_nmse = float("nan")
+    bar = tqdm(total=cfg.steps, initial=start, desc="distill emulator", disable=not show_progress, mininterval=2.0)
+    for step in range(start, cfg.steps):
+        rows = [windows[i] for i in _batch_indices(step, cfg.batch_size, len(windows), cfg.seed)]
+        ids, mask, labels = next(lm.batches(rows, cfg.batch_size, pad_id))
+        lr_scale = 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * lr_scale
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            with torch.no_grad():
+                target = _middle_output(teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states, plan, n_full)
+            out = student_model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+            logits = out.logits[:, :-1].float()
+            lm_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=lm.IGNORE)
+            match = nmse(target.float(), _middle_output(out.hidden_states, plan, n_emu).float(), mask.float())
+            loss = lm_loss + cfg.nmse_weight * match
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(student.values()), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        last, last_nmse = float(loss.detach()), float(match.detach())
+        first = last if step == start else first
+        bar.set_postfix(loss=f"{last:.3f}", nmse=f"{last_nmse:.4f}", refresh=False)
+        bar.update(1)
+        if checkpoint_dir and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
+            _save_checkpoint(checkpoint_dir, student, opt, step + 1, cfg)
+    bar.close()
+    for p in student_model.parameters():
+        p.requires_grad_(False)
+    student_model.eval()
+    return DistillStats(steps=cfg.steps, resumed_from=start, first_loss=first, last_loss=last, last_nmse=last_nmse)
