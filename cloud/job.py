@@ -24,6 +24,9 @@ class JobConfig:
     batch_size: int = 16
     max_length: int = 256
     seed: int = 0
+    strategy: str = "uniform"
+    attn_rank: int = 0
+    calibration_data: str | None = None
     distill_data: str | None = None       # model owner's text for emulator distillation
     distill_steps: int = 0
     distill_lr: float = 1e-4
@@ -44,6 +47,7 @@ class JobConfig:
 
     def emulator_config(self) -> EmulatorConfig:
         return EmulatorConfig(bottom=self.bottom, top=self.top, emulator_layers=self.emulator_layers,
+                              strategy=self.strategy, attn_rank=self.attn_rank, calibration_data=self.calibration_data,
                               distill_data=self.distill_data, distill_steps=self.distill_steps,
                               distill_lr=self.distill_lr, seed=self.seed)
 
@@ -58,7 +62,7 @@ class JobConfig:
         if "id" in flat:
             flat["job_id"] = flat.pop("id")
         base = path.parent
-        for key in ("base_model", "protection_data", "export_dir", "distill_data"):  # paths are relative to the file
+        for key in ("base_model", "protection_data", "export_dir", "distill_data", "calibration_data"):  # paths are relative to the file
             value = flat.get(key)
             if isinstance(value, str) and not Path(value).is_absolute():
                 if key == "export_dir" or (base / value).exists():  # else base_model may be a hub id

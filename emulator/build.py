@@ -14,6 +14,7 @@ from offsite.emulator.bundle import write_manifest
 from offsite.emulator.config import EmulatorConfig
 from offsite.emulator.distill import DistillConfig, distill
 from offsite.emulator.plan import SplitPlan
+from offsite.emulator.strategy import low_rank_attention, middle_similarity, similarity_plan
 from offsite.files import atomic_write, sha256_file
 from offsite.tensors import to_bytes
 from offsite.textdata import read_texts
@@ -42,42 +43,56 @@ class BuildResult:
     adapter_params: int
 
 
+def choose_plan(model, tokenizer, cfg: EmulatorConfig) -> tuple[SplitPlan, list[list[float]] | None]:
+    """The split: uniform drop, or one block per cluster of similar middle blocks (with the CKA matrix)."""
+    n = num_blocks(model.config)
+    if cfg.strategy == "uniform":
+        return SplitPlan.uniform(n, cfg.bottom, cfg.top, cfg.emulator_layers), None
+    SplitPlan.uniform(n, cfg.bottom, cfg.top, cfg.emulator_layers)  # same validation of the numbers
+    texts = read_texts(cfg.calibration_data or cfg.distill_data)
+    windows = lm.pack(lm.encode(tokenizer, texts, max_len=10**9), 128)[:64]
+    sim = middle_similarity(model, cfg.bottom, cfg.top, windows, tokenizer.pad_token_id)
+    return similarity_plan(n, cfg.bottom, cfg.top, cfg.emulator_layers, sim), [[round(float(v), 4) for v in row] for row in sim]
+
+
 def build(base: str, cfg: EmulatorConfig, out_dir: str | Path, show_progress: bool = True) -> BuildResult:
     """Write the emulator bundle to `out_dir` and return the adapter skeleton (the base's adapter blocks).
 
     Without distillation the base is loaded once and cut in place: one copy of the model in memory.
     Distillation needs the full model as teacher, so it holds the full model and the emulator.
+    Order: choose blocks, cut, low-rank attention, then distill (which can make up for the SVD).
     """
     out_dir = Path(out_dir)
-    model, tokenizer = load_base(base)
-    plan = SplitPlan.uniform(num_blocks(model.config), cfg.bottom, cfg.top, cfg.emulator_layers)
-    full_params = sum(p.numel() for p in model.parameters())
-    skeleton = extract_adapter(model, plan, on_emulator=False)
-    block_path = find_blocks(model).path
+    full, tokenizer = load_base(base)
+    plan, similarity = choose_plan(full, tokenizer, cfg)
+    full_params = sum(p.numel() for p in full.parameters())
+    skeleton = extract_adapter(full, plan, on_emulator=False)
+    block_path = find_blocks(full).path
+    teacher, emulator = (full, make_emulator(load_base(base)[0], plan)) if cfg.distilled else (None, make_emulator(full, plan))
+    if cfg.attn_rank:
+        low_rank_attention(emulator, plan, cfg.attn_rank)
     distill_info = None
-    if cfg.distilled:
-        teacher, model = model, make_emulator(load_base(base)[0], plan)
+    if teacher is not None:
         dcfg = DistillConfig(steps=cfg.distill_steps, lr=cfg.distill_lr, batch_size=cfg.distill_batch_size,
                              seed=cfg.seed, bf16=lm.cpu_has_fast_bf16())
         windows = lm.pack(lm.encode(tokenizer, read_texts(cfg.distill_data), max_len=10**9), dcfg.seq_len)
-        stats = distill(teacher, model, plan, windows, tokenizer.pad_token_id, dcfg,
+        stats = distill(teacher, emulator, plan, windows, tokenizer.pad_token_id, dcfg,
                         checkpoint_dir=out_dir.parent / f".{out_dir.name}.distill", show_progress=show_progress)
         del teacher
         distill_info = {"data_sha256": sha256_file(cfg.distill_data), **asdict(dcfg), "last_nmse": stats.last_nmse}
-    else:
-        make_emulator(model, plan)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out_dir), safe_serialization=True)
+    emulator.save_pretrained(str(out_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(out_dir))
     base_hashes = {p.name: sha256_file(p) for p in sorted(Path(base).glob("*.safetensors"))} if Path(base).is_dir() else {"hub_id": base}
-    write_manifest(out_dir, plan, block_path, {"base": base_hashes, "strategy": "uniform", "distillation": distill_info,
+    write_manifest(out_dir, plan, block_path, {"base": base_hashes, "strategy": cfg.strategy, "similarity": similarity,
+                                               "attn_rank": cfg.attn_rank or None, "distillation": distill_info,
                                                "quantized": None})
     return BuildResult(
         bundle_dir=out_dir,
         skeleton=skeleton,
         plan=plan,
         full_params=full_params,
-        emulator_params=sum(p.numel() for p in model.parameters()),
+        emulator_params=sum(p.numel() for p in emulator.parameters()),
         adapter_params=sum(t.numel() for t in skeleton.values()),
     )
 

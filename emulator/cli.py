@@ -5,12 +5,13 @@ import argparse
 import json
 
 from offsite.emulator.build import build
-from offsite.emulator.config import EmulatorConfig
+from offsite.emulator.config import STRATEGIES, EmulatorConfig
 from offsite.emulator.evaluate import compare_full_and_emulator
 
 
 def cmd_build(args) -> int:
     cfg = EmulatorConfig(bottom=args.bottom, top=args.top, emulator_layers=args.emulator_layers,
+                         strategy=args.strategy, attn_rank=args.attn_rank, calibration_data=args.calibration_data,
                          distill_data=args.distill_data, distill_steps=args.distill_steps, distill_lr=args.distill_lr)
     result = build(args.model, cfg, args.out)
     print(f"emulator bundle in {result.bundle_dir}: blocks {list(result.plan.emulator_order)} of {result.plan.num_blocks}; "
@@ -33,12 +34,16 @@ def cmd_eval(args) -> int:
 
 def register(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("build", help="build an emulator bundle (uniform layer drop, optional distillation)")
+    p = sub.add_parser("build", help="build an emulator bundle (layer drop, optional low-rank attention and distillation)")
     p.add_argument("--model", required=True, help="local folder or hub id of a causal LM")
     p.add_argument("--bottom", type=int, default=2)
     p.add_argument("--top", type=int, default=2)
     p.add_argument("--emulator-layers", type=int, required=True, help="middle blocks the emulator keeps")
     p.add_argument("--out", required=True)
+    p.add_argument("--strategy", choices=STRATEGIES, default="uniform",
+                   help="uniform layer drop, or one block per cluster of similar middle blocks (CRaSh)")
+    p.add_argument("--calibration-data", help="text to measure block similarity on (default: --distill-data)")
+    p.add_argument("--attn-rank", type=int, default=0, help="rank of the SVD approximation of kept attention weights (0: off)")
     p.add_argument("--distill-data", help="text to distill the emulator on (JSONL 'text' or .txt)")
     p.add_argument("--distill-steps", type=int, default=0, help="distillation steps (0: none); resumes from checkpoints")
     p.add_argument("--distill-lr", type=float, default=1e-4)

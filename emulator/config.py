@@ -6,11 +6,17 @@ from dataclasses import dataclass
 from offsite.errors import ConfigError
 
 
+STRATEGIES = ("uniform", "similarity")
+
+
 @dataclass(frozen=True)
 class EmulatorConfig:
     bottom: int = 2
     top: int = 2
     emulator_layers: int = 2
+    strategy: str = "uniform"         # "uniform" layer drop, or "similarity" (CRaSh-style clusters)
+    attn_rank: int = 0                # >0: rank of the SVD approximation of kept blocks' attention (ScaleOT)
+    calibration_data: str | None = None  # text for "similarity"; defaults to distill_data
     distill_data: str | None = None   # text the model owner provides (JSONL 'text' or .txt)
     distill_steps: int = 0            # 0: no distillation
     distill_lr: float = 1e-4
@@ -20,6 +26,12 @@ class EmulatorConfig:
     def __post_init__(self) -> None:
         if min(self.bottom, self.top, self.emulator_layers) < 1:
             raise ConfigError(f"bottom, top and emulator_layers must be at least 1: {self}")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.strategy == "similarity" and not (self.calibration_data or self.distill_data):
+            raise ConfigError("strategy 'similarity' needs calibration_data (or distill_data) to measure blocks on")
+        if self.attn_rank < 0:
+            raise ConfigError(f"attn_rank must be >= 0, got {self.attn_rank}")
         if self.distill_steps < 0:
             raise ConfigError(f"distill_steps must be >= 0, got {self.distill_steps}")
         if self.distill_steps and not self.distill_data:

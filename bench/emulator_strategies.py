@@ -1,0 +1,116 @@
+"""Emulator variants side by side on the demo model: what each gives the data owner (plug-in
+gap_closure after the demo's federated schedule) and the model owner (emulator-alone loss on general
+text: higher protects more). One run, same data, same schedule, same seeds for every variant.
+
+    .venv/bin/python bench/emulator_strategies.py [--variants uniform,distill] [--distill-steps 200]
+
+Federation is simulated in one process with the system's own pieces (LocalTrainer, FedAvg, plug-in);
+the wire is left out because it does not change the numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers.utils import logging as hf_logging
+
+from offsite import lm
+from offsite.client.train import LocalTrainer
+from offsite.cloud.aggregate import fedavg
+from offsite.demo import domain
+from offsite.demo.base import prepare_base
+from offsite.demo.central import central_finetune
+from offsite.demo.corpus import general_corpus
+from offsite.demo.run import DemoSettings
+from offsite.emulator.adapter import extract_adapter, load_adapter
+from offsite.emulator.build import build, load_base
+from offsite.emulator.bundle import load_bundle
+from offsite.emulator.config import EmulatorConfig
+from offsite.files import write_json
+from offsite.tensors import spec_digest, spec_of
+from offsite.textdata import read_texts
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def variants(distill_data: Path, steps: int) -> dict[str, EmulatorConfig]:
+    return {
+        "uniform": EmulatorConfig(emulator_layers=2),
+        "distill": EmulatorConfig(emulator_layers=2, distill_data=str(distill_data), distill_steps=steps, distill_lr=1e-4),
+    }
+
+
+def federate(base: Path, bundle: Path, folders: list[Path], s: DemoSettings) -> dict[str, float]:
+    """The demo's schedule: rounds x clients, each from the global adapter, FedAvg by examples."""
+    trainers = [LocalTrainer(bundle, read_texts(f / "train.jsonl"), None, s.max_length) for f in folders]
+    full, tokenizer = load_base(str(base))
+    global_adapter = extract_adapter(full, trainers[0].plan, on_emulator=False)
+    digest = spec_digest(spec_of(global_adapter))
+    for r in range(s.rounds):
+        ups = []
+        for c, t in enumerate(trainers):
+            cfg = lm.TrainConfig(epochs=s.epochs, lr=s.lr, batch_size=s.batch_size, seed=s.seed + 1000 * r, bf16=lm.cpu_has_fast_bf16())
+            ups.append((t.train_round(global_adapter, digest, cfg, show_progress=False).adapter, float(len(t.train_set))))
+        global_adapter = fedavg(ups, global_adapter)
+    held = [x for f in folders for x in lm.encode(tokenizer, read_texts(f / "heldout.jsonl"), s.max_length)]
+    emulator, _, plan = load_bundle(bundle)
+    load_adapter(emulator, plan, global_adapter, on_emulator=True)
+    load_adapter(full, plan, global_adapter, on_emulator=False)
+    return {"emulator_with_adapter": lm.mean_token_loss(emulator, held, tokenizer.pad_token_id),
+            "plug_in": lm.mean_token_loss(full, held, tokenizer.pad_token_id)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", default="uniform,distill")
+    parser.add_argument("--distill-steps", type=int, default=200)
+    parser.add_argument("--work", default=str(ROOT / "runs" / "bench"))
+    args = parser.parse_args()
+    hf_logging.disable_progress_bar()
+    torch.manual_seed(0)
+    s = DemoSettings()
+    work = Path(args.work)
+    base = prepare_base(ROOT / "runs" / "demo" / "base", s.base)
+    folders = domain.write_clients(work / "data", s.clients, s.n_train, s.n_heldout, s.main_share, s.seed)
+    general_train, general_held = general_corpus()
+    domain.write_jsonl(work / "data" / "general_train.jsonl", general_train)
+    full, tokenizer = load_base(str(base))
+    general = lm.encode(tokenizer, general_held, s.max_length)
+    held = [x for f in folders for x in lm.encode(tokenizer, read_texts(f / "heldout.jsonl"), s.max_length)]
+    zero_shot = lm.mean_token_loss(full, held, tokenizer.pad_token_id)
+    full_general = lm.mean_token_loss(full, general, tokenizer.pad_token_id)
+    t = time.perf_counter()
+    central = central_finetune(str(base), [f / "train.jsonl" for f in folders], {f.name: f / "heldout.jsonl" for f in folders},
+                               s.epochs * s.rounds, s.central_lr, s.batch_size, s.max_length, s.seed)["all"]
+    print(f"full zero-shot {zero_shot:.3f}, central fine-tune {central:.3f} ({time.perf_counter() - t:.0f} s); "
+          f"full model on general text {full_general:.3f}")
+    rows = {}
+    for name in args.variants.split(","):
+        cfg = variants(work / "data" / "general_train.jsonl", args.distill_steps)[name]
+        with tempfile.TemporaryDirectory() as tmp:
+            t = time.perf_counter()
+            build(str(base), cfg, Path(tmp) / "bundle", show_progress=False)
+            build_s = time.perf_counter() - t
+            emulator, _, _ = load_bundle(Path(tmp) / "bundle")
+            protection = lm.mean_token_loss(emulator, general, tokenizer.pad_token_id)
+            zs_emulator = lm.mean_token_loss(emulator, held, tokenizer.pad_token_id)
+            fed = federate(base, Path(tmp) / "bundle", folders, s)
+        rows[name] = {"build_s": round(build_s, 1), "emulator_general_loss": round(protection, 4),
+                      "protection_margin": round(protection - full_general, 4), "emulator_zero_shot": round(zs_emulator, 4),
+                      **{k: round(v, 4) for k, v in fed.items()},
+                      "gap_closure": round((zero_shot - fed["plug_in"]) / (zero_shot - central), 4)}
+        print(name, rows[name], flush=True)
+    print(f"\n{'variant':<10}{'emulator loss (general)':>25}{'margin vs full':>16}{'plug-in':>10}{'gap_closure':>13}{'build s':>9}")
+    for name, r in rows.items():
+        print(f"{name:<10}{r['emulator_general_loss']:>25.3f}{r['protection_margin']:>16.3f}{r['plug_in']:>10.3f}"
+              f"{r['gap_closure']:>13.3f}{r['build_s']:>9.0f}")
+    write_json(ROOT / "bench" / "results" / "emulator_strategies.json",
+               {"full_zero_shot": round(zero_shot, 4), "central_full_finetune": round(central, 4),
+                "full_general_loss": round(full_general, 4), "distill_steps": args.distill_steps, "variants": rows})
+
+
+if __name__ == "__main__":
+    main()
