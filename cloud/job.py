@@ -25,6 +25,7 @@ class JobConfig:
     max_length: int = 256
     seed: int = 0
     strategy: str = "uniform"
+    quantize: str | None = None
     attn_rank: int = 0
     calibration_data: str | None = None
     distill_data: str | None = None       # model owner's text for emulator distillation
@@ -47,7 +48,7 @@ class JobConfig:
 
     def emulator_config(self) -> EmulatorConfig:
         return EmulatorConfig(bottom=self.bottom, top=self.top, emulator_layers=self.emulator_layers,
-                              strategy=self.strategy, attn_rank=self.attn_rank, calibration_data=self.calibration_data,
+                              strategy=self.strategy, quantize=self.quantize, attn_rank=self.attn_rank, calibration_data=self.calibration_data,
                               distill_data=self.distill_data, distill_steps=self.distill_steps,
                               distill_lr=self.distill_lr, seed=self.seed)
 

@@ -14,6 +14,7 @@ from offsite.emulator.bundle import write_manifest
 from offsite.emulator.config import EmulatorConfig
 from offsite.emulator.distill import DistillConfig, distill
 from offsite.emulator.plan import SplitPlan
+from offsite.emulator.quantize import quantize_emulator
 from offsite.emulator.strategy import low_rank_attention, middle_similarity, similarity_plan
 from offsite.files import atomic_write, sha256_file
 from offsite.tensors import to_bytes
@@ -81,18 +82,22 @@ def build(base: str, cfg: EmulatorConfig, out_dir: str | Path, show_progress: bo
         del teacher
         distill_info = {"data_sha256": sha256_file(cfg.distill_data), **asdict(dcfg), "last_nmse": stats.last_nmse}
     out_dir.mkdir(parents=True, exist_ok=True)
-    emulator.save_pretrained(str(out_dir), safe_serialization=True)
-    tokenizer.save_pretrained(str(out_dir))
+    emulator_params = sum(p.numel() for p in emulator.parameters())
+    if cfg.quantize:
+        quantize_emulator(emulator, tokenizer, plan, block_path, cfg.quantize, out_dir)
+    else:
+        emulator.save_pretrained(str(out_dir), safe_serialization=True)
+        tokenizer.save_pretrained(str(out_dir))
     base_hashes = {p.name: sha256_file(p) for p in sorted(Path(base).glob("*.safetensors"))} if Path(base).is_dir() else {"hub_id": base}
     write_manifest(out_dir, plan, block_path, {"base": base_hashes, "strategy": cfg.strategy, "similarity": similarity,
                                                "attn_rank": cfg.attn_rank or None, "distillation": distill_info,
-                                               "quantized": None})
+                                               "quantized": cfg.quantize})
     return BuildResult(
         bundle_dir=out_dir,
         skeleton=skeleton,
         plan=plan,
         full_params=full_params,
-        emulator_params=sum(p.numel() for p in emulator.parameters()),
+        emulator_params=emulator_params,
         adapter_params=sum(t.numel() for t in skeleton.values()),
     )
 

@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from offsite.emulator.plan import SplitPlan
+from offsite.emulator.quantize import keep_differentiable
 from offsite.errors import IntegrityError
 from offsite.files import sha256_file, write_json
 
@@ -65,5 +66,6 @@ def load_bundle(folder: str | Path):
     """Verify, then load the emulator model, its tokenizer and plan."""
     manifest = verify_bundle(folder)
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    keep_differentiable(model)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     return model, tokenizer, SplitPlan.from_dict(manifest["plan"])

@@ -11,7 +11,7 @@ from offsite.emulator.evaluate import compare_full_and_emulator
 
 def cmd_build(args) -> int:
     cfg = EmulatorConfig(bottom=args.bottom, top=args.top, emulator_layers=args.emulator_layers,
-                         strategy=args.strategy, attn_rank=args.attn_rank, calibration_data=args.calibration_data,
+                         strategy=args.strategy, quantize=args.quantize, attn_rank=args.attn_rank, calibration_data=args.calibration_data,
                          distill_data=args.distill_data, distill_steps=args.distill_steps, distill_lr=args.distill_lr)
     result = build(args.model, cfg, args.out)
     print(f"emulator bundle in {result.bundle_dir}: blocks {list(result.plan.emulator_order)} of {result.plan.num_blocks}; "
@@ -42,6 +42,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--strategy", choices=STRATEGIES, default="uniform",
                    help="uniform layer drop, or one block per cluster of similar middle blocks (CRaSh)")
+    p.add_argument("--quantize", choices=("int8", "nf4"), help="store the middle blocks quantized (bitsandbytes)")
     p.add_argument("--calibration-data", help="text to measure block similarity on (default: --distill-data)")
     p.add_argument("--attn-rank", type=int, default=0, help="rank of the SVD approximation of kept attention weights (0: off)")
     p.add_argument("--distill-data", help="text to distill the emulator on (JSONL 'text' or .txt)")

@@ -15,6 +15,7 @@ class EmulatorConfig:
     top: int = 2
     emulator_layers: int = 2
     strategy: str = "uniform"         # "uniform" layer drop, or "similarity" (CRaSh-style clusters)
+    quantize: str | None = None       # None, "int8" or "nf4": the middle blocks, packed by bitsandbytes
     attn_rank: int = 0                # >0: rank of the SVD approximation of kept blocks' attention (ScaleOT)
     calibration_data: str | None = None  # text for "similarity"; defaults to distill_data
     distill_data: str | None = None   # text the model owner provides (JSONL 'text' or .txt)
@@ -30,6 +31,8 @@ class EmulatorConfig:
             raise ConfigError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if self.strategy == "similarity" and not (self.calibration_data or self.distill_data):
             raise ConfigError("strategy 'similarity' needs calibration_data (or distill_data) to measure blocks on")
+        if self.quantize not in (None, "int8", "nf4"):
+            raise ConfigError(f"quantize must be int8 or nf4, got {self.quantize!r}")
         if self.attn_rank < 0:
             raise ConfigError(f"attn_rank must be >= 0, got {self.attn_rank}")
         if self.distill_steps < 0:
