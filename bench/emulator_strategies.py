@@ -27,9 +27,11 @@ from offsite.demo.central import central_finetune
 from offsite.demo.corpus import general_corpus
 from offsite.demo.run import DemoSettings
 from offsite.emulator.adapter import extract_adapter, load_adapter
+from offsite.emulator.blocks import find_blocks
 from offsite.emulator.build import build, load_base
 from offsite.emulator.bundle import load_bundle
 from offsite.emulator.config import EmulatorConfig
+from offsite.emulator.quantize import tensor_bytes_by_block
 from offsite.files import write_json
 from offsite.tensors import spec_digest, spec_of
 from offsite.textdata import read_texts
@@ -43,6 +45,8 @@ def variants(distill_data: Path, steps: int) -> dict[str, EmulatorConfig]:
         "distill": EmulatorConfig(emulator_layers=2, distill_data=str(distill_data), distill_steps=steps, distill_lr=1e-4),
         "similarity": EmulatorConfig(emulator_layers=2, strategy="similarity", calibration_data=str(distill_data)),
         "attn-rank": EmulatorConfig(emulator_layers=2, attn_rank=64),
+        "int8": EmulatorConfig(emulator_layers=2, quantize="int8"),
+        "nf4": EmulatorConfig(emulator_layers=2, quantize="nf4"),
         "sim+distill": EmulatorConfig(emulator_layers=2, strategy="similarity", distill_data=str(distill_data),
                                       distill_steps=steps, distill_lr=1e-4),
     }
@@ -104,19 +108,25 @@ def main() -> None:
             t = time.perf_counter()
             build(str(base), cfg, Path(tmp) / "bundle", show_progress=False)
             build_s = time.perf_counter() - t
-            emulator, _, _ = load_bundle(Path(tmp) / "bundle")
+            emulator, _, plan = load_bundle(Path(tmp) / "bundle")
+            by_block = tensor_bytes_by_block(Path(tmp) / "bundle" / "model.safetensors", find_blocks(emulator).path)
+            middle_bytes = sum(by_block[plan.emulator_index(i)] for i in plan.kept_middle)
+            bundle_bytes = sum(f.stat().st_size for f in (Path(tmp) / "bundle").iterdir())
             protection = lm.mean_token_loss(emulator, general, tokenizer.pad_token_id)
             zs_emulator = lm.mean_token_loss(emulator, held, tokenizer.pad_token_id)
             fed = federate(base, Path(tmp) / "bundle", folders, s)
-        rows[name] = {"build_s": round(build_s, 1), "emulator_general_loss": round(protection, 4),
+        rows[name] = {"build_s": round(build_s, 1), "kept_middle": list(plan.kept_middle), "middle_bytes": middle_bytes,
+                      "bundle_bytes": bundle_bytes, "emulator_general_loss": round(protection, 4),
                       "protection_margin": round(protection - full_general, 4), "emulator_zero_shot": round(zs_emulator, 4),
                       **{k: round(v, 4) for k, v in fed.items()},
                       "gap_closure": round((zero_shot - fed["plug_in"]) / (zero_shot - central), 4)}
         print(name, rows[name], flush=True)
-    print(f"\n{'variant':<10}{'emulator loss (general)':>25}{'margin vs full':>16}{'plug-in':>10}{'gap_closure':>13}{'build s':>9}")
+    print(f"\n{'variant':<12}{'kept':>8}{'emulator loss (general)':>25}{'margin vs full':>16}{'plug-in':>10}"
+          f"{'gap_closure':>13}{'middle MB':>11}{'bundle MB':>11}{'build s':>9}")
     for name, r in rows.items():
-        print(f"{name:<10}{r['emulator_general_loss']:>25.3f}{r['protection_margin']:>16.3f}{r['plug_in']:>10.3f}"
-              f"{r['gap_closure']:>13.3f}{r['build_s']:>9.0f}")
+        print(f"{name:<12}{str(r['kept_middle']):>8}{r['emulator_general_loss']:>25.3f}{r['protection_margin']:>16.3f}"
+              f"{r['plug_in']:>10.3f}{r['gap_closure']:>13.3f}{r['middle_bytes'] / 1e6:>11.2f}{r['bundle_bytes'] / 1e6:>11.2f}"
+              f"{r['build_s']:>9.0f}")
     out = ROOT / "bench" / "results" / "emulator_strategies.json"
     previous = json.loads(out.read_text())["variants"] if out.is_file() else {}
     rows = {**previous, **rows}  # runs of other variants are kept

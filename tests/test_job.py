@@ -31,3 +31,9 @@ def test_bad_job_files(tmp_path, body, message):
     (tmp_path / "job.toml").write_text(body)
     with pytest.raises(ConfigError, match=message):
         JobConfig.from_toml(tmp_path / "job.toml")
+
+
+def test_the_documented_example_job_parses():
+    from pathlib import Path
+    cfg = JobConfig.from_toml(Path(__file__).resolve().parents[1] / "docs" / "job.example.toml")
+    assert (cfg.job_id, cfg.rounds, cfg.emulator_layers, cfg.strategy) == ("support-bot", 5, 8, "uniform")
