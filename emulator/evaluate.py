@@ -15,6 +15,15 @@ def losses(models: dict, encoded: list[list[int]], pad_id: int) -> dict[str, flo
     return {name: round(lm.mean_token_loss(m, encoded, pad_id), 4) for name, m in models.items()}
 
 
+def count_params(model) -> int:
+    """Parameters as the model defines them; a packed 4-bit weight knows its real shape."""
+    total = 0
+    for p in model.parameters():
+        shape = getattr(getattr(p, "quant_state", None), "shape", None)
+        total += math.prod(shape) if shape is not None else p.numel()
+    return total
+
+
 def compare_full_and_emulator(model: str, emulator_dir: str | Path, data: str | Path, max_length: int = 512) -> dict:
     """Loss, perplexity, parameters and bytes of the full model and of the emulator alone."""
     full, tokenizer = load_base(model)
@@ -24,8 +33,7 @@ def compare_full_and_emulator(model: str, emulator_dir: str | Path, data: str | 
     out = {}
     for name, m in (("full", full), ("emulator", emulator)):
         loss = lm.mean_token_loss(m, encoded, tokenizer.pad_token_id)
-        out[name] = {"loss": round(loss, 4), "ppl": round(math.exp(loss), 3),
-                     "params": sum(p.numel() for p in m.parameters()),
+        out[name] = {"loss": round(loss, 4), "ppl": round(math.exp(loss), 3), "params": count_params(m),
                      "bytes": sum(p.numel() * p.element_size() for p in m.parameters())}
     out["emulator"]["bundle_bytes"] = sum(f["size"] for f in manifest["files"].values())
     out["plan"] = plan.to_dict()

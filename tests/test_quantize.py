@@ -88,3 +88,14 @@ def test_gradients_through_nf4_middle_are_the_same_after_an_eval_pass(wide_model
     fresh, after_eval = bottom_grad(False), bottom_grad(True)
     assert fresh.abs().sum() > 0
     assert torch.allclose(fresh, after_eval, rtol=1e-4, atol=1e-7)
+
+
+def test_eval_counts_real_parameters_of_a_packed_emulator(wide_model, client_data, tmp_path):
+    from offsite.emulator.evaluate import compare_full_and_emulator
+    build(str(wide_model), EmulatorConfig(emulator_layers=1), tmp_path / "fp32", show_progress=False)
+    build(str(wide_model), EmulatorConfig(emulator_layers=1, quantize="nf4"), tmp_path / "nf4", show_progress=False)
+    data = client_data[0] / "heldout.jsonl"
+    fp32 = compare_full_and_emulator(str(wide_model), tmp_path / "fp32", data)["emulator"]
+    nf4 = compare_full_and_emulator(str(wide_model), tmp_path / "nf4", data)["emulator"]
+    assert nf4["params"] == fp32["params"] and nf4["bytes"] < fp32["bytes"]
+    assert abs(nf4["loss"] - fp32["loss"]) < 0.05  # 4-bit middle of a random model: close, not equal
