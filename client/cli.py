@@ -16,7 +16,7 @@ def cmd_run(args) -> int:
         cfg = ClientConfig(server=args.server, ca_file=Path(args.ca), workdir=Path(args.workdir), data=Path(args.data),
                            heldout=Path(args.heldout) if args.heldout else None,
                            token_file=Path(args.token_file) if args.token_file else None, threads=args.threads,
-                           show_progress=not args.no_progress)
+                           show_progress=not args.no_progress, enroll_server=args.enroll_server)
         summary = run(cfg)
     except Exception as e:  # every failure leaves with a message and a distinct exit code
         code = exit_code_for(e)
@@ -34,7 +34,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("run", help="enroll (first time), then train and upload each round until the job is done",
                        description="Exit codes: 0 done, 2 bad data file, 3 authentication failed, "
                                    "4 coordinator unreachable, 5 bad configuration.")
-    p.add_argument("--server", required=True, help="coordinator host:port")
+    p.add_argument("--server", required=True, help="coordinator host:port (mutual TLS)")
+    p.add_argument("--enroll-server", help="coordinator enrollment host:port (default: --server port + 1)")
     p.add_argument("--ca", required=True, help="the coordinator's CA certificate (PEM)")
     p.add_argument("--workdir", required=True, help="this client's folder: identity, bundle cache, adapters")
     p.add_argument("--data", required=True, help="training data (JSONL with a 'text' field); never leaves this machine")

@@ -10,7 +10,7 @@ import grpc
 import torch
 
 from offsite import lm
-from offsite.client.identity import ClientIdentity, enroll, load_identity
+from offsite.client.identity import enroll, load_identity
 from offsite.client.train import LocalTrainer
 from offsite.client.transfer import download_blob, download_bundle, upload
 from offsite.errors import ConfigError, DataError
@@ -19,14 +19,14 @@ from offsite.protos.offsite.v1 import coordinator_pb2_grpc as pb_grpc
 from offsite.sealing import SealContext, seal
 from offsite.tensors import from_bytes, to_bytes
 from offsite.textdata import read_texts
-from offsite.transport import secure_channel
+from offsite.transport import enroll_target, secure_channel
 
 log = logging.getLogger("offsite.client")
 
 
 @dataclass(frozen=True)
 class ClientConfig:
-    server: str
+    server: str               # host:port of the mutual-TLS endpoint
     ca_file: Path
     workdir: Path
     data: Path
@@ -34,6 +34,7 @@ class ClientConfig:
     token_file: Path | None = None
     threads: int | None = None
     show_progress: bool = True
+    enroll_server: str | None = None   # default: the server's port + 1
 
     def __post_init__(self) -> None:
         if not Path(self.ca_file).is_file():
@@ -53,9 +54,13 @@ def run(cfg: ClientConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     cfg.workdir.mkdir(parents=True, exist_ok=True)
-    with secure_channel(cfg.server, cfg.ca_file) as channel:
+    me = load_identity(cfg.workdir)
+    if me is None:
+        enroll_at = cfg.enroll_server or enroll_target(cfg.server)
+        with secure_channel(enroll_at, cfg.ca_file) as channel:  # the one call made without a client certificate
+            me = enroll(pb_grpc.CoordinatorStub(channel), _token(cfg), cfg.workdir)
+    with secure_channel(cfg.server, cfg.ca_file, me.tls_key_pem, me.certificate_pem) as channel:
         stub = pb_grpc.CoordinatorStub(channel)
-        me: ClientIdentity = load_identity(cfg.workdir) or enroll(stub, _token(cfg), cfg.workdir)
         log.info("client %s: %d training examples from %s", me.client_id, len(texts), cfg.data)
         trainer, rounds_done, upload_bytes = None, [], 0
 
@@ -63,7 +68,7 @@ def run(cfg: ClientConfig) -> dict:
             return {"client_id": me.client_id, "rounds": rounds_done, "upload_bytes": upload_bytes}
 
         while True:
-            task = stub.GetTask(pb.GetTaskRequest(job_id=me.job_id), metadata=me.metadata)
+            task = stub.GetTask(pb.GetTaskRequest(job_id=me.job_id))
             if task.kind == pb.Task.DONE:
                 log.info("client %s: job %s is done", me.client_id, task.job_id)
                 return summary()
@@ -71,9 +76,9 @@ def run(cfg: ClientConfig) -> dict:
                 time.sleep(max(task.retry_after_s, 0.2))
                 continue
             if trainer is None:
-                bundle = download_bundle(stub, me.metadata, task.bundle_manifest_sha256, cfg.workdir / "bundle")
+                bundle = download_bundle(stub, task.bundle_manifest_sha256, cfg.workdir / "bundle")
                 trainer = LocalTrainer(bundle, texts, heldout, task.training.max_length)
-            adapter_path = download_blob(stub, me.metadata, task.adapter_sha256, cfg.workdir / "adapters" / f"global-{task.round}.safetensors")
+            adapter_path = download_blob(stub, task.adapter_sha256, cfg.workdir / "adapters" / f"global-{task.round}.safetensors")
             t = task.training
             train_cfg = lm.TrainConfig(epochs=t.epochs, lr=t.lr, batch_size=t.batch_size, seed=t.seed + 1000 * task.round,
                                        bf16=lm.cpu_has_fast_bf16())
@@ -81,7 +86,7 @@ def run(cfg: ClientConfig) -> dict:
                                          desc=f"{me.client_id} round {task.round + 1}/{task.total_rounds}", show_progress=cfg.show_progress)
             ctx = SealContext(task.job_id, task.round, me.client_id, task.skeleton_digest)
             envelope = seal(to_bytes(result.adapter), ctx, me.coordinator_key, me.signing_key)
-            receipt = upload(stub, me.metadata, task.job_id, task.round, len(texts), envelope)
+            receipt = upload(stub, task.job_id, task.round, len(texts), envelope)
             upload_bytes += len(envelope)
             rounds_done.append(task.round)
             log.info("client %s: round %d trained (%d steps, %.0f tok/s, local held-out %s -> %s), sealed %d bytes, "

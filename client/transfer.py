@@ -13,7 +13,7 @@ from offsite.protos.offsite.v1 import coordinator_pb2 as pb
 from offsite.transport import CHUNK_BYTES
 
 
-def download_blob(stub, metadata, digest: str, dest: Path) -> Path:
+def download_blob(stub, digest: str, dest: Path) -> Path:
     """Fetch blob `digest` into `dest` unless a verified copy is already there; resume a partial file."""
     if dest.is_file() and sha256_file(dest) == digest:
         return dest
@@ -26,7 +26,7 @@ def download_blob(stub, metadata, digest: str, dest: Path) -> Path:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
     with open(part, "ab") as f:
-        for chunk in stub.Download(pb.DownloadRequest(sha256=digest, offset=offset), metadata=metadata):
+        for chunk in stub.Download(pb.DownloadRequest(sha256=digest, offset=offset)):
             f.write(chunk.data)
             h.update(chunk.data)
         f.flush()
@@ -38,22 +38,22 @@ def download_blob(stub, metadata, digest: str, dest: Path) -> Path:
     return dest
 
 
-def download_bundle(stub, metadata, manifest_digest: str, folder: Path) -> Path:
+def download_bundle(stub, manifest_digest: str, folder: Path) -> Path:
     """Fetch the manifest by digest, then every file it lists, then verify the whole bundle."""
     folder.mkdir(parents=True, exist_ok=True)
     staging = folder.parent / f".{folder.name}.manifest"
-    download_blob(stub, metadata, manifest_digest, staging)
+    download_blob(stub, manifest_digest, staging)
     manifest = json.loads(staging.read_text())
     for name, meta in manifest["files"].items():
         if "/" in name or name.startswith("."):
             raise IntegrityError(f"bundle manifest names an unsafe file {name!r}")
-        download_blob(stub, metadata, meta["sha256"], folder / name)
+        download_blob(stub, meta["sha256"], folder / name)
     atomic_write(folder / MANIFEST, staging.read_bytes())
     verify_bundle(folder)
     return folder
 
 
-def upload(stub, metadata, job_id: str, round_: int, num_examples: int, envelope: bytes) -> pb.UploadReceipt:
+def upload(stub, job_id: str, round_: int, num_examples: int, envelope: bytes) -> pb.UploadReceipt:
     header = pb.UploadHeader(job_id=job_id, round=round_, num_examples=num_examples, size=len(envelope),
                              sha256=hashlib.sha256(envelope).hexdigest())
 
@@ -62,4 +62,4 @@ def upload(stub, metadata, job_id: str, round_: int, num_examples: int, envelope
         for i in range(0, len(envelope), CHUNK_BYTES):
             yield pb.UploadChunk(data=envelope[i : i + CHUNK_BYTES])
 
-    return stub.Upload(messages(), metadata=metadata)
+    return stub.Upload(messages())

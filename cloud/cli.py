@@ -12,12 +12,13 @@ from pathlib import Path
 from offsite.cloud.blobs import BlobStore
 from offsite.cloud.coordinator import Coordinator
 from offsite.cloud.finalize import finalize_job
-from offsite.cloud.identity import StateLayout, init_state, load_sealing_key
+from offsite.cloud.identity import CertificateAuthority, StateLayout, init_state, load_sealing_key
 from offsite.cloud.job import JobConfig
 from offsite.cloud.server import start_server
 from offsite.cloud.state import SqliteState
 from offsite.errors import ConfigError
 from offsite.files import atomic_write
+from offsite.transport import enroll_target
 
 log = logging.getLogger("offsite.cloud")
 
@@ -26,7 +27,8 @@ def open_coordinator(state_dir: str) -> Coordinator:
     layout = StateLayout(Path(state_dir))
     if not layout.db.is_file():
         raise ConfigError(f"{state_dir} is not a coordinator state folder; run `offsite cloud init` first")
-    return Coordinator(layout, SqliteState(layout.db), BlobStore(layout.blobs), load_sealing_key(layout))
+    return Coordinator(layout, SqliteState(layout.db), BlobStore(layout.blobs), load_sealing_key(layout),
+                       CertificateAuthority.load(layout))
 
 
 def cmd_init(args) -> int:
@@ -62,10 +64,11 @@ def cmd_serve(args) -> int:
         threading.Thread(target=work, name=f"finalize-{job_id}", daemon=True).start()
 
     coordinator.on_training_done = finish
-    server, port, health_servicer = start_server(coordinator, coordinator.layout, args.address)
+    enroll_address = args.enroll_address or (args.address if args.address.endswith(":0") else enroll_target(args.address))
+    running = start_server(coordinator, coordinator.layout, args.address, enroll_address)
     if args.port_file:
-        atomic_write(Path(args.port_file), f"{port}\n".encode())
-    log.info("coordinator serving on port %d (TLS)", port)
+        atomic_write(Path(args.port_file), json.dumps({"port": running.port, "enroll_port": running.enroll_port}).encode())
+    log.info("coordinator serving on port %d (mutual TLS), enrollment on port %d (TLS)", running.port, running.enroll_port)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     for job in coordinator.state.jobs():
@@ -73,15 +76,16 @@ def cmd_serve(args) -> int:
             finish(job.job_id)
     stop.wait()
     log.info("coordinator stopping; letting in-flight calls finish for up to %.0f s", args.grace)
-    health_servicer.enter_graceful_shutdown()
-    server.stop(grace=args.grace).wait()
+    running.health.enter_graceful_shutdown()
+    running.server.stop(grace=args.grace).wait()
     return 0
 
 
 def cmd_status(args) -> int:
     coordinator = open_coordinator(args.state)
     state = coordinator.state
-    out = {"jobs": [], "clients": [{"id": c.client_id, "name": c.name, "last_seen": c.last_seen} for c in state.clients()]}
+    out = {"jobs": [], "clients": [{"id": c.client_id, "name": c.name, "last_seen": c.last_seen, "revoked": c.revoked_at is not None}
+                                   for c in state.clients()]}
     for job in state.jobs():
         cfg = JobConfig.from_json(job.config_json)
         out["jobs"].append({"job_id": job.job_id, "status": job.status, "round": job.round, "rounds": cfg.rounds,
@@ -95,7 +99,14 @@ def cmd_status(args) -> int:
               f"{len(j['updates'])} updates accepted, {len(j['rejected'])} rejected")
     now = time.time()
     for c in out["clients"]:
-        print(f"  client {c['id']}: last seen {now - c['last_seen']:.0f} s ago")
+        print(f"  client {c['id']}: last seen {now - c['last_seen']:.0f} s ago{' (revoked)' if c['revoked'] else ''}")
+    return 0
+
+
+def cmd_clients_revoke(args) -> int:
+    coordinator = open_coordinator(args.state)
+    coordinator.state.revoke_client(args.client_id)
+    print(f"client {args.client_id} revoked: its certificate is refused from the next call on")
     return 0
 
 
@@ -112,10 +123,16 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--state", required=True)
     p.add_argument("--config", required=True, help="job TOML file")
     p.set_defaults(func=cmd_jobs_create)
-    p = sub.add_parser("serve", help="run the coordinator (gRPC over TLS)")
+    clients = sub.add_parser("clients", help="manage enrolled clients").add_subparsers(dest="clients_command", required=True)
+    p = clients.add_parser("revoke", help="lock a client out at once")
     p.add_argument("--state", required=True)
-    p.add_argument("--address", default="127.0.0.1:50051", help="host:port to bind; port 0 picks a free one")
-    p.add_argument("--port-file", help="write the bound port here")
+    p.add_argument("client_id")
+    p.set_defaults(func=cmd_clients_revoke)
+    p = sub.add_parser("serve", help="run the coordinator (gRPC over mutual TLS)")
+    p.add_argument("--state", required=True)
+    p.add_argument("--address", default="127.0.0.1:50051", help="host:port for mutual-TLS calls; port 0 picks a free one")
+    p.add_argument("--enroll-address", help="host:port for enrollment (server-only TLS); default: --address port + 1")
+    p.add_argument("--port-file", help="write the bound ports here as JSON {port, enroll_port}")
     p.add_argument("--exit-when-done", action="store_true", help="stop once every job is finished")
     p.add_argument("--grace", type=float, default=5.0, help="seconds to let in-flight calls finish on stop")
     p.set_defaults(func=cmd_serve)

@@ -9,7 +9,7 @@ import logging
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -18,12 +18,12 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from offsite.cloud.aggregate import FedAvg
 from offsite.cloud.blobs import BlobStore
-from offsite.cloud.identity import StateLayout, hash_secret
+from offsite.cloud.identity import CertificateAuthority, StateLayout, hash_secret
 from offsite.cloud.job import JobConfig
 from offsite.cloud.state import ClientRecord, JobRecord, State, UpdateRecord
 from offsite.emulator.build import build
-from offsite.errors import (AlreadyExistsError, AuthError, InvalidUpdateError, NotFoundError, PreconditionError,
-                            TooLargeError)
+from offsite.errors import (AlreadyExistsError, AuthError, InvalidRequestError, InvalidUpdateError, NotFoundError,
+                            PreconditionError, TooLargeError)
 from offsite.files import sha256_bytes
 from offsite.sealing import SealContext, open_sealed, raw_public
 from offsite.tensors import check_matches, from_bytes, spec_digest, spec_of, to_bytes
@@ -35,7 +35,7 @@ log = logging.getLogger("offsite.cloud")
 @dataclass(frozen=True)
 class Enrollment:
     client_id: str
-    session_token: str = field(repr=False)
+    certificate_pem: bytes
     coordinator_public_key: bytes
     job_id: str
 
@@ -64,9 +64,9 @@ class UploadHeader:
 
 class Coordinator:
     def __init__(self, layout: StateLayout, state: State, blobs: BlobStore, sealing_key: X25519PrivateKey,
-                 on_training_done: Callable[[str], None] | None = None):
+                 ca: CertificateAuthority, on_training_done: Callable[[str], None] | None = None):
         self.layout, self.state, self.blobs = layout, state, blobs
-        self._sealing_key = sealing_key
+        self._sealing_key, self._ca = sealing_key, ca
         self.on_training_done = on_training_done  # called with the job id when its last round closes
         self._lock = threading.Lock()
 
@@ -102,22 +102,32 @@ class Coordinator:
         return running[0].job_id
 
     # --- identity -------------------------------------------------------------------------------
-    def enroll(self, token: str, signing_key: bytes) -> Enrollment:
+    def enroll(self, token: str, signing_key: bytes, csr_pem: bytes) -> Enrollment:
+        """Consume the token, register the signing key, and sign the client's TLS certificate."""
         try:
             Ed25519PublicKey.from_public_bytes(signing_key)
         except ValueError:
-            raise InvalidUpdateError("signing_public_key must be a raw 32-byte Ed25519 public key") from None
+            raise InvalidRequestError("signing_public_key must be a raw 32-byte Ed25519 public key") from None
+        csr = self._ca.load_csr(csr_pem)  # a malformed request must not spend the token
         name = self.state.consume_token(hash_secret(token), time.time())
         if name is None:
             raise AuthError("enrollment token is unknown, already used or expired")
-        client_id, session = f"{name}-{secrets.token_hex(4)}", secrets.token_urlsafe(32)
-        self.state.add_client(client_id, name, signing_key, hash_secret(session))
-        return Enrollment(client_id, session, raw_public(self._sealing_key.public_key()), self.active_job_id())
+        client_id = f"{name}-{secrets.token_hex(4)}"
+        certificate = self._ca.issue_client_certificate(csr, client_id)
+        self.state.add_client(client_id, name, signing_key)
+        log.info("client %s enrolled", client_id)
+        return Enrollment(client_id, certificate, raw_public(self._sealing_key.public_key()), self.active_job_id())
 
-    def authenticate(self, session_token: str | None) -> ClientRecord:
-        client = self.state.client_by_session(hash_secret(session_token)) if session_token else None
-        if client is None:
-            raise AuthError("missing or unknown session token; enroll first")
+    def authenticate(self, client_id: str | None) -> ClientRecord:
+        """The client behind a verified TLS client certificate; unknown or revoked clients are refused."""
+        if not client_id:
+            raise AuthError("this call needs mutual TLS with the client certificate issued at enrollment")
+        try:
+            client = self.state.client(client_id)
+        except NotFoundError:
+            raise AuthError(f"unknown client {client_id}") from None
+        if client.revoked_at is not None:
+            raise AuthError(f"client {client_id} is revoked")
         self.state.touch_client(client.client_id)
         return client
 

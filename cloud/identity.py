@@ -1,5 +1,6 @@
-"""The coordinator's identity material: a CA, a TLS server certificate, the X25519 key updates are
-sealed to, and single-use enrollment tokens. Private keys are written 0600 and never logged."""
+"""The coordinator's identity material: a CA (which also signs client certificates at enrollment), a TLS
+server certificate, the X25519 key updates are sealed to, and single-use enrollment tokens. Private keys
+are written 0600 and never logged."""
 from __future__ import annotations
 
 import datetime as dt
@@ -14,10 +15,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from offsite.cloud.state import State
-from offsite.errors import ConfigError
+from offsite.errors import ConfigError, InvalidRequestError
 from offsite.files import atomic_write
 
 
@@ -56,13 +57,16 @@ def _pem_key(key) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
 
 
-def _cert(subject: str, public_key, issuer_key, issuer_name: x509.Name | None, ca: bool, hosts: list[str], days: int) -> x509.Certificate:
+def _cert(subject: str, public_key, issuer_key, issuer_name: x509.Name | None, ca: bool, hosts: list[str], days: int,
+          usage=None) -> x509.Certificate:
     now = dt.datetime.now(dt.timezone.utc)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
     builder = (x509.CertificateBuilder().subject_name(name).issuer_name(issuer_name or name)
                .public_key(public_key).serial_number(x509.random_serial_number())
                .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
                .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if usage is not None:
+        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
     if hosts:
         sans = []
         for h in hosts:
@@ -84,7 +88,8 @@ def init_state(root: str | Path, client_names: list[str], hosts: list[str], toke
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_cert = _cert("offsite coordinator CA", ca_key.public_key(), ca_key, None, True, [], 3650)
     server_key = ec.generate_private_key(ec.SECP256R1())
-    server_cert = _cert(hosts[0], server_key.public_key(), ca_key, ca_cert.subject, False, hosts, 825)
+    server_cert = _cert(hosts[0], server_key.public_key(), ca_key, ca_cert.subject, False, hosts, 825,
+                        usage=ExtendedKeyUsageOID.SERVER_AUTH)
     atomic_write(layout.ca_key, _pem_key(ca_key), mode=0o600)
     atomic_write(layout.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM))
     atomic_write(layout.server_key, _pem_key(server_key), mode=0o600)
@@ -98,6 +103,42 @@ def init_state(root: str | Path, client_names: list[str], hosts: list[str], toke
         token_files[name] = layout.tokens / f"{name}.token"
         atomic_write(token_files[name], (token + "\n").encode(), mode=0o600)
     return token_files
+
+
+class CertificateAuthority:
+    """The coordinator's CA: signs the client certificates that every call after enrollment presents."""
+
+    def __init__(self, key, cert: x509.Certificate):
+        self._key, self.cert = key, cert
+
+    @classmethod
+    def load(cls, layout: StateLayout) -> "CertificateAuthority":
+        key = serialization.load_pem_private_key(layout.ca_key.read_bytes(), password=None)
+        return cls(key, x509.load_pem_x509_certificate(layout.ca_cert.read_bytes()))
+
+    @staticmethod
+    def load_csr(csr_pem: bytes) -> x509.CertificateSigningRequest:
+        """Parse and check a client's signing request (before anything is spent on it)."""
+        try:
+            csr = x509.load_pem_x509_csr(csr_pem)
+        except ValueError:
+            raise InvalidRequestError("csr_pem is not a PEM certificate signing request") from None
+        if not csr.is_signature_valid:
+            raise InvalidRequestError("the certificate signing request is not signed by its own key")
+        return csr
+
+    def issue_client_certificate(self, csr: x509.CertificateSigningRequest, client_id: str, days: int = 365) -> bytes:
+        """Sign the CSR's public key as `client_id` (the CSR's own subject is ignored)."""
+        now = dt.datetime.now(dt.timezone.utc)
+        cert = (x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, client_id)]))
+                .issuer_name(self.cert.subject).public_key(csr.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+                .sign(self._key, hashes.SHA256()))
+        return cert.public_bytes(serialization.Encoding.PEM)
 
 
 def load_sealing_key(layout: StateLayout) -> X25519PrivateKey:

@@ -6,7 +6,7 @@ import functools
 import grpc
 
 from offsite.cloud.coordinator import Coordinator, Task, UploadHeader
-from offsite.errors import (AlreadyExistsError, AuthError, ConfigError, DataError, IntegrityError,
+from offsite.errors import (AlreadyExistsError, AuthError, ConfigError, DataError, IntegrityError, InvalidRequestError,
                             InvalidUpdateError, NotFoundError, OffsiteError, PreconditionError, TooLargeError)
 from offsite.protos.offsite.v1 import coordinator_pb2 as pb
 from offsite.protos.offsite.v1 import coordinator_pb2_grpc as pb_grpc
@@ -18,6 +18,7 @@ STATUS = {
     PreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
     AlreadyExistsError: grpc.StatusCode.ALREADY_EXISTS,
     InvalidUpdateError: grpc.StatusCode.INVALID_ARGUMENT,
+    InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
     ConfigError: grpc.StatusCode.INVALID_ARGUMENT,
     DataError: grpc.StatusCode.INVALID_ARGUMENT,
     TooLargeError: grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -54,11 +55,12 @@ def _guard_stream(gen, context):
         context.abort(status_of(e), str(e))
 
 
-def _session(context) -> str | None:
-    for key, value in context.invocation_metadata():
-        if key == "authorization" and value.startswith("Bearer "):
-            return value.removeprefix("Bearer ")
-    return None
+def _peer_client_id(context) -> str | None:
+    """The common name of the peer's client certificate, present only if our CA verified it."""
+    auth = context.auth_context()
+    if auth.get("transport_security_type") != [b"ssl"] or not auth.get("x509_common_name"):
+        return None
+    return auth["x509_common_name"][0].decode()
 
 
 def task_message(task: Task) -> pb.Task:
@@ -78,18 +80,18 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     @_edge
     def Enroll(self, request, context):
-        e = self.coordinator.enroll(request.token, bytes(request.signing_public_key))
-        return pb.EnrollResponse(client_id=e.client_id, session_token=e.session_token,
+        e = self.coordinator.enroll(request.token, bytes(request.signing_public_key), bytes(request.csr_pem))
+        return pb.EnrollResponse(client_id=e.client_id, certificate_pem=e.certificate_pem,
                                  coordinator_public_key=e.coordinator_public_key, job_id=e.job_id)
 
     @_edge
     def GetTask(self, request, context):
-        client = self.coordinator.authenticate(_session(context))
+        client = self.coordinator.authenticate(_peer_client_id(context))
         return task_message(self.coordinator.task(client, request.job_id or self.coordinator.active_job_id()))
 
     @_edge
     def Download(self, request, context):
-        client = self.coordinator.authenticate(_session(context))
+        client = self.coordinator.authenticate(_peer_client_id(context))
         path = self.coordinator.blob_path(client, self.coordinator.active_job_id(), request.sha256)
         return self._chunks(path, request.offset, context)
 
@@ -106,7 +108,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     @_edge
     def Upload(self, request_iterator, context):
-        client = self.coordinator.authenticate(_session(context))
+        client = self.coordinator.authenticate(_peer_client_id(context))
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("part") != "header":
             raise InvalidUpdateError("an upload must start with its header")

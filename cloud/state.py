@@ -22,6 +22,7 @@ class ClientRecord:
     signing_key: bytes
     enrolled_at: float
     last_seen: float
+    revoked_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -46,9 +47,9 @@ class UpdateRecord:
 class State(Protocol):
     def add_token(self, token_hash: str, name: str, expires_at: float) -> None: ...
     def consume_token(self, token_hash: str, now: float) -> str | None: ...
-    def add_client(self, client_id: str, name: str, signing_key: bytes, session_hash: str) -> None: ...
-    def client_by_session(self, session_hash: str) -> ClientRecord | None: ...
+    def add_client(self, client_id: str, name: str, signing_key: bytes) -> None: ...
     def client(self, client_id: str) -> ClientRecord: ...
+    def revoke_client(self, client_id: str) -> None: ...
     def clients(self) -> list[ClientRecord]: ...
     def touch_client(self, client_id: str) -> None: ...
     def add_job(self, job_id: str, config_json: str, artifacts_json: str) -> None: ...
@@ -65,7 +66,7 @@ class State(Protocol):
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tokens (token_hash TEXT PRIMARY KEY, name TEXT NOT NULL, expires_at REAL NOT NULL, used_at REAL);
 CREATE TABLE IF NOT EXISTS clients (client_id TEXT PRIMARY KEY, name TEXT NOT NULL, signing_key BLOB NOT NULL,
-    session_hash TEXT NOT NULL UNIQUE, enrolled_at REAL NOT NULL, last_seen REAL NOT NULL);
+    enrolled_at REAL NOT NULL, last_seen REAL NOT NULL, revoked_at REAL);
 CREATE TABLE IF NOT EXISTS jobs (job_id TEXT PRIMARY KEY, config_json TEXT NOT NULL, status TEXT NOT NULL,
     round INTEGER NOT NULL, artifacts_json TEXT NOT NULL, created_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS updates (job_id TEXT NOT NULL, round INTEGER NOT NULL, client_id TEXT NOT NULL,
@@ -102,26 +103,28 @@ class SqliteState:
             row = cur.fetchone()
             return row[0] if row else None
 
-    def add_client(self, client_id: str, name: str, signing_key: bytes, session_hash: str) -> None:
+    def add_client(self, client_id: str, name: str, signing_key: bytes) -> None:
         now = time.time()
-        self._run("INSERT INTO clients VALUES (?, ?, ?, ?, ?, ?)", (client_id, name, signing_key, session_hash, now, now))
+        self._run("INSERT INTO clients VALUES (?, ?, ?, ?, ?, NULL)", (client_id, name, signing_key, now, now))
+
+    _CLIENT = "SELECT client_id, name, signing_key, enrolled_at, last_seen, revoked_at FROM clients"
 
     @staticmethod
     def _client(row: tuple) -> ClientRecord:
-        return ClientRecord(row[0], row[1], bytes(row[2]), row[3], row[4])
-
-    def client_by_session(self, session_hash: str) -> ClientRecord | None:
-        rows = self._run("SELECT client_id, name, signing_key, enrolled_at, last_seen FROM clients WHERE session_hash = ?", (session_hash,))
-        return self._client(rows[0]) if rows else None
+        return ClientRecord(row[0], row[1], bytes(row[2]), row[3], row[4], row[5])
 
     def client(self, client_id: str) -> ClientRecord:
-        rows = self._run("SELECT client_id, name, signing_key, enrolled_at, last_seen FROM clients WHERE client_id = ?", (client_id,))
+        rows = self._run(self._CLIENT + " WHERE client_id = ?", (client_id,))
         if not rows:
             raise NotFoundError(f"no client {client_id}")
         return self._client(rows[0])
 
     def clients(self) -> list[ClientRecord]:
-        return [self._client(r) for r in self._run("SELECT client_id, name, signing_key, enrolled_at, last_seen FROM clients ORDER BY name")]
+        return [self._client(r) for r in self._run(self._CLIENT + " ORDER BY name")]
+
+    def revoke_client(self, client_id: str) -> None:
+        self.client(client_id)
+        self._run("UPDATE clients SET revoked_at = COALESCE(revoked_at, ?) WHERE client_id = ?", (time.time(), client_id))
 
     def touch_client(self, client_id: str) -> None:
         self._run("UPDATE clients SET last_seen = ? WHERE client_id = ?", (time.time(), client_id))

@@ -37,6 +37,10 @@ class AlreadyExistsError(OffsiteError):
     """The thing was already accepted once (a replayed update)."""
 
 
+class InvalidRequestError(OffsiteError):
+    """A request field is malformed (a key, a CSR)."""
+
+
 class InvalidUpdateError(OffsiteError):
     """An uploaded update failed a check (seal, signature, tensor names, shapes, dtypes, values)."""
 

@@ -98,16 +98,18 @@ def run_demo(out: Path, s: DemoSettings) -> bool:
     server = subprocess.Popen(_offsite("cloud", "serve", "--state", str(state), "--address", "127.0.0.1:0",
                                        "--port-file", str(state / "port"), "--exit-when-done"))
     _wait_for(state / "port", server, 60)
-    port = (state / "port").read_text().strip()
+    ports = json.loads((state / "port").read_text())
     clients = []
     for folder in folders:
         log = open(logs / f"{folder.name}.log", "w")
-        cmd = _offsite("client", "run", "--server", f"localhost:{port}", "--ca", str(state / "tls" / "ca.pem"),
+        cmd = _offsite("client", "run", "--server", f"localhost:{ports['port']}", "--enroll-server",
+                       f"localhost:{ports['enroll_port']}", "--ca", str(state / "tls" / "ca.pem"),
                        "--workdir", str(out / "clients" / folder.name), "--data", str(folder / "train.jsonl"),
                        "--heldout", str(folder / "heldout.jsonl"), "--token-file", str(state / "tokens" / f"{folder.name}.token"),
                        "--threads", "1")
         clients.append((folder.name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
-    print(f"demo: coordinator on localhost:{port} (TLS); {len(clients)} clients training; logs in {logs}")
+    print(f"demo: coordinator on localhost:{ports['port']} (mutual TLS; enrollment on {ports['enroll_port']}); "
+          f"{len(clients)} clients training; logs in {logs}")
     failed = []
     for name, proc, log in clients:
         if proc.wait() != 0:

@@ -28,8 +28,9 @@ def test_one_round_over_tls_with_real_processes(tiny_model, client_data, tmp_pat
         while not (tmp_path / "port").exists():
             assert server.poll() is None and time.time() < deadline, "coordinator did not start"
             time.sleep(0.1)
-        port = (tmp_path / "port").read_text().strip()
-        clients = [subprocess.Popen(offsite("client", "run", "--server", f"localhost:{port}", "--ca", str(state / "tls" / "ca.pem"),
+        ports = json.loads((tmp_path / "port").read_text())
+        clients = [subprocess.Popen(offsite("client", "run", "--server", f"localhost:{ports['port']}",
+                                            "--enroll-server", f"localhost:{ports['enroll_port']}", "--ca", str(state / "tls" / "ca.pem"),
                                             "--workdir", str(tmp_path / f.name), "--data", str(f / "train.jsonl"),
                                             "--token-file", str(state / "tokens" / f"{f.name}.token"), "--threads", "1",
                                             "--no-progress"), stderr=subprocess.PIPE, text=True)

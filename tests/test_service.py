@@ -1,17 +1,22 @@
-"""The servicer over a real in-process TLS channel: happy path and every bad input of the skeleton."""
+"""The servicer over a real in-process mutual-TLS channel: happy path and every bad input."""
+import datetime as dt
 import hashlib
 from pathlib import Path
 
 import grpc
 import pytest
 import torch
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.x509.oid import NameOID
 
 from offsite.client.identity import enroll
 from offsite.client.transfer import download_blob, download_bundle, upload
 from offsite.cloud.blobs import BlobStore
 from offsite.cloud.coordinator import Coordinator
-from offsite.cloud.identity import StateLayout, init_state, load_sealing_key
+from offsite.cloud.identity import CertificateAuthority, StateLayout, init_state, load_sealing_key
 from offsite.cloud.job import JobConfig
 from offsite.cloud.server import start_server
 from offsite.cloud.state import SqliteState
@@ -25,25 +30,40 @@ from offsite.transport import secure_channel
 CLIENTS = ["client-1", "client-2", "client-3"]
 
 
+class Env:
+    def __init__(self, layout, coordinator, tokens, tmp, running):
+        self.layout, self.coordinator, self.tokens, self.tmp = layout, coordinator, tokens, tmp
+        self.target, self.channels, self.finished = f"localhost:{running.port}", [], []
+        self.anon = self.stub(target=f"localhost:{running.enroll_port}")  # the enrollment port: TLS, no client cert
+
+    def stub(self, key_pem=None, cert_pem=None, target=None):
+        channel = secure_channel(target or self.target, self.layout.ca_cert, key_pem, cert_pem)
+        self.channels.append(channel)
+        return pb_grpc.CoordinatorStub(channel)
+
+    def token(self, name):
+        return Path(self.tokens[name]).read_text().strip()
+
+    def enroll(self, name):
+        me = enroll(self.anon, self.token(name), self.tmp / name)
+        return me, self.stub(me.tls_key_pem, me.certificate_pem)
+
+
 @pytest.fixture
 def env(tiny_model, tmp_path):
     layout = StateLayout(tmp_path / "state")
     tokens = init_state(layout.root, CLIENTS, ["localhost", "127.0.0.1"], 3600, SqliteState)
-    finished = []
     coordinator = Coordinator(layout, SqliteState(layout.db), BlobStore(layout.blobs), load_sealing_key(layout),
-                              on_training_done=finished.append)
+                              CertificateAuthority.load(layout))
     coordinator.create_job(JobConfig(job_id="job1", base_model=str(tiny_model), rounds=2, clients_per_round=2,
                                      emulator_layers=1))
-    server, port, _ = start_server(coordinator, layout, "127.0.0.1:0")
-    channel = secure_channel(f"localhost:{port}", layout.ca_cert)
-    stub = pb_grpc.CoordinatorStub(channel)
-    yield {"stub": stub, "coordinator": coordinator, "tokens": tokens, "tmp": tmp_path, "finished": finished}
-    channel.close()
-    server.stop(None)
-
-
-def _enroll(env, name):
-    return enroll(env["stub"], Path(env["tokens"][name]).read_text().strip(), env["tmp"] / name)
+    running = start_server(coordinator, layout, "127.0.0.1:0", "127.0.0.1:0")
+    e = Env(layout, coordinator, tokens, tmp_path, running)
+    coordinator.on_training_done = e.finished.append
+    yield e
+    for channel in e.channels:
+        channel.close()
+    running.server.stop(None)
 
 
 def _code(call):
@@ -57,59 +77,99 @@ def _sealed(me, task, tensors, signer=None, round_=None):
     return seal(to_bytes(tensors), ctx, me.coordinator_key, signer or me.signing_key)
 
 
-def _start(env, me):
-    task = env["stub"].GetTask(pb.GetTaskRequest(job_id=me.job_id), metadata=me.metadata)
-    path = download_blob(env["stub"], me.metadata, task.adapter_sha256, env["tmp"] / f"{me.client_id}.adapter")
+def _start(env, me, stub):
+    task = stub.GetTask(pb.GetTaskRequest(job_id=me.job_id))
+    path = download_blob(stub, task.adapter_sha256, env.tmp / f"{me.client_id}.adapter")
     return task, from_bytes(path.read_bytes())
 
 
+def _csr(key=None) -> bytes:
+    key = key or ec.generate_private_key(ec.SECP256R1())
+    csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x")]))
+    return csr.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
 def test_enrollment_tokens_are_single_use(env):
-    stub = env["stub"]
     key = Ed25519PrivateKey.generate().public_key().public_bytes_raw()
-    assert _code(lambda: stub.Enroll(pb.EnrollRequest(token="made-up", signing_public_key=key))) == grpc.StatusCode.UNAUTHENTICATED
-    token = Path(env["tokens"]["client-1"]).read_text().strip()
-    assert _code(lambda: stub.Enroll(pb.EnrollRequest(token=token, signing_public_key=b"short"))) == grpc.StatusCode.INVALID_ARGUMENT
-    me = _enroll(env, "client-1")
+
+    def enroll_with(token, k=key, csr=None):
+        return env.anon.Enroll(pb.EnrollRequest(token=token, signing_public_key=k, csr_pem=csr or _csr()))
+
+    assert _code(lambda: enroll_with("made-up")) == grpc.StatusCode.UNAUTHENTICATED
+    token = env.token("client-1")
+    assert _code(lambda: enroll_with(token, k=b"short")) == grpc.StatusCode.INVALID_ARGUMENT
+    assert _code(lambda: enroll_with(token, csr=b"-----BEGIN CERTIFICATE REQUEST-----\ngarbage")) == grpc.StatusCode.INVALID_ARGUMENT
+    me, _ = env.enroll("client-1")  # the bad requests above did not spend the token
     assert me.client_id.startswith("client-1") and me.job_id == "job1"
-    assert _code(lambda: stub.Enroll(pb.EnrollRequest(token=token, signing_public_key=key))) == grpc.StatusCode.UNAUTHENTICATED
-    assert oct((env["tmp"] / "client-1" / "signing.key").stat().st_mode & 0o777) == "0o600"
+    cert = x509.load_pem_x509_certificate(me.certificate_pem)
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == me.client_id
+    assert _code(lambda: enroll_with(token)) == grpc.StatusCode.UNAUTHENTICATED
+    for secret in ("signing.key", "tls.key", "identity.json"):
+        assert oct((env.tmp / "client-1" / secret).stat().st_mode & 0o777) == "0o600"
 
 
-def test_calls_without_a_session_are_unauthenticated(env):
-    stub = env["stub"]
-    assert _code(lambda: stub.GetTask(pb.GetTaskRequest())) == grpc.StatusCode.UNAUTHENTICATED
-    bad = (("authorization", "Bearer nope"),)
-    assert _code(lambda: list(stub.Download(pb.DownloadRequest(sha256="0" * 64), metadata=bad))) == grpc.StatusCode.UNAUTHENTICATED
+def test_calls_without_a_client_certificate_are_refused(env):
+    # on the enrollment port the TLS handshake works, but nothing but Enroll is allowed without a certificate
+    assert _code(lambda: env.anon.GetTask(pb.GetTaskRequest())) == grpc.StatusCode.UNAUTHENTICATED
+    assert _code(lambda: list(env.anon.Download(pb.DownloadRequest(sha256="0" * 64)))) == grpc.StatusCode.UNAUTHENTICATED
+    # on the main port a plain-TLS client (no certificate) does not get through the handshake
+    plain = env.stub()
+    assert _code(lambda: plain.GetTask(pb.GetTaskRequest(), timeout=10)) == grpc.StatusCode.UNAVAILABLE
+
+
+def test_certificate_from_another_ca_is_refused_at_the_handshake(env):
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "client-1-deadbeef")])
+    now = dt.datetime.now(dt.timezone.utc)
+    forged = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+              .serial_number(1).not_valid_before(now).not_valid_after(now + dt.timedelta(days=1)).sign(key, hashes.SHA256()))
+    stub = env.stub(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+                    forged.public_bytes(serialization.Encoding.PEM))
+    assert _code(lambda: stub.GetTask(pb.GetTaskRequest(), timeout=10)) in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED)
+
+
+def test_revoked_client_is_locked_out_at_once(env):
+    me, stub = env.enroll("client-1")
+    assert stub.GetTask(pb.GetTaskRequest(job_id="job1")).kind == pb.Task.TRAIN
+    env.coordinator.state.revoke_client(me.client_id)
+    assert _code(lambda: stub.GetTask(pb.GetTaskRequest(job_id="job1"))) == grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_download_is_verified_and_limited_to_the_job(env):
-    me = _enroll(env, "client-1")
-    task, adapter = _start(env, me)
+    me, stub = env.enroll("client-1")
+    task, adapter = _start(env, me, stub)
     assert task.kind == pb.Task.TRAIN and task.round == 0 and task.total_rounds == 2
-    folder = download_bundle(env["stub"], me.metadata, task.bundle_manifest_sha256, env["tmp"] / "bundle")
-    model, _, plan = load_bundle(folder)
-    assert plan.kept_middle == (3,) and set(adapter) == {k for k in adapter}
-    stub = env["stub"]
-    assert _code(lambda: list(stub.Download(pb.DownloadRequest(sha256="ab" * 32), metadata=me.metadata))) == grpc.StatusCode.NOT_FOUND
+    folder = download_bundle(stub, task.bundle_manifest_sha256, env.tmp / "bundle")
+    _, _, plan = load_bundle(folder)
+    assert plan.kept_middle == (3,) and adapter
+    assert _code(lambda: list(stub.Download(pb.DownloadRequest(sha256="ab" * 32)))) == grpc.StatusCode.NOT_FOUND
     too_far = pb.DownloadRequest(sha256=task.adapter_sha256, offset=10**9)
-    assert _code(lambda: list(stub.Download(too_far, metadata=me.metadata))) == grpc.StatusCode.OUT_OF_RANGE
+    assert _code(lambda: list(stub.Download(too_far))) == grpc.StatusCode.OUT_OF_RANGE
 
 
 def test_round_closes_with_weighted_average_and_replay_is_refused(env):
-    a, b = _enroll(env, "client-1"), _enroll(env, "client-2")
-    task, start = _start(env, a)
+    (a, sa), (b, sb) = env.enroll("client-1"), env.enroll("client-2")
+    task, start = _start(env, a, sa)
     first = _sealed(a, task, {k: v + 1.0 for k, v in start.items()})
-    receipt = upload(env["stub"], a.metadata, task.job_id, task.round, 10, first)
+    receipt = upload(sa, task.job_id, task.round, 10, first)
     assert (receipt.round, receipt.updates_in_round) == (0, 1)
-    assert env["stub"].GetTask(pb.GetTaskRequest(job_id="job1"), metadata=a.metadata).kind == pb.Task.WAIT
-    assert _code(lambda: upload(env["stub"], a.metadata, task.job_id, task.round, 10, first)) == grpc.StatusCode.ALREADY_EXISTS
-    upload(env["stub"], b.metadata, task.job_id, task.round, 20, _sealed(b, task, {k: v + 4.0 for k, v in start.items()}))
-    nxt = env["stub"].GetTask(pb.GetTaskRequest(job_id="job1"), metadata=a.metadata)
+    assert sa.GetTask(pb.GetTaskRequest(job_id="job1")).kind == pb.Task.WAIT
+    assert _code(lambda: upload(sa, task.job_id, task.round, 10, first)) == grpc.StatusCode.ALREADY_EXISTS
+    upload(sb, task.job_id, task.round, 20, _sealed(b, task, {k: v + 4.0 for k, v in start.items()}))
+    nxt = sa.GetTask(pb.GetTaskRequest(job_id="job1"))
     assert nxt.kind == pb.Task.TRAIN and nxt.round == 1
-    _, merged = _start(env, a)
+    _, merged = _start(env, a, sa)
     name = next(iter(start))
     assert torch.allclose(merged[name], start[name] + 3.0, atol=1e-5)  # (10*1 + 20*4) / 30
-    assert len(env["coordinator"].state.updates("job1")) == 2
+    assert len(env.coordinator.state.updates("job1")) == 2
+
+
+def test_another_clients_update_cannot_be_passed_off(env):
+    (a, sa), (_, sb) = env.enroll("client-1"), env.enroll("client-2")
+    task, start = _start(env, a, sa)
+    stolen = _sealed(a, task, start)  # sealed and signed by client-1, sent over client-2's connection
+    assert _code(lambda: upload(sb, task.job_id, task.round, 10, stolen)) == grpc.StatusCode.INVALID_ARGUMENT
+    assert env.coordinator.state.updates("job1") == []
 
 
 def _mutations(start):
@@ -126,8 +186,8 @@ def _mutations(start):
 @pytest.mark.parametrize("kind", ["wrong shape", "nan", "extra tensor", "missing tensor", "wrong dtype",
                                   "tampered", "wrong signature", "sealed for another round"])
 def test_bad_updates_are_rejected_and_nothing_is_stored(env, kind):
-    me = _enroll(env, "client-1")
-    task, start = _start(env, me)
+    me, stub = env.enroll("client-1")
+    task, start = _start(env, me, stub)
     if kind in ("tampered", "wrong signature", "sealed for another round"):
         signer = Ed25519PrivateKey.generate() if kind == "wrong signature" else None
         envelope = _sealed(me, task, start, signer=signer, round_=1 if kind == "sealed for another round" else None)
@@ -135,41 +195,41 @@ def test_bad_updates_are_rejected_and_nothing_is_stored(env, kind):
             envelope = envelope[:100] + bytes([envelope[100] ^ 1]) + envelope[101:]
     else:
         envelope = _sealed(me, task, _mutations(start)[kind])
-    assert _code(lambda: upload(env["stub"], me.metadata, task.job_id, task.round, 10, envelope)) == grpc.StatusCode.INVALID_ARGUMENT
-    state = env["coordinator"].state
+    assert _code(lambda: upload(stub, task.job_id, task.round, 10, envelope)) == grpc.StatusCode.INVALID_ARGUMENT
+    state = env.coordinator.state
     assert state.updates("job1") == [] and len(state.rejections("job1")) == 1
 
 
 @pytest.mark.parametrize("job_id, round_", [("job1", 1), ("job1", 7), ("other-job", 0)])
 def test_wrong_job_or_round_is_a_failed_precondition(env, job_id, round_):
-    me = _enroll(env, "client-1")
-    task, start = _start(env, me)
+    me, stub = env.enroll("client-1")
+    task, start = _start(env, me, stub)
     envelope = seal(to_bytes(start), SealContext(job_id, round_, me.client_id, task.skeleton_digest), me.coordinator_key, me.signing_key)
-    assert _code(lambda: upload(env["stub"], me.metadata, job_id, round_, 10, envelope)) == grpc.StatusCode.FAILED_PRECONDITION
-    assert env["coordinator"].state.updates("job1") == []
+    assert _code(lambda: upload(stub, job_id, round_, 10, envelope)) == grpc.StatusCode.FAILED_PRECONDITION
+    assert env.coordinator.state.updates("job1") == []
 
 
 def test_upload_that_lies_about_its_size_or_hash(env):
-    me = _enroll(env, "client-1")
-    task, start = _start(env, me)
+    me, stub = env.enroll("client-1")
+    task, start = _start(env, me, stub)
     envelope = _sealed(me, task, start)
 
     def send(size, digest):
         header = pb.UploadHeader(job_id="job1", round=0, num_examples=5, size=size, sha256=digest)
-        return env["stub"].Upload(iter([pb.UploadChunk(header=header), pb.UploadChunk(data=envelope)]), metadata=me.metadata)
+        return stub.Upload(iter([pb.UploadChunk(header=header), pb.UploadChunk(data=envelope)]))
 
     assert _code(lambda: send(len(envelope) - 1, hashlib.sha256(envelope).hexdigest())) == grpc.StatusCode.INVALID_ARGUMENT
     assert _code(lambda: send(len(envelope), "0" * 64)) == grpc.StatusCode.INVALID_ARGUMENT
-    assert _code(lambda: env["stub"].Upload(iter([pb.UploadChunk(data=b"x")]), metadata=me.metadata)) == grpc.StatusCode.INVALID_ARGUMENT
-    assert env["coordinator"].state.updates("job1") == []
+    assert _code(lambda: stub.Upload(iter([pb.UploadChunk(data=b"x")]))) == grpc.StatusCode.INVALID_ARGUMENT
+    assert env.coordinator.state.updates("job1") == []
 
 
 def test_job_finishes_after_the_last_round(env):
-    a, b = _enroll(env, "client-1"), _enroll(env, "client-2")
+    clients = [env.enroll("client-1"), env.enroll("client-2")]
     for round_ in range(2):
-        for me in (a, b):
-            task, start = _start(env, me)
+        for me, stub in clients:
+            task, start = _start(env, me, stub)
             assert task.round == round_
-            upload(env["stub"], me.metadata, task.job_id, task.round, 5, _sealed(me, task, start))
-    assert env["finished"] == ["job1"]
-    assert env["stub"].GetTask(pb.GetTaskRequest(job_id="job1"), metadata=a.metadata).kind == pb.Task.DONE
+            upload(stub, task.job_id, task.round, 5, _sealed(me, task, start))
+    assert env.finished == ["job1"]
+    assert clients[0][1].GetTask(pb.GetTaskRequest(job_id="job1")).kind == pb.Task.DONE

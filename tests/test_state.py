@@ -27,13 +27,17 @@ def test_tokens_are_single_use_and_expire(state):
     assert state.consume_token("nope", now) is None
 
 
-def test_clients_by_session(state):
-    state.add_client("c1", "client-1", b"k" * 32, "sess")
-    assert state.client_by_session("sess").name == "client-1"
-    assert state.client_by_session("other") is None
-    assert state.client("c1").signing_key == b"k" * 32
+def test_clients_and_revocation(state):
+    state.add_client("c1", "client-1", b"k" * 32)
+    assert state.client("c1").signing_key == b"k" * 32 and state.client("c1").revoked_at is None
+    state.revoke_client("c1")
+    first = state.client("c1").revoked_at
+    state.revoke_client("c1")
+    assert first is not None and state.client("c1").revoked_at == first  # revoking twice keeps the first time
     with pytest.raises(NotFoundError):
         state.client("c2")
+    with pytest.raises(NotFoundError):
+        state.revoke_client("c2")
 
 
 def test_jobs_and_updates_counted_once(state):

@@ -7,24 +7,26 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class EnrollRequest(_message.Message):
-    __slots__ = ("token", "signing_public_key")
+    __slots__ = ("token", "signing_public_key", "csr_pem")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     SIGNING_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    CSR_PEM_FIELD_NUMBER: _ClassVar[int]
     token: str
     signing_public_key: bytes
-    def __init__(self, token: _Optional[str] = ..., signing_public_key: _Optional[bytes] = ...) -> None: ...
+    csr_pem: bytes
+    def __init__(self, token: _Optional[str] = ..., signing_public_key: _Optional[bytes] = ..., csr_pem: _Optional[bytes] = ...) -> None: ...
 
 class EnrollResponse(_message.Message):
-    __slots__ = ("client_id", "session_token", "coordinator_public_key", "job_id")
+    __slots__ = ("client_id", "certificate_pem", "coordinator_public_key", "job_id")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
-    SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
     COORDINATOR_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     client_id: str
-    session_token: str
+    certificate_pem: bytes
     coordinator_public_key: bytes
     job_id: str
-    def __init__(self, client_id: _Optional[str] = ..., session_token: _Optional[str] = ..., coordinator_public_key: _Optional[bytes] = ..., job_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, client_id: _Optional[str] = ..., certificate_pem: _Optional[bytes] = ..., coordinator_public_key: _Optional[bytes] = ..., job_id: _Optional[str] = ...) -> None: ...
 
 class GetTaskRequest(_message.Message):
     __slots__ = ("job_id",)

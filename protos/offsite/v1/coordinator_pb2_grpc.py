@@ -60,10 +60,11 @@ class CoordinatorServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Enroll(self, request, context):
-        """Trade a single-use enrollment token for a client identity. The client sends the public half of
-        an Ed25519 key it made locally; it signs every update with the private half.
+        """Trade a single-use enrollment token for a client identity. The client makes two keys locally and
+        sends only public halves: an Ed25519 key it signs updates with, and a certificate signing request
+        for its TLS key, which the coordinator's CA signs.
         UNAUTHENTICATED   token unknown, already used, or expired
-        INVALID_ARGUMENT  the public key is not a 32-byte Ed25519 key
+        INVALID_ARGUMENT  the public key is not a 32-byte Ed25519 key, or the CSR is malformed or unsigned
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -71,7 +72,7 @@ class CoordinatorServicer:
 
     def GetTask(self, request, context):
         """What the client should do now: wait, train a round, or stop.
-        UNAUTHENTICATED   no valid session
+        UNAUTHENTICATED   no valid client certificate, or the client is unknown or revoked
         NOT_FOUND         no such job
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -81,7 +82,7 @@ class CoordinatorServicer:
     def Download(self, request, context):
         """Stream a content-addressed blob (bundle file, manifest, adapter) from `offset`, in 1 MiB chunks.
         The client verifies the SHA-256 of what it receives against the digest it asked for.
-        UNAUTHENTICATED   no valid session
+        UNAUTHENTICATED   no valid client certificate, or the client is unknown or revoked
         NOT_FOUND         no blob with that digest is offered to this client
         OUT_OF_RANGE      offset beyond the end of the blob
         """
@@ -91,7 +92,7 @@ class CoordinatorServicer:
 
     def Upload(self, request_iterator, context):
         """Upload one sealed update: the first message is the header, the rest are data chunks.
-        UNAUTHENTICATED      no valid session
+        UNAUTHENTICATED      no valid client certificate, or the client is unknown or revoked
         INVALID_ARGUMENT     header missing, size or SHA-256 mismatch, seal or signature does not verify,
         tensors differ from the skeleton (names, shapes, dtypes) or are not finite
         FAILED_PRECONDITION  wrong job or round, or the round is closed
