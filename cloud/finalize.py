@@ -9,7 +9,7 @@ from offsite.cloud.blobs import BlobStore
 from offsite.cloud.job import JobConfig
 from offsite.cloud.state import State
 from offsite.emulator.adapter import load_adapter
-from offsite.emulator.bundle import load_bundle
+from offsite.emulator.bundle import load_bundle, read_manifest
 from offsite.emulator.plan import SplitPlan
 from offsite.emulator.build import load_base
 from offsite.emulator.plugin import export
@@ -59,11 +59,14 @@ def finalize(cfg: JobConfig, artifacts: dict, state: State, blobs: BlobStore, jo
                         "train_examples": mine[-1].num_examples, "rounds_participated": len(mine),
                         "upload_bytes": sum(u.upload_bytes for u in mine)})
     params = artifacts["params"]
+    made = read_manifest(artifacts["bundle_dir"])["provenance"]
     report = {
         "job_id": cfg.job_id,
         "model": {"architecture": full.config.model_type, "num_blocks": plan.num_blocks, "params": params["full"]},
         "split": {"bottom": plan.bottom, "top": plan.top, "emulator_blocks": list(plan.kept_middle),
                   "adapter_params": params["adapter"], "emulator_params": params["emulator"]},
+        "emulator": {"strategy": made["strategy"], "attn_rank": made.get("attn_rank"), "quantized": made["quantized"],
+                     "distill_steps": (made.get("distillation") or {}).get("steps", 0)},
         "rounds": cfg.rounds,
         "clients": clients,
         "rejected_updates": [{"round": r, "client_id": c, "reason": why} for r, c, why in state.rejections(cfg.job_id)],

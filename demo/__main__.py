@@ -15,10 +15,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m offsite.demo", description=__doc__)
     parser.add_argument("--out", default="runs/demo", help="run folder (the base model is cached in it)")
     parser.add_argument("--rounds", type=int, default=DemoSettings.rounds)
+    parser.add_argument("--distill-steps", type=int, default=DemoSettings.distill_steps,
+                        help="emulator distillation steps on the general corpus (0: plain uniform drop)")
     args = parser.parse_args()
     hf_logging.disable_progress_bar()
     started = time.perf_counter()
-    ok = run_demo(Path(args.out), DemoSettings(rounds=args.rounds))
+    ok = run_demo(Path(args.out), DemoSettings(rounds=args.rounds, distill_steps=args.distill_steps))
     print(f"demo finished in {time.perf_counter() - started:.0f} s: {'all checks passed' if ok else 'CHECKS FAILED'}")
     return 0 if ok else 1
 

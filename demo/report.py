@@ -13,11 +13,22 @@ def format_table(report: dict) -> str:
         f"gap_closure {report['gap_closure']:.3f}  (plug-in closes this share of the zero-shot -> central gap)",
         f"protection on general text: full {p['full']:.3f}, emulator alone {p['emulator']:.3f}",
         f"model {m['architecture']} {m['num_blocks']} blocks, {m['params']:,} params; adapter {sp['adapter_params']:,}, "
-        f"emulator {sp['emulator_params']:,} (middle blocks kept: {sp['emulator_blocks']})",
+        f"emulator {sp['emulator_params']:,} (middle blocks kept: {sp['emulator_blocks']}; {_made(report['emulator'])})",
         "clients: " + ", ".join(f"{c['id']} {c['train_examples']} ex, {c['rounds_participated']} rounds, "
                                 f"{c['upload_bytes']:,} B up" for c in report["clients"]),
     ]
     return "\n".join(lines)
+
+
+def _made(e: dict) -> str:
+    parts = [f"{e['strategy']} drop"]
+    if e["distill_steps"]:
+        parts.append(f"distilled {e['distill_steps']} steps")
+    if e["attn_rank"]:
+        parts.append(f"attention rank {e['attn_rank']}")
+    if e["quantized"]:
+        parts.append(e["quantized"])
+    return ", ".join(parts)
 
 
 def checks(report: dict) -> list[str]:

@@ -34,6 +34,7 @@ class DemoSettings:
     batch_size: int = 16
     max_length: int = 256
     central_lr: float = 1e-3
+    distill_steps: int = 200   # emulator distillation on the general corpus (0: none); see bench/emulator_strategies.py
     seed: int = 0
     base: BaseConfig = field(default_factory=BaseConfig)
 
@@ -44,7 +45,9 @@ def _offsite(*args: str) -> list[str]:
 
 def _job_toml(s: DemoSettings, base_dir: Path, data: Path, export_dir: Path) -> str:
     sets = ", ".join(f'"client-{i + 1}" = "{data / f"client-{i + 1}" / "heldout.jsonl"}"' for i in range(s.clients))
-    return f"""# The demo's job: adapter = bottom 2 + top 2 blocks, emulator keeps 2 of the 4 middle blocks.
+    return f"""# The demo's job: adapter = bottom 2 + top 2 blocks, emulator keeps 2 of the 4 middle blocks,
+# distilled on the general corpus (it raised gap_closure 0.7557 -> 0.7588 in bench/emulator_strategies.py,
+# and narrowed the emulator's protection margin 0.110 -> 0.009 nats).
 [job]
 id = "demo"
 base_model = "{base_dir}"
@@ -55,6 +58,9 @@ clients_per_round = {s.clients}
 bottom = 2
 top = 2
 emulator_layers = 2
+distill_data = "{data / 'general_train.jsonl'}"   # the model owner's general text
+distill_steps = {s.distill_steps}
+distill_lr = 1e-4
 
 [training]
 epochs = {s.epochs}
@@ -86,7 +92,8 @@ def run_demo(out: Path, s: DemoSettings) -> bool:
         shutil.rmtree(out / sub, ignore_errors=True)
     data = out / "data"
     folders = domain.write_clients(data, s.clients, s.n_train, s.n_heldout, s.main_share, s.seed)
-    _, general_held = general_corpus()
+    general_train, general_held = general_corpus()
+    domain.write_jsonl(data / "general_train.jsonl", general_train)
     domain.write_jsonl(data / "general_heldout.jsonl", general_held)
     atomic_write(out / "job.toml", _job_toml(s, base_dir, data, out / "export").encode())
     state, logs = out / "cloud", out / "logs"

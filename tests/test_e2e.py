@@ -46,6 +46,7 @@ def test_one_round_over_tls_with_real_processes(tiny_model, client_data, tmp_pat
     assert all(c["upload_bytes"] > 0 and c["train_examples"] == 40 for c in report["clients"])
     assert report["transport"] == {"tls": True, "sealed_updates": True}
     assert set(report["eval"]) == {"all", "client-1", "client-2"}
+    assert report["emulator"] == {"strategy": "uniform", "attn_rank": None, "quantized": None, "distill_steps": 0}
     # the exported model is the base with the aggregated adapter, loadable with plain transformers
     exported = AutoModelForCausalLM.from_pretrained(report["export_dir"])
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model))
