@@ -73,6 +73,8 @@ class Coordinator:
     # --- jobs -----------------------------------------------------------------------------------
     def create_job(self, cfg: JobConfig) -> JobRecord:
         """Build the emulator bundle and skeleton, store them as blobs, and open round 0."""
+        if any(j.job_id == cfg.job_id for j in self.state.jobs()):
+            raise AlreadyExistsError(f"job {cfg.job_id} already exists; its bundle is left as it is")
         job_dir = self.layout.jobs / cfg.job_id
         result = build(cfg.base_model, cfg.emulator_config(), job_dir / "bundle")
         bundle_files = {p.name: self.blobs.put_file(p) for p in sorted(result.bundle_dir.iterdir()) if p.is_file()}

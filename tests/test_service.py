@@ -233,3 +233,12 @@ def test_job_finishes_after_the_last_round(env):
             upload(stub, task.job_id, task.round, 5, _sealed(me, task, start))
     assert env.finished == ["job1"]
     assert clients[0][1].GetTask(pb.GetTaskRequest(job_id="job1")).kind == pb.Task.DONE
+
+
+def test_creating_an_existing_job_again_is_refused_before_any_build(env, tiny_model):
+    from offsite.errors import AlreadyExistsError
+    manifest = env.layout.jobs / "job1" / "bundle" / "offsite-manifest.json"
+    before = manifest.stat().st_mtime_ns
+    with pytest.raises(AlreadyExistsError):
+        env.coordinator.create_job(JobConfig(job_id="job1", base_model=str(tiny_model), emulator_layers=1))
+    assert manifest.stat().st_mtime_ns == before
