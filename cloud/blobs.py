@@ -5,7 +5,7 @@ import re
 from pathlib import Path
 
 from offsite.errors import NotFoundError
-from offsite.files import atomic_write, sha256_bytes, sha256_file
+from offsite.files import atomic_write, sha256_bytes
 
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
@@ -38,6 +38,3 @@ class BlobStore:
         if not path.is_file():
             raise NotFoundError(f"no blob {digest}")
         return path
-
-    def verify(self, digest: str) -> bool:
-        return sha256_file(self.open_path(digest)) == digest

@@ -16,8 +16,7 @@ from offsite.emulator.distill import DistillConfig, distill
 from offsite.emulator.plan import SplitPlan
 from offsite.emulator.quantize import quantize_emulator
 from offsite.emulator.strategy import low_rank_attention, middle_similarity, similarity_plan
-from offsite.files import atomic_write, sha256_file
-from offsite.tensors import to_bytes
+from offsite.files import sha256_file
 from offsite.textdata import read_texts
 
 
@@ -100,7 +99,3 @@ def build(base: str, cfg: EmulatorConfig, out_dir: str | Path, show_progress: bo
         emulator_params=emulator_params,
         adapter_params=sum(t.numel() for t in skeleton.values()),
     )
-
-
-def save_skeleton(skeleton: dict[str, torch.Tensor], path: str | Path) -> None:
-    atomic_write(path, to_bytes(skeleton))
