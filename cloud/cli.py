@@ -53,7 +53,7 @@ def cmd_jobs_create(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    stop = threading.Event()
+    stop = threading.Event()  # set by SIGTERM/SIGINT, or when the last job is done with --exit-when-done
     coordinator = open_coordinator(args.state)
 
     def finish(job_id: str) -> None:
@@ -74,7 +74,8 @@ def cmd_serve(args) -> int:
     for job in coordinator.state.jobs():
         if job.status == "finalizing":  # a crash interrupted finalization: do it again
             finish(job.job_id)
-    stop.wait()
+    while not stop.wait(1.0):
+        coordinator.tick()  # round deadlines
     log.info("coordinator stopping; letting in-flight calls finish for up to %.0f s", args.grace)
     running.health.enter_graceful_shutdown()
     running.server.stop(grace=args.grace).wait()

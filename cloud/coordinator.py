@@ -64,11 +64,12 @@ class UploadHeader:
 
 class Coordinator:
     def __init__(self, layout: StateLayout, state: State, blobs: BlobStore, sealing_key: X25519PrivateKey,
-                 ca: CertificateAuthority, on_training_done: Callable[[str], None] | None = None):
+                 ca: CertificateAuthority, on_training_done: Callable[[str], None] | None = None,
+                 clock: Callable[[], float] = time.time):
         self.layout, self.state, self.blobs = layout, state, blobs
-        self._sealing_key, self._ca = sealing_key, ca
+        self._sealing_key, self._ca, self._now = sealing_key, ca, clock
         self.on_training_done = on_training_done  # called with the job id when its last round closes
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
     # --- jobs -----------------------------------------------------------------------------------
     def create_job(self, cfg: JobConfig) -> JobRecord:
@@ -134,7 +135,26 @@ class Coordinator:
         return client
 
     # --- rounds ---------------------------------------------------------------------------------
+    def tick(self) -> None:
+        """Close every round whose deadline has passed with enough updates (the server calls this each second)."""
+        for job in self.state.jobs():
+            if job.status == "running":
+                self._close_if_due(job.job_id)
+
+    def _close_if_due(self, job_id: str) -> None:
+        with self._lock:
+            rec, cfg, _ = self.job(job_id)
+            if rec.status != "running":
+                return
+            updates = self.state.updates(job_id, rec.round)
+            if len(updates) >= cfg.clients_per_round:
+                self._close_round(job_id, "all expected updates are in")
+            elif (cfg.round_timeout_s and updates and len(updates) >= (cfg.min_clients or cfg.clients_per_round)
+                  and self._now() >= min(u.accepted_at for u in updates) + cfg.round_timeout_s):
+                self._close_round(job_id, f"deadline of {cfg.round_timeout_s:g} s passed with {len(updates)} updates")
+
     def task(self, client: ClientRecord, job_id: str) -> Task:
+        self._close_if_due(job_id)
         rec, cfg, art = self.job(job_id)
         if rec.status != "running" or rec.round >= cfg.rounds:
             return Task("done", job_id, rec.round, cfg.rounds)
@@ -153,6 +173,7 @@ class Coordinator:
     def check_upload_header(self, client: ClientRecord, header: UploadHeader) -> None:
         """Cheap checks before any bytes are read: right job and round, not yet accepted, size."""
         try:
+            self._close_if_due(header.job_id)
             rec, cfg, _ = self.job(header.job_id)
         except NotFoundError:
             raise PreconditionError(f"no job {header.job_id!r} is accepting updates") from None
@@ -183,14 +204,13 @@ class Coordinator:
             self.check_upload_header(client, header)  # the round may have moved while we decrypted
             digest = self.blobs.put(plaintext)
             count = self.state.add_update(UpdateRecord(header.job_id, header.round, client.client_id,
-                                                       header.num_examples, digest, len(envelope)))
+                                                       header.num_examples, digest, len(envelope), self._now()))
             log.info("job %s: round %d update from %s accepted (%d examples, %d bytes sealed)", header.job_id,
                      header.round + 1, client.client_id, header.num_examples, len(envelope))
-            if count >= cfg.clients_per_round:
-                self._close_round(header.job_id)
+            self._close_if_due(header.job_id)
         return header.round, count
 
-    def _close_round(self, job_id: str) -> None:
+    def _close_round(self, job_id: str, why: str) -> None:
         rec, cfg, art = self.job(job_id)
         agg = FedAvg()
         for u in self.state.updates(job_id, rec.round):
@@ -198,7 +218,7 @@ class Coordinator:
         skeleton = from_bytes(self.blobs.get(art["adapters"][0]))
         art["adapters"].append(self.blobs.put(to_bytes(agg.result(skeleton))))
         done = rec.round + 1 >= cfg.rounds
-        log.info("job %s: round %d/%d closed, %d updates averaged", job_id, rec.round + 1, cfg.rounds,
+        log.info("job %s: round %d/%d closed (%s), %d updates averaged", job_id, rec.round + 1, cfg.rounds, why,
                  len(self.state.updates(job_id, rec.round)))
         self.state.update_job(job_id, round=rec.round + 1, artifacts_json=json.dumps(art),
                               status="finalizing" if done else "running")

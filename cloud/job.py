@@ -15,7 +15,9 @@ class JobConfig:
     job_id: str
     base_model: str
     rounds: int = 2
-    clients_per_round: int = 1
+    clients_per_round: int = 1            # updates that close a round at once
+    min_clients: int | None = None        # fewest updates a round may close with at its deadline (default: all)
+    round_timeout_s: float = 0.0          # deadline after a round's first update; 0: wait for clients_per_round
     bottom: int = 2
     top: int = 2
     emulator_layers: int = 2
@@ -42,6 +44,10 @@ class JobConfig:
         for name in ("rounds", "clients_per_round", "batch_size", "max_length"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"job {name} must be at least 1, got {getattr(self, name)}")
+        if self.min_clients is not None and not 1 <= self.min_clients <= self.clients_per_round:
+            raise ConfigError(f"min_clients must be in 1..clients_per_round ({self.clients_per_round}), got {self.min_clients}")
+        if self.round_timeout_s < 0:
+            raise ConfigError(f"round_timeout_s must be >= 0, got {self.round_timeout_s}")
         if self.epochs <= 0 or self.lr <= 0:
             raise ConfigError(f"job epochs and lr must be positive, got {self.epochs} and {self.lr}")
         self.emulator_config()  # validates the split and distillation settings

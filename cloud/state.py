@@ -42,6 +42,7 @@ class UpdateRecord:
     num_examples: int
     blob_sha256: str
     upload_bytes: int
+    accepted_at: float = 0.0
 
 
 class State(Protocol):
@@ -156,13 +157,13 @@ class SqliteState:
             try:
                 self._db.execute("INSERT INTO updates VALUES (?, ?, ?, ?, ?, ?, ?)",
                                  (update.job_id, update.round, update.client_id, update.num_examples,
-                                  update.blob_sha256, update.upload_bytes, time.time()))
+                                  update.blob_sha256, update.upload_bytes, update.accepted_at))
             except sqlite3.IntegrityError:
                 raise AlreadyExistsError(f"client {update.client_id} already has an accepted update for round {update.round}") from None
             return self._db.execute("SELECT COUNT(*) FROM updates WHERE job_id = ? AND round = ?", (update.job_id, update.round)).fetchone()[0]
 
     def updates(self, job_id: str, round: int | None = None) -> list[UpdateRecord]:
-        sql = "SELECT job_id, round, client_id, num_examples, blob_sha256, upload_bytes FROM updates WHERE job_id = ?"
+        sql = "SELECT job_id, round, client_id, num_examples, blob_sha256, upload_bytes, accepted_at FROM updates WHERE job_id = ?"
         args: tuple = (job_id,)
         if round is not None:
             sql, args = sql + " AND round = ?", (job_id, round)

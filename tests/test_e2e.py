@@ -1,4 +1,4 @@
-"""End to end: the coordinator and two clients as real processes over loopback TLS, one round."""
+"""End to end: the coordinator and clients as real processes over loopback mutual TLS."""
 import json
 import subprocess
 import sys
@@ -8,16 +8,16 @@ import torch
 from transformers import AutoModelForCausalLM
 
 
-
 def offsite(*args):
     return [sys.executable, "-m", "offsite.cli", *args]
 
 
-def test_one_round_over_tls_with_real_processes(tiny_model, client_data, tmp_path):
+def run_job(tmp_path, tiny_model, client_data, names, job_extra=""):
+    """Init a coordinator for `names`, run one job with the clients of `client_data`; return (state, report)."""
     state = tmp_path / "state"
-    subprocess.run(offsite("cloud", "init", "--state", str(state), "--clients", "client-1,client-2"), check=True)
+    subprocess.run(offsite("cloud", "init", "--state", str(state), "--clients", ",".join(names)), check=True)
     sets = ", ".join(f'"{f.name}" = "{f / "heldout.jsonl"}"' for f in client_data)
-    (tmp_path / "job.toml").write_text(f'[job]\nid = "e2e"\nbase_model = "{tiny_model}"\nrounds = 1\nclients_per_round = 2\n'
+    (tmp_path / "job.toml").write_text(f'[job]\nid = "e2e"\nbase_model = "{tiny_model}"\n{job_extra}'
                                        f'[split]\nemulator_layers = 1\n[training]\nbatch_size = 8\n'
                                        f'[eval]\nsets = {{ {sets} }}\n')
     subprocess.run(offsite("cloud", "jobs", "create", "--state", str(state), "--config", str(tmp_path / "job.toml")), check=True)
@@ -41,7 +41,11 @@ def test_one_round_over_tls_with_real_processes(tiny_model, client_data, tmp_pat
         assert server.wait(timeout=120) == 0
     finally:
         server.kill()
-    report = json.loads((state / "jobs" / "e2e" / "report.json").read_text())
+    return state, json.loads((state / "jobs" / "e2e" / "report.json").read_text())
+
+
+def test_one_round_over_mutual_tls_with_real_processes(tiny_model, client_data, tmp_path):
+    state, report = run_job(tmp_path, tiny_model, client_data, ["client-1", "client-2"], "rounds = 1\nclients_per_round = 2\n")
     assert [c["rounds_participated"] for c in report["clients"]] == [1, 1]
     assert all(c["upload_bytes"] > 0 and c["train_examples"] == 40 for c in report["clients"])
     assert report["transport"] == {"tls": True, "sealed_updates": True}
@@ -57,3 +61,11 @@ def test_one_round_over_tls_with_real_processes(tiny_model, client_data, tmp_pat
     assert not torch.equal(exported.state_dict()[name], base.state_dict()[name])  # the adapter was trained
     middle = "model.layers.3.mlp.up_proj.weight"
     assert torch.equal(exported.state_dict()[middle], base.state_dict()[middle])  # the middle never changes
+
+
+def test_a_client_that_never_comes_does_not_block_the_job(tiny_model, client_data, tmp_path):
+    """Three clients are expected, two come: each round closes at its deadline with min_clients."""
+    _, report = run_job(tmp_path, tiny_model, client_data, ["client-1", "client-2", "client-3"],
+                        "rounds = 2\nclients_per_round = 3\nmin_clients = 2\nround_timeout_s = 2\n")
+    assert [c["id"] for c in report["clients"]] == ["client-1", "client-2"]
+    assert [c["rounds_participated"] for c in report["clients"]] == [2, 2]

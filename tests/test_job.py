@@ -37,3 +37,4 @@ def test_the_documented_example_job_parses():
     from pathlib import Path
     cfg = JobConfig.from_toml(Path(__file__).resolve().parents[1] / "docs" / "job.example.toml")
     assert (cfg.job_id, cfg.rounds, cfg.emulator_layers, cfg.strategy) == ("support-bot", 5, 8, "uniform")
+    assert (cfg.min_clients, cfg.round_timeout_s) == (2, 1800)

@@ -1,0 +1,118 @@
+"""Rounds never hang: a deadline after the first update closes a round with min_clients updates; late
+updates are refused. Driven through the Coordinator with an injected clock (no network)."""
+import hashlib
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from offsite.cloud.blobs import BlobStore
+from offsite.cloud.coordinator import Coordinator, UploadHeader
+from offsite.cloud.identity import CertificateAuthority, StateLayout, init_state, load_sealing_key
+from offsite.cloud.job import JobConfig
+from offsite.cloud.state import SqliteState
+from offsite.errors import ConfigError, PreconditionError
+from offsite.sealing import SealContext, raw_public, seal
+from offsite.tensors import from_bytes
+
+NAMES = ["c1", "c2", "c3"]
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+@pytest.fixture
+def world(tiny_model, tmp_path):
+    layout = StateLayout(tmp_path / "state")
+    tokens = init_state(layout.root, NAMES, ["localhost"], 3600, SqliteState)
+    clock, done = Clock(), []
+    c = Coordinator(layout, SqliteState(layout.db), BlobStore(layout.blobs), load_sealing_key(layout),
+                    CertificateAuthority.load(layout), on_training_done=done.append, clock=clock)
+    c.create_job(JobConfig(job_id="j", base_model=str(tiny_model), rounds=2, clients_per_round=3, min_clients=2,
+                           round_timeout_s=60, emulator_layers=1))
+    clients = []
+    for name in NAMES:
+        signer = Ed25519PrivateKey.generate()
+        csr = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+               .sign(ec.generate_private_key(ec.SECP256R1()), hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+        e = c.enroll(Path(tokens[name]).read_text().strip(), raw_public(signer.public_key()), csr)
+        clients.append((c.authenticate(e.client_id), signer))
+    return c, clock, clients, done
+
+
+def _upload(c, client, signer, round_):
+    _, _, art = c.job("j")
+    adapter = c.blobs.get(art["adapters"][0])
+    envelope = seal(adapter, SealContext("j", round_, client.client_id, art["skeleton_digest"]),
+                    load_sealing_key(c.layout).public_key(), signer)
+    header = UploadHeader("j", round_, 10, len(envelope), hashlib.sha256(envelope).hexdigest())
+    return c.submit_update(client, header, envelope)
+
+
+def test_round_closes_at_its_deadline_with_min_clients_and_late_update_is_refused(world):
+    c, clock, clients, _ = world
+    _upload(c, *clients[0], 0)
+    clock.t += 30
+    _upload(c, *clients[1], 0)
+    clock.t += 29  # 59 s after the first update: not yet
+    c.tick()
+    assert c.job("j")[0].round == 0
+    clock.t += 2
+    c.tick()
+    rec, _, art = c.job("j")
+    assert rec.round == 1 and len(art["adapters"]) == 2  # closed with 2 of 3, aggregated
+    with pytest.raises(PreconditionError, match="round 0"):
+        _upload(c, *clients[2], 0)  # the client that was too slow
+    assert [u.client_id for u in c.state.updates("j", 0)] == [clients[0][0].client_id, clients[1][0].client_id]
+
+
+def test_deadline_without_min_clients_keeps_waiting(world):
+    c, clock, clients, _ = world
+    _upload(c, *clients[0], 0)
+    clock.t += 3600
+    c.tick()
+    assert c.job("j")[0].round == 0  # 1 < min_clients: the round waits
+    _upload(c, *clients[1], 0)  # the second update arrives after the deadline: the round closes at once
+    assert c.job("j")[0].round == 1
+
+
+def test_a_dead_client_never_blocks_the_job(world):
+    c, clock, clients, done = world
+    for round_ in range(2):
+        _upload(c, *clients[0], round_)
+        _upload(c, *clients[1], round_)  # clients[2] never returns
+        clock.t += 61
+        c.tick()
+    assert done == ["j"] and c.job("j")[0].status == "finalizing"
+
+
+def test_a_late_arrival_is_also_caught_without_a_tick(world):
+    c, clock, clients, _ = world
+    _upload(c, *clients[0], 0)
+    _upload(c, *clients[1], 0)
+    clock.t += 120  # no tick ran: the next call notices the deadline itself
+    with pytest.raises(PreconditionError):
+        _upload(c, *clients[2], 0)
+    assert c.job("j")[0].round == 1
+
+
+def test_full_round_still_closes_at_once(world):
+    c, _, clients, _ = world
+    for client in clients:
+        _upload(c, *client, 0)
+    assert c.job("j")[0].round == 1 and len(from_bytes(c.blobs.get(c.job("j")[2]["adapters"][1]))) > 0
+
+
+@pytest.mark.parametrize("kwargs", [{"min_clients": 0}, {"min_clients": 4}, {"round_timeout_s": -1}])
+def test_bad_round_settings(kwargs):
+    with pytest.raises(ConfigError):
+        JobConfig(job_id="j", base_model="m", clients_per_round=3, **kwargs)
