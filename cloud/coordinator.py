@@ -111,15 +111,16 @@ class Coordinator:
             Ed25519PublicKey.from_public_bytes(signing_key)
         except ValueError:
             raise InvalidRequestError("signing_public_key must be a raw 32-byte Ed25519 public key") from None
-        csr = self._ca.load_csr(csr_pem)  # a malformed request must not spend the token
-        name = self.state.consume_token(hash_secret(token), time.time())
+        csr = self._ca.load_csr(csr_pem)  # a malformed request, or no job to join, must not spend the token
+        job_id = self.active_job_id()
+        name = self.state.consume_token(hash_secret(token), self._now())
         if name is None:
             raise AuthError("enrollment token is unknown, already used or expired")
         client_id = f"{name}-{secrets.token_hex(4)}"
         certificate = self._ca.issue_client_certificate(csr, client_id)
         self.state.add_client(client_id, name, signing_key)
         log.info("client %s enrolled", client_id)
-        return Enrollment(client_id, certificate, raw_public(self._sealing_key.public_key()), self.active_job_id())
+        return Enrollment(client_id, certificate, raw_public(self._sealing_key.public_key()), job_id)
 
     def authenticate(self, client_id: str | None) -> ClientRecord:
         """The client behind a verified TLS client certificate; unknown or revoked clients are refused."""
