@@ -61,12 +61,16 @@ def batches(
         yield ids, mask, labels
 
 
-def token_loss_sum(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over real tokens, and how many tokens were scored."""
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-    target = labels[:, 1:]
+def next_token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy of each position's logits against the next token, and how many were scored."""
+    logits, target = logits[:, :-1].float(), labels[:, 1:]
     loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE, reduction="sum")
     return loss, int((target != IGNORE).sum())
+
+
+def token_loss_sum(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy of `model` over real tokens, and how many tokens were scored."""
+    return next_token_loss_sum(model(input_ids=ids, attention_mask=mask).logits, labels)
 
 
 @torch.no_grad()

@@ -15,14 +15,15 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from offsite import lm
 from offsite.emulator.blocks import find_blocks
 from offsite.emulator.plan import SplitPlan
 from offsite.errors import ConfigError
-from offsite.files import write_json
+from offsite.files import atomic_write, write_json
+from offsite.tensors import to_bytes
 
 
 @dataclass(frozen=True)
@@ -89,10 +90,8 @@ def _save_checkpoint(folder: Path, student: dict[str, torch.nn.Parameter], opt: 
         s = opt.state.get(p, {})
         if s:
             state[f"{name}.exp_avg"], state[f"{name}.exp_avg_sq"] = s["exp_avg"], s["exp_avg_sq"]
-    save_file({k: v.detach().contiguous() for k, v in student.items()}, str(weights) + ".tmp")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(opt_path) + ".tmp")
-    Path(str(weights) + ".tmp").replace(weights)
-    Path(str(opt_path) + ".tmp").replace(opt_path)
+    atomic_write(weights, to_bytes(student))
+    atomic_write(opt_path, to_bytes(state))
     write_json(progress, {"step": step, "config": asdict(cfg)})  # written last: it commits the checkpoint
 
 
@@ -142,8 +141,8 @@ def distill(teacher, student_model, plan: SplitPlan, windows: list[list[int]], p
             with torch.no_grad():
                 target = _middle_output(teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states, plan, n_full)
             out = student_model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-            logits = out.logits[:, :-1].float()
-            lm_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=lm.IGNORE)
+            loss_sum, n = lm.next_token_loss_sum(out.logits, labels)
+            lm_loss = loss_sum / max(n, 1)
             match = nmse(target.float(), _middle_output(out.hidden_states, plan, n_emu).float(), mask.float())
             loss = lm_loss + cfg.nmse_weight * match
         loss.backward()
