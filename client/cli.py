@@ -16,7 +16,8 @@ def cmd_run(args) -> int:
         cfg = ClientConfig(server=args.server, ca_file=Path(args.ca), workdir=Path(args.workdir), data=Path(args.data),
                            heldout=Path(args.heldout) if args.heldout else None,
                            token_file=Path(args.token_file) if args.token_file else None, threads=args.threads,
-                           show_progress=not args.no_progress, enroll_server=args.enroll_server)
+                           show_progress=not args.no_progress, enroll_server=args.enroll_server,
+                           retry_s=args.retry_s)
         summary = run(cfg)
     except Exception as e:  # every failure leaves with a message and a distinct exit code
         code = exit_code_for(e)
@@ -43,4 +44,6 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--token-file", help="single-use enrollment token (needed the first time)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--retry-s", type=float, default=600.0,
+                   help="keep retrying this long while the coordinator is unreachable (restarts, network blips)")
     p.set_defaults(func=cmd_run)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,8 +13,10 @@ import torch
 from offsite import lm
 from offsite.client.identity import enroll, load_identity
 from offsite.client.train import LocalTrainer
+from offsite.client.retry import with_retry
 from offsite.client.transfer import download_blob, download_bundle, upload
 from offsite.errors import ConfigError, DataError
+from offsite.files import atomic_write
 from offsite.protos.offsite.v1 import coordinator_pb2 as pb
 from offsite.protos.offsite.v1 import coordinator_pb2_grpc as pb_grpc
 from offsite.sealing import SealContext, seal
@@ -35,6 +38,7 @@ class ClientConfig:
     threads: int | None = None
     show_progress: bool = True
     enroll_server: str | None = None   # default: the server's port + 1
+    retry_s: float = 600.0             # how long to keep retrying while the coordinator is unreachable
 
     def __post_init__(self) -> None:
         if not Path(self.ca_file).is_file():
@@ -45,6 +49,43 @@ def _token(cfg: ClientConfig) -> str:
     if cfg.token_file is None or not Path(cfg.token_file).is_file():
         raise ConfigError("this client is not enrolled yet and no --token-file was given")
     return Path(cfg.token_file).read_text().strip()
+
+
+class RoundClosed(Exception):
+    """The coordinator closed the round this client was training for (it came too late)."""
+
+
+class Liveness:
+    """Reports what the client is doing every `interval_s` with a short Heartbeat call from a thread, so no
+    stream is held open across local training. Best effort: a missed beat is logged, never fatal."""
+
+    def __init__(self, stub, job_id: str, round_: int, interval_s: float):
+        self._stub, self._job_id, self._round, self._interval = stub, job_id, round_, max(interval_s, 0.5)
+        self.activity, self.progress, self.round_open = "starting", 0.0, True
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
+
+    def __enter__(self) -> "Liveness":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def report(self, activity: str, progress: float = 0.0) -> None:
+        self.activity, self.progress = activity, progress
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                resp = self._stub.Heartbeat(pb.HeartbeatRequest(job_id=self._job_id, round=self._round, activity=self.activity,
+                                                                progress=self.progress), timeout=10)
+                self.round_open = resp.round_open
+            except grpc.RpcError as e:
+                log.debug("heartbeat missed: %s", e.code().name)
+            if self._stop.wait(self._interval):
+                return
 
 
 def run(cfg: ClientConfig) -> dict:
@@ -58,43 +99,82 @@ def run(cfg: ClientConfig) -> dict:
     if me is None:
         enroll_at = cfg.enroll_server or enroll_target(cfg.server)
         with secure_channel(enroll_at, cfg.ca_file) as channel:  # the one call made without a client certificate
-            me = enroll(pb_grpc.CoordinatorStub(channel), _token(cfg), cfg.workdir)
+            stub = pb_grpc.CoordinatorStub(channel)
+            me = with_retry(lambda: enroll(stub, _token(cfg), cfg.workdir), "enroll", cfg.retry_s)
     with secure_channel(cfg.server, cfg.ca_file, me.tls_key_pem, me.certificate_pem) as channel:
         stub = pb_grpc.CoordinatorStub(channel)
         log.info("client %s: %d training examples from %s", me.client_id, len(texts), cfg.data)
         trainer, rounds_done, upload_bytes = None, [], 0
 
-        def summary() -> dict:
-            return {"client_id": me.client_id, "rounds": rounds_done, "upload_bytes": upload_bytes}
+        def retried(fn, what):
+            return with_retry(fn, what, cfg.retry_s)
 
         while True:
-            task = stub.GetTask(pb.GetTaskRequest(job_id=me.job_id))
+            task = retried(lambda: stub.GetTask(pb.GetTaskRequest(job_id=me.job_id)), "GetTask")
             if task.kind == pb.Task.DONE:
                 log.info("client %s: job %s is done", me.client_id, task.job_id)
-                return summary()
+                break
             if task.kind == pb.Task.WAIT:
                 time.sleep(max(task.retry_after_s, 0.2))
                 continue
-            if trainer is None:
-                bundle = download_bundle(stub, task.bundle_manifest_sha256, cfg.workdir / "bundle")
-                trainer = LocalTrainer(bundle, texts, heldout, task.training.max_length)
-            adapter_path = download_blob(stub, task.adapter_sha256, cfg.workdir / "adapters" / f"global-{task.round}.safetensors")
-            t = task.training
-            train_cfg = lm.TrainConfig(epochs=t.epochs, lr=t.lr, batch_size=t.batch_size, seed=t.seed + 1000 * task.round,
-                                       bf16=lm.cpu_has_fast_bf16())
-            result = trainer.train_round(from_bytes(adapter_path.read_bytes()), task.skeleton_digest, train_cfg,
-                                         desc=f"{me.client_id} round {task.round + 1}/{task.total_rounds}", show_progress=cfg.show_progress)
-            ctx = SealContext(task.job_id, task.round, me.client_id, task.skeleton_digest)
-            envelope = seal(to_bytes(result.adapter), ctx, me.coordinator_key, me.signing_key)
-            receipt = upload(stub, task.job_id, task.round, len(texts), envelope)
+            outbox = cfg.workdir / "outbox" / f"{task.job_id}-round-{task.round}.sealed"
+            with Liveness(stub, task.job_id, task.round, task.heartbeat_s) as live:
+                if not outbox.is_file():  # else: sealed before a restart; send those bytes, do not train again
+                    live.report("downloading")
+                    if trainer is None:
+                        bundle = retried(lambda: download_bundle(stub, task.bundle_manifest_sha256, cfg.workdir / "bundle"),
+                                         "download bundle")
+                        trainer = LocalTrainer(bundle, texts, heldout, task.training.max_length)
+                    try:
+                        envelope = _train_and_seal(stub, task, trainer, me, cfg, live, retried)
+                    except RoundClosed:
+                        log.warning("client %s: round %d closed while training; asking for a new task", me.client_id, task.round + 1)
+                        continue
+                    atomic_write(outbox, envelope, mode=0o600)  # a crash from here on resumes the upload, not the training
+                live.report("uploading")
+                envelope = outbox.read_bytes()
+                accepted = _upload_once(stub, task, len(texts), envelope, retried)
+            outbox.unlink()
             upload_bytes += len(envelope)
             rounds_done.append(task.round)
-            log.info("client %s: round %d trained (%d steps, %.0f tok/s, local held-out %s -> %s), sealed %d bytes, "
-                     "accepted as %d of the round", me.client_id, task.round, result.stats.steps, result.stats.tokens_per_s,
-                     _fmt(result.heldout_before), _fmt(result.heldout_after), len(envelope), receipt.updates_in_round)
+            log.info("client %s: round %d: sealed %d bytes, %s", me.client_id, task.round + 1, len(envelope), accepted)
             if task.round + 1 >= task.total_rounds:  # the last round: nothing more to ask the coordinator
                 log.info("client %s: took part in the last round of job %s", me.client_id, task.job_id)
-                return summary()
+                break
+    return {"client_id": me.client_id, "rounds": rounds_done, "upload_bytes": upload_bytes}
+
+
+def _train_and_seal(stub, task, trainer: LocalTrainer, me, cfg: ClientConfig, live: Liveness, retried) -> bytes:
+    adapter_path = retried(lambda: download_blob(stub, task.adapter_sha256, cfg.workdir / "adapters" / f"global-{task.round}.safetensors"),
+                           "download adapter")
+    t = task.training
+    train_cfg = lm.TrainConfig(epochs=t.epochs, lr=t.lr, batch_size=t.batch_size, seed=t.seed + 1000 * task.round,
+                               bf16=lm.cpu_has_fast_bf16())
+
+    def on_step(step: int, total: int) -> None:
+        live.report("training", step / total)
+        if not live.round_open:
+            raise RoundClosed()
+
+    result = trainer.train_round(from_bytes(adapter_path.read_bytes()), task.skeleton_digest, train_cfg,
+                                 desc=f"{me.client_id} round {task.round + 1}/{task.total_rounds}",
+                                 show_progress=cfg.show_progress, on_step=on_step)
+    log.info("client %s: round %d trained (%d steps, %.0f tok/s, local held-out %s -> %s)", me.client_id, task.round + 1,
+             result.stats.steps, result.stats.tokens_per_s, _fmt(result.heldout_before), _fmt(result.heldout_after))
+    ctx = SealContext(task.job_id, task.round, me.client_id, task.skeleton_digest)
+    return seal(to_bytes(result.adapter), ctx, me.coordinator_key, me.signing_key)
+
+
+def _upload_once(stub, task, num_examples: int, envelope: bytes, retried) -> str:
+    """Upload until accepted. ALREADY_EXISTS means the coordinator counted this client's update for the round
+    before a crash or a lost reply (only this client's certificate can have sent it): that is success."""
+    try:
+        receipt = retried(lambda: upload(stub, task.job_id, task.round, num_examples, envelope), "upload")
+        return f"accepted as update {receipt.updates_in_round} of the round"
+    except grpc.RpcError as e:
+        if e.code() != grpc.StatusCode.ALREADY_EXISTS:
+            raise
+        return "already accepted before a restart"
 
 
 def _fmt(x: float | None) -> str:

@@ -33,11 +33,11 @@ class LocalTrainer:
         return lm.mean_token_loss(self.model, self.heldout, self.tokenizer.pad_token_id) if self.heldout else None
 
     def train_round(self, start: dict[str, torch.Tensor], skeleton_digest: str, cfg: lm.TrainConfig,
-                    desc: str = "train", show_progress: bool = True) -> RoundResult:
+                    desc: str = "train", show_progress: bool = True, on_step=None) -> RoundResult:
         if spec_digest(spec_of(start)) != skeleton_digest:
             raise IntegrityError("the global adapter does not match the job's skeleton digest")
         load_adapter(self.model, self.plan, start, on_emulator=True)
         before = self._heldout_loss()
         params = freeze_all_but_adapter(self.model, self.plan, on_emulator=True)
-        stats = lm.train(self.model, self.train_set, params, self.tokenizer.pad_token_id, cfg, desc, show_progress)
+        stats = lm.train(self.model, self.train_set, params, self.tokenizer.pad_token_id, cfg, desc, show_progress, on_step)
         return RoundResult(extract_adapter(self.model, self.plan, on_emulator=True), stats, before, self._heldout_loss())

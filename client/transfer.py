@@ -1,37 +1,60 @@
-"""Downloads verified against their SHA-256 as they land, and sealed uploads in 1 MiB chunks."""
+"""Resumable, verified transfer. Downloads arrive in chunks checked one by one against the blob's chunk
+manifest, and a restarted client keeps every verified chunk it has. Uploads go to a server-side upload
+whose id depends only on the sealed bytes, so a retry, or a restart with the same envelope, resumes it."""
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
+from offsite import failpoints
 from offsite.emulator.bundle import MANIFEST, verify_bundle
 from offsite.errors import IntegrityError
 from offsite.files import atomic_write, sha256_file
 from offsite.protos.offsite.v1 import coordinator_pb2 as pb
-from offsite.transport import CHUNK_BYTES
+
+log = logging.getLogger("offsite.client")
+PARTS_PER_CALL = 16  # an UploadChunks call carries at most this many chunks, then reports the durable offset
+
+
+def _verified_prefix(part: Path, info: pb.BlobInfo) -> int:
+    """How many leading chunks of a partial download match the manifest; the rest is cut off."""
+    good = 0
+    if part.exists():
+        with open(part, "rb") as f:
+            for expected in info.chunk_sha256:
+                data = f.read(info.chunk_size)
+                if not data or hashlib.sha256(data).hexdigest() != expected:
+                    break
+                good += 1
+        os.truncate(part, min(good * info.chunk_size, info.size))
+    return good
 
 
 def download_blob(stub, digest: str, dest: Path) -> Path:
-    """Fetch blob `digest` into `dest` unless a verified copy is already there; resume a partial file."""
+    """Fetch blob `digest` into `dest` unless a verified copy is there; fetch only the chunks it lacks."""
     if dest.is_file() and sha256_file(dest) == digest:
         return dest
+    info = stub.GetBlobInfo(pb.BlobInfoRequest(sha256=digest))
     part = dest.with_name(dest.name + ".part")
     part.parent.mkdir(parents=True, exist_ok=True)
-    offset = part.stat().st_size if part.exists() else 0
-    h = hashlib.sha256()
-    if offset:
-        with open(part, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    with open(part, "ab") as f:
-        for chunk in stub.Download(pb.DownloadRequest(sha256=digest, offset=offset)):
-            f.write(chunk.data)
-            h.update(chunk.data)
-        f.flush()
-        os.fsync(f.fileno())
-    if h.hexdigest() != digest:
+    have, total = _verified_prefix(part, info), len(info.chunk_sha256)
+    if have:
+        log.info("resuming %s: %d of %d chunks already here", dest.name, have, total)
+    if have < total:
+        with open(part, "ab") as f:
+            for chunk in stub.Download(pb.DownloadRequest(sha256=digest, first_chunk=have)):
+                if chunk.index != have or hashlib.sha256(chunk.data).hexdigest() != info.chunk_sha256[have]:
+                    raise IntegrityError(f"chunk {chunk.index} of {dest.name} does not match the blob's chunk manifest; "
+                                         f"kept the {have} verified chunks before it")
+                f.write(chunk.data)
+                f.flush()
+                have += 1
+                failpoints.hit("client.download.chunk")
+            os.fsync(f.fileno())
+    if sha256_file(part) != digest:  # binds the chunk manifest to the digest the task named
         part.unlink()
         raise IntegrityError(f"download of {dest.name} does not match its SHA-256 {digest[:16]}...; discarded")
     os.replace(part, dest)
@@ -53,13 +76,25 @@ def download_bundle(stub, manifest_digest: str, folder: Path) -> Path:
     return folder
 
 
-def upload(stub, job_id: str, round_: int, num_examples: int, envelope: bytes) -> pb.UploadReceipt:
+def upload(stub, job_id: str, round_: int, num_examples: int, envelope: bytes) -> pb.UploadResult:
+    """Send a sealed update from wherever the coordinator's copy ends; return once it is accepted."""
     header = pb.UploadHeader(job_id=job_id, round=round_, num_examples=num_examples, size=len(envelope),
                              sha256=hashlib.sha256(envelope).hexdigest())
+    session = stub.BeginUpload(header)
+    if session.offset:
+        log.info("resuming upload at byte %d of %d", session.offset, len(envelope))
+    offset, step = session.offset, session.chunk_size
 
-    def messages():
-        yield pb.UploadChunk(header=header)
-        for i in range(0, len(envelope), CHUNK_BYTES):
-            yield pb.UploadChunk(data=envelope[i : i + CHUNK_BYTES])
+    def parts(start: int):
+        end = min(len(envelope), start + PARTS_PER_CALL * step)
+        if start == end:  # every byte is already there: an empty part asks for the verdict
+            yield pb.UploadPart(upload_id=session.upload_id, offset=start)
+        for at in range(start, end, step):
+            yield pb.UploadPart(upload_id=session.upload_id, offset=at, data=envelope[at : min(at + step, end)])
 
-    return stub.Upload(messages())
+    while True:
+        result = stub.UploadChunks(parts(offset))
+        if result.accepted:
+            return result
+        offset = result.offset
+        failpoints.hit("client.upload.call")

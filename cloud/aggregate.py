@@ -1,39 +1,165 @@
-"""Federated averaging, streamed: a running weighted sum holds one update in memory at a time."""
+"""Server-side aggregation: a streamed weighted mean of client adapters, then a strategy's update rule.
+
+The mean holds one float64 running sum, so memory stays flat however many updates a round has. A strategy
+turns (global adapter, mean, its state) into the next global adapter; its state is float32 tensors so the
+coordinator can store it as safetensors between rounds.
+"""
 from __future__ import annotations
 
-from typing import Iterable
+import math
+from dataclasses import dataclass
+from typing import ClassVar, Iterable, Protocol
 
 import torch
 
-from offsite.errors import InvalidUpdateError
+from offsite.errors import ConfigError, InvalidUpdateError
+
+Tensors = dict[str, torch.Tensor]
 
 
-class FedAvg:
-    """Weighted mean of client adapters (McMahan et al. 2017), weights = training examples."""
+class WeightedMean:
+    """Streaming weighted mean: a float64 running sum, one update in memory at a time."""
 
     def __init__(self) -> None:
-        self._sum: dict[str, torch.Tensor] | None = None
+        self._sum: Tensors = {}
         self._weight = 0.0
+        self._count = 0
 
-    def add(self, tensors: dict[str, torch.Tensor], weight: float) -> None:
-        if weight <= 0:
-            raise InvalidUpdateError(f"update weight must be positive, got {weight}")
-        if self._sum is None:
-            self._sum = {k: v.double() * weight for k, v in tensors.items()}
-        else:
-            for k, v in tensors.items():
-                self._sum[k].add_(v.double(), alpha=weight)
+    def add(self, tensors: Tensors, weight: float) -> None:
+        """Add one update; `weight` is its number of training examples."""
+        if not (math.isfinite(weight) and weight > 0):
+            raise InvalidUpdateError(f"update weight must be positive and finite, got {weight}")
+        if not self._count:
+            self._sum = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in tensors.items()}
+        elif {k: v.shape for k, v in tensors.items()} != {k: v.shape for k, v in self._sum.items()}:
+            raise InvalidUpdateError("update tensor names or shapes differ from the first update's")
+        for k, v in tensors.items():
+            self._sum[k].add_(v, alpha=weight)  # in place: no float64 copy of the whole update
         self._weight += weight
+        self._count += 1
 
-    def result(self, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The mean, cast back to the dtypes of `like` (the skeleton)."""
-        if self._sum is None:
+    @property
+    def count(self) -> int:
+        return self._count
+
+    def result(self) -> Tensors:
+        """The float64 mean; the strategy casts it to the global adapter's dtypes."""
+        if not self._count:
             raise InvalidUpdateError("no updates to aggregate")
-        return {k: (v / self._weight).to(like[k].dtype) for k, v in self._sum.items()}
+        return {k: v / self._weight for k, v in self._sum.items()}
 
 
-def fedavg(updates: Iterable[tuple[dict[str, torch.Tensor], float]], like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    agg = FedAvg()
+class Strategy(Protocol):
+    """Server-side update rule, applied once per round to the round's mean."""
+
+    name: ClassVar[str]
+
+    def step(self, global_: Tensors, mean: Tensors, state: Tensors) -> tuple[Tensors, Tensors]:
+        """New global adapter (in the dtypes of global_) and the strategy's new state (float32 tensors,
+        safetensors-serialisable; empty dict for FedAvg)."""
+
+
+@dataclass(frozen=True)
+class FedAvg:
+    """New global = the mean (McMahan et al. 2017)."""
+
+    name: ClassVar[str] = "fedavg"
+
+    def step(self, global_: Tensors, mean: Tensors, state: Tensors) -> tuple[Tensors, Tensors]:
+        _check_names(global_, mean)
+        return {k: mean[k].to(g.dtype) for k, g in global_.items()}, {}
+
+
+@dataclass(frozen=True)
+class FedAvgM:
+    """Server momentum on the round's delta (Hsu et al. 2019): damps client drift on non-IID data."""
+
+    name: ClassVar[str] = "fedavgm"
+    server_lr: float = 1.0
+    momentum: float = 0.9
+
+    def __post_init__(self) -> None:
+        _require_positive("server_lr", self.server_lr)
+        _require_fraction("momentum", self.momentum)
+
+    def step(self, global_: Tensors, mean: Tensors, state: Tensors) -> tuple[Tensors, Tensors]:
+        _check_names(global_, mean)
+        new, new_state = {}, {}
+        for k, g in global_.items():
+            g64 = g.double()
+            v = self.momentum * _prior(state, "momentum/" + k, g64) + (mean[k].double() - g64)
+            new[k] = (g64 + self.server_lr * v).to(g.dtype)
+            new_state["momentum/" + k] = v.float()
+        return new, new_state
+
+
+@dataclass(frozen=True)
+class FedAdam:
+    """Adam on the round's delta (Reddi et al. 2021, "Adaptive Federated Optimization"), no bias
+    correction, as in that paper; tau bounds the step where the second moment is tiny."""
+
+    name: ClassVar[str] = "fedadam"
+    server_lr: float = 1e-2
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+
+    def __post_init__(self) -> None:
+        _require_positive("server_lr", self.server_lr)
+        _require_fraction("beta1", self.beta1)
+        _require_fraction("beta2", self.beta2)
+        _require_positive("tau", self.tau)
+
+    def step(self, global_: Tensors, mean: Tensors, state: Tensors) -> tuple[Tensors, Tensors]:
+        _check_names(global_, mean)
+        new, new_state = {}, {}
+        for k, g in global_.items():
+            g64 = g.double()
+            delta = mean[k].double() - g64
+            m = self.beta1 * _prior(state, "m/" + k, g64) + (1 - self.beta1) * delta
+            v = self.beta2 * _prior(state, "v/" + k, g64) + (1 - self.beta2) * delta.square()
+            new[k] = (g64 + self.server_lr * m / (v.sqrt() + self.tau)).to(g.dtype)
+            new_state["m/" + k], new_state["v/" + k] = m.float(), v.float()
+        return new, new_state
+
+
+STRATEGIES: dict[str, type[FedAvg | FedAvgM | FedAdam]] = {cls.name: cls for cls in (FedAvg, FedAvgM, FedAdam)}
+
+
+def make_strategy(name: str, **params: float) -> Strategy:
+    """The strategy a job config names, with its parameters; every mistake is a ConfigError."""
+    if name not in STRATEGIES:
+        raise ConfigError(f"unknown aggregation strategy {name!r}; known: {', '.join(STRATEGIES)}")
+    try:
+        return STRATEGIES[name](**params)
+    except TypeError as e:  # an unknown parameter name, or a value that is not a number
+        raise ConfigError(f"bad parameters for aggregation strategy {name!r}: {e}") from None
+
+
+def fedavg(updates: Iterable[tuple[Tensors, float]], like: Tensors) -> Tensors:
+    """One FedAvg round in a call: the weighted mean of `updates`, cast to the dtypes of `like`."""
+    mean = WeightedMean()
     for tensors, weight in updates:
-        agg.add(tensors, weight)
-    return agg.result(like)
+        mean.add(tensors, weight)
+    return FedAvg().step(like, mean.result(), {})[0]
+
+
+def _prior(state: Tensors, key: str, like: torch.Tensor) -> torch.Tensor:
+    """A state tensor in float64; zeros on the first round, when there is no state yet."""
+    return state[key].double() if key in state else torch.zeros_like(like)
+
+
+def _check_names(global_: Tensors, mean: Tensors) -> None:
+    if set(global_) != set(mean):
+        raise InvalidUpdateError(f"mean tensor names differ from the global adapter's: "
+                                 f"missing {sorted(set(global_) - set(mean))[:5]}, extra {sorted(set(mean) - set(global_))[:5]}")
+
+
+def _require_positive(field: str, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{field} must be a positive finite number, got {value!r}")
+
+
+def _require_fraction(field: str, value: float) -> None:
+    if not 0 <= value < 1:
+        raise ConfigError(f"{field} must be in [0, 1), got {value!r}")

@@ -1,7 +1,13 @@
-"""Content-addressed blob store on disk: a blob's name is its SHA-256; writes are atomic."""
+"""Content-addressed blob store on disk: a blob's name is its SHA-256; writes are atomic.
+
+Blobs are served in chunks, each with its own SHA-256, so a client verifies every chunk as it lands.
+"""
 from __future__ import annotations
 
+import hashlib
 import re
+import threading
+from typing import Iterator
 from pathlib import Path
 
 from offsite.errors import NotFoundError
@@ -14,6 +20,8 @@ class BlobStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self._chunk_digests: dict[tuple[str, int], list[str]] = {}  # blobs never change: computed once
+        self._lock = threading.Lock()
 
     def path(self, digest: str) -> Path:
         if not _DIGEST.match(digest):
@@ -38,3 +46,19 @@ class BlobStore:
         if not path.is_file():
             raise NotFoundError(f"no blob {digest}")
         return path
+
+    def chunk_digests(self, digest: str, chunk_size: int) -> list[str]:
+        """The SHA-256 of each `chunk_size` piece of the blob, in order."""
+        key = (digest, chunk_size)
+        with self._lock:
+            if key not in self._chunk_digests:
+                self._chunk_digests[key] = [hashlib.sha256(c).hexdigest() for _, c in self.chunks(digest, chunk_size)]
+            return self._chunk_digests[key]
+
+    def chunks(self, digest: str, chunk_size: int, first: int = 0) -> Iterator[tuple[int, bytes]]:
+        with open(self.open_path(digest), "rb") as f:
+            f.seek(first * chunk_size)
+            index = first
+            while data := f.read(chunk_size):
+                yield index, data
+                index += 1

@@ -18,17 +18,17 @@ from offsite.cloud.server import start_server
 from offsite.cloud.state import SqliteState
 from offsite.errors import ConfigError
 from offsite.files import atomic_write
-from offsite.transport import enroll_target
+from offsite.transport import CHUNK_BYTES, MAX_MESSAGE_BYTES, enroll_target
 
 log = logging.getLogger("offsite.cloud")
 
 
-def open_coordinator(state_dir: str) -> Coordinator:
+def open_coordinator(state_dir: str, chunk_bytes: int = CHUNK_BYTES) -> Coordinator:
     layout = StateLayout(Path(state_dir))
     if not layout.db.is_file():
         raise ConfigError(f"{state_dir} is not a coordinator state folder; run `offsite cloud init` first")
     return Coordinator(layout, SqliteState(layout.db), BlobStore(layout.blobs), load_sealing_key(layout),
-                       CertificateAuthority.load(layout))
+                       CertificateAuthority.load(layout), chunk_bytes=chunk_bytes)
 
 
 def cmd_init(args) -> int:
@@ -54,7 +54,9 @@ def cmd_jobs_create(args) -> int:
 
 def cmd_serve(args) -> int:
     stop = threading.Event()  # set by SIGTERM/SIGINT, or when the last job is done with --exit-when-done
-    coordinator = open_coordinator(args.state)
+    if not 4 <= args.chunk_kib <= MAX_MESSAGE_BYTES // 2048:
+        raise ConfigError(f"--chunk-kib must be in 4..{MAX_MESSAGE_BYTES // 2048}, got {args.chunk_kib}")
+    coordinator = open_coordinator(args.state, args.chunk_kib * 1024)
 
     def finish(job_id: str) -> None:
         def work() -> None:
@@ -85,11 +87,13 @@ def cmd_serve(args) -> int:
 def cmd_status(args) -> int:
     coordinator = open_coordinator(args.state)
     state = coordinator.state
-    out = {"jobs": [], "clients": [{"id": c.client_id, "name": c.name, "last_seen": c.last_seen, "revoked": c.revoked_at is not None}
+    out = {"jobs": [], "clients": [{"id": c.client_id, "name": c.name, "last_seen": c.last_seen, "revoked": c.revoked_at is not None,
+                                    "activity": c.activity, "bytes_in": c.bytes_in, "bytes_out": c.bytes_out}
                                    for c in state.clients()]}
     for job in state.jobs():
         cfg = JobConfig.from_json(job.config_json)
         out["jobs"].append({"job_id": job.job_id, "status": job.status, "round": job.round, "rounds": cfg.rounds,
+                            "aggregator": cfg.aggregator, "uploads_in_progress": len(state.uploads(job.job_id, job.round)),
                             "updates": [u.__dict__ for u in state.updates(job.job_id)],
                             "rejected": [{"round": r, "client_id": c, "reason": why} for r, c, why in state.rejections(job.job_id)]})
     if args.json:
@@ -100,7 +104,8 @@ def cmd_status(args) -> int:
               f"{len(j['updates'])} updates accepted, {len(j['rejected'])} rejected")
     now = time.time()
     for c in out["clients"]:
-        print(f"  client {c['id']}: last seen {now - c['last_seen']:.0f} s ago{' (revoked)' if c['revoked'] else ''}")
+        print(f"  client {c['id']}: {c['activity'] or 'enrolled'}, last seen {now - c['last_seen']:.0f} s ago, "
+              f"{c['bytes_out']:,} B sent to it, {c['bytes_in']:,} B received{' (revoked)' if c['revoked'] else ''}")
     return 0
 
 
@@ -135,7 +140,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--enroll-address", help="host:port for enrollment (server-only TLS); default: --address port + 1")
     p.add_argument("--port-file", help="write the bound ports here as JSON {port, enroll_port}")
     p.add_argument("--exit-when-done", action="store_true", help="stop once every job is finished")
-    p.add_argument("--grace", type=float, default=5.0, help="seconds to let in-flight calls finish on stop")
+    p.add_argument("--grace", type=float, default=30.0, help="seconds to let in-flight calls (uploads) finish on SIGTERM")
+    p.add_argument("--chunk-kib", type=int, default=CHUNK_BYTES // 1024,
+                   help="transfer chunk size in KiB: what a verified download or a durable upload part holds")
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("status", help="jobs, rounds and clients")
     p.add_argument("--state", required=True)

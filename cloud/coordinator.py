@@ -4,31 +4,38 @@ The gRPC servicer only translates messages to these calls; tests drive this clas
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import re
 import secrets
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
+
+import torch
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from offsite.cloud.aggregate import FedAvg
+from offsite import failpoints
+from offsite.cloud.aggregate import WeightedMean, make_strategy
 from offsite.cloud.blobs import BlobStore
 from offsite.cloud.identity import CertificateAuthority, StateLayout, hash_secret
 from offsite.cloud.job import JobConfig
-from offsite.cloud.state import ClientRecord, JobRecord, State, UpdateRecord
+from offsite.cloud.state import ClientRecord, JobRecord, State, UpdateRecord, UploadRecord
+from offsite.cloud.uploads import UploadSpool
 from offsite.emulator.build import build
 from offsite.errors import (AlreadyExistsError, AuthError, InvalidRequestError, InvalidUpdateError, NotFoundError,
-                            PreconditionError, TooLargeError)
+                            OutOfRangeError, PreconditionError, TooLargeError)
 from offsite.files import sha256_bytes
 from offsite.sealing import SealContext, open_sealed, raw_public
-from offsite.tensors import check_matches, from_bytes, spec_digest, spec_of, to_bytes
+from offsite.tensors import check_matches, from_bytes, load_blob, spec_digest, spec_of, to_bytes
+from offsite.transport import CHUNK_BYTES
 
 WAIT_S = 2.0
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 log = logging.getLogger("offsite.cloud")
 
 
@@ -51,6 +58,7 @@ class Task:
     skeleton_digest: str = ""
     config: JobConfig | None = None
     retry_after_s: float = 0.0
+    heartbeat_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -62,12 +70,21 @@ class UploadHeader:
     sha256: str
 
 
+@dataclass(frozen=True)
+class UploadSession:
+    upload_id: str
+    offset: int       # bytes held durably
+    chunk_size: int
+
+
 class Coordinator:
     def __init__(self, layout: StateLayout, state: State, blobs: BlobStore, sealing_key: X25519PrivateKey,
                  ca: CertificateAuthority, on_training_done: Callable[[str], None] | None = None,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, chunk_bytes: int = CHUNK_BYTES):
         self.layout, self.state, self.blobs = layout, state, blobs
         self._sealing_key, self._ca, self._now = sealing_key, ca, clock
+        self.chunk_bytes = chunk_bytes
+        self.spool = UploadSpool(layout.uploads)
         self.on_training_done = on_training_done  # called with the job id when its last round closes
         self._lock = threading.RLock()
 
@@ -158,18 +175,42 @@ class Coordinator:
         self._close_if_due(job_id)
         rec, cfg, art = self.job(job_id)
         if rec.status != "running" or rec.round >= cfg.rounds:
+            self.state.touch_client(client.client_id, "done")
             return Task("done", job_id, rec.round, cfg.rounds)
         if any(u.client_id == client.client_id for u in self.state.updates(job_id, rec.round)):
+            self.state.touch_client(client.client_id, f"waiting for round {rec.round + 1} to close")
             return Task("wait", job_id, rec.round, cfg.rounds, retry_after_s=WAIT_S)
+        self.state.touch_client(client.client_id, f"assigned round {rec.round + 1}")
         return Task("train", job_id, rec.round, cfg.rounds, art["manifest"], art["adapters"][rec.round],
-                    art["skeleton_digest"], cfg)
+                    art["skeleton_digest"], cfg, heartbeat_s=cfg.heartbeat_s)
 
-    def blob_path(self, client: ClientRecord, job_id: str, digest: str) -> Path:
+    def heartbeat(self, client: ClientRecord, job_id: str, round_: int, activity: str, progress: float) -> bool:
+        """Record what the client is doing; tell it whether its round is still open."""
+        self.state.touch_client(client.client_id, f"{activity[:40]} round {round_ + 1} ({min(max(progress, 0.0), 1.0):.0%})")
+        rec = self.state.job(job_id)
+        return rec.status == "running" and rec.round == round_
+
+    # --- downloads ------------------------------------------------------------------------------
+    def _offered(self, job_id: str, digest: str) -> str:
         """Only the job's bundle files and global adapters are offered, never client updates."""
         _, _, art = self.job(job_id)
         if digest not in set(art["bundle_files"].values()) | set(art["adapters"]):
             raise NotFoundError(f"blob {digest[:16]}... is not offered by job {job_id}")
-        return self.blobs.open_path(digest)
+        return digest
+
+    def blob_info(self, client: ClientRecord, job_id: str, digest: str) -> tuple[int, int, list[str]]:
+        """(size, chunk size, SHA-256 of each chunk) of an offered blob."""
+        self._offered(job_id, digest)
+        return self.blobs.open_path(digest).stat().st_size, self.chunk_bytes, self.blobs.chunk_digests(digest, self.chunk_bytes)
+
+    def download(self, client: ClientRecord, job_id: str, digest: str, first_chunk: int) -> Iterator[tuple[int, bytes]]:
+        """The blob's chunks from `first_chunk` on, counted as bytes served to the client."""
+        size, chunk, _ = self.blob_info(client, job_id, digest)
+        if first_chunk * chunk >= max(size, 1):
+            raise OutOfRangeError(f"chunk {first_chunk} is beyond the blob's {size} bytes")
+        for index, data in self.blobs.chunks(digest, chunk, first_chunk):
+            self.state.add_traffic(client.client_id, bytes_out=len(data))
+            yield index, data
 
     def check_upload_header(self, client: ClientRecord, header: UploadHeader) -> None:
         """Cheap checks before any bytes are read: right job and round, not yet accepted, size."""
@@ -187,6 +228,55 @@ class Coordinator:
             raise TooLargeError(f"update of {header.size} bytes exceeds the job's limit of {cfg.max_update_bytes}")
         if header.num_examples < 1:
             raise InvalidUpdateError("num_examples must be at least 1")
+        if not _SHA256.match(header.sha256):
+            raise InvalidUpdateError("the header's sha256 must be 64 lowercase hex digits")
+
+    # --- uploads --------------------------------------------------------------------------------
+    def begin_upload(self, client: ClientRecord, header: UploadHeader) -> UploadSession:
+        """Open an upload, or find it again: its id depends only on the header, so a retry resumes it."""
+        self.check_upload_header(client, header)
+        key = f"{header.job_id}|{header.round}|{client.client_id}|{header.num_examples}|{header.size}|{header.sha256}"
+        upload_id = hashlib.sha256(key.encode()).hexdigest()[:32]
+        self.state.open_upload(UploadRecord(upload_id, header.job_id, header.round, client.client_id,
+                                            header.num_examples, header.size, header.sha256))
+        return UploadSession(upload_id, self.spool.offset(upload_id), self.chunk_bytes)
+
+    def _open_upload(self, client: ClientRecord, upload_id: str) -> UploadRecord:
+        try:
+            up = self.state.upload(upload_id)
+        except NotFoundError:
+            up = None
+        if up is None or up.client_id != client.client_id:  # another client's upload id reads as unknown
+            raise NotFoundError(f"no open upload {upload_id[:16]!r} for client {client.client_id}; call BeginUpload")
+        return up
+
+    def append_upload(self, client: ClientRecord, upload_id: str, offset: int, data: bytes) -> int:
+        """Append one part durably; returns the new offset."""
+        up = self._open_upload(client, upload_id)
+        try:
+            new_offset = self.spool.append(upload_id, offset, data, up.size)
+        except InvalidUpdateError as e:  # more bytes than announced: this upload can never verify
+            self._drop_upload(upload_id)
+            self.state.add_rejection(up.job_id, up.round, client.client_id, str(e))
+            raise
+        self.state.add_traffic(client.client_id, bytes_in=len(data))
+        return new_offset
+
+    def finish_upload(self, client: ClientRecord, upload_id: str) -> tuple[int, int] | None:
+        """If every byte is in, verify and count the update (once) and drop the upload, whatever the verdict.
+        Returns (round, updates in round), or None while bytes are missing."""
+        up = self._open_upload(client, upload_id)
+        if self.spool.offset(upload_id) < up.size:
+            return None
+        header = UploadHeader(up.job_id, up.round, up.num_examples, up.size, up.sha256)
+        try:
+            return self.submit_update(client, header, self.spool.read(upload_id))
+        finally:
+            self._drop_upload(upload_id)
+
+    def _drop_upload(self, upload_id: str) -> None:
+        self.spool.discard(upload_id)
+        self.state.close_upload(upload_id)
 
     def submit_update(self, client: ClientRecord, header: UploadHeader, envelope: bytes) -> tuple[int, int]:
         """Verify, decrypt and check an update; store and count it once. Returns (round, updates in round)."""
@@ -197,7 +287,10 @@ class Coordinator:
                 raise InvalidUpdateError("upload bytes do not match the size and SHA-256 in the header")
             ctx = SealContext(header.job_id, header.round, client.client_id, art["skeleton_digest"])
             plaintext = open_sealed(envelope, ctx, self._sealing_key, Ed25519PublicKey.from_public_bytes(client.signing_key))
-            check_matches(from_bytes(plaintext), {k: (s, d) for k, (s, d) in art["spec"].items()})
+            tensors = from_bytes(plaintext)
+            check_matches(tensors, {k: (s, d) for k, (s, d) in art["spec"].items()})
+            if cfg.max_update_norm:
+                self._check_norm(tensors, load_blob(self.blobs.open_path(art["adapters"][header.round])), cfg.max_update_norm)
         except InvalidUpdateError as e:
             self.state.add_rejection(header.job_id, header.round, client.client_id, str(e))
             raise
@@ -208,20 +301,38 @@ class Coordinator:
                                                        header.num_examples, digest, len(envelope), self._now()))
             log.info("job %s: round %d update from %s accepted (%d examples, %d bytes sealed)", header.job_id,
                      header.round + 1, client.client_id, header.num_examples, len(envelope))
+            self.state.touch_client(client.client_id, f"update accepted for round {header.round + 1}")
+            failpoints.hit("cloud.update.accepted")
             self._close_if_due(header.job_id)
         return header.round, count
 
+    @staticmethod
+    def _check_norm(update: dict[str, torch.Tensor], start: dict[str, torch.Tensor], bound: float) -> None:
+        """The L2 norm of the change a client proposes, over every tensor, must stay within the job's bound."""
+        norm = sum(float((update[k].double() - start[k].double()).pow(2).sum()) for k in update) ** 0.5
+        if norm > bound:
+            raise InvalidUpdateError(f"update moves the adapter by L2 norm {norm:.4g}, above the job's bound {bound:g}")
+
     def _close_round(self, job_id: str, why: str) -> None:
+        """Streamed aggregation: a running weighted sum, one update in memory at a time; then the job's
+        server strategy turns the mean into the next global adapter. Safe to repeat after a crash: blobs
+        are content-addressed and the job row moves in one transaction."""
         rec, cfg, art = self.job(job_id)
-        agg = FedAvg()
-        for u in self.state.updates(job_id, rec.round):
-            agg.add(from_bytes(self.blobs.get(u.blob_sha256)), float(u.num_examples))
-        skeleton = from_bytes(self.blobs.get(art["adapters"][0]))
-        art["adapters"].append(self.blobs.put(to_bytes(agg.result(skeleton))))
+        updates = self.state.updates(job_id, rec.round)
+        mean = WeightedMean()
+        for u in updates:
+            mean.add(load_blob(self.blobs.open_path(u.blob_sha256)), float(u.num_examples))
+        strategy = make_strategy(cfg.aggregator, **cfg.aggregator_params)
+        state = load_blob(self.blobs.open_path(art["strategy_state"])) if art.get("strategy_state") else {}
+        new_global, new_state = strategy.step(load_blob(self.blobs.open_path(art["adapters"][rec.round])), mean.result(), state)
+        art["adapters"].append(self.blobs.put(to_bytes(new_global)))
+        art["strategy_state"] = self.blobs.put(to_bytes(new_state)) if new_state else None
         done = rec.round + 1 >= cfg.rounds
-        log.info("job %s: round %d/%d closed (%s), %d updates averaged", job_id, rec.round + 1, cfg.rounds, why,
-                 len(self.state.updates(job_id, rec.round)))
+        log.info("job %s: round %d/%d closed (%s), %d updates aggregated with %s", job_id, rec.round + 1, cfg.rounds,
+                 why, len(updates), strategy.name)
         self.state.update_job(job_id, round=rec.round + 1, artifacts_json=json.dumps(art),
                               status="finalizing" if done else "running")
+        for up in self.state.uploads(job_id, rec.round):  # uploads that never completed are moot now
+            self._drop_upload(up.upload_id)
         if done and self.on_training_done:
             self.on_training_done(job_id)

@@ -46,6 +46,8 @@ class StateLayout:
     def tokens(self) -> Path: return self.root / "tokens"
     @property
     def jobs(self) -> Path: return self.root / "jobs"
+    @property
+    def uploads(self) -> Path: return self.root / "uploads"
 
 
 def hash_secret(secret: str) -> str:

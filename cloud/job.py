@@ -6,6 +6,7 @@ import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from offsite.cloud.aggregate import make_strategy
 from offsite.emulator.config import EmulatorConfig
 from offsite.errors import ConfigError
 
@@ -34,6 +35,10 @@ class JobConfig:
     distill_steps: int = 0
     distill_lr: float = 1e-4
     max_update_bytes: int = 1 << 30
+    max_update_norm: float = 0.0          # L2 bound on a client's change to the adapter; 0: no bound
+    aggregator: str = "fedavg"            # server strategy: fedavg | fedavgm | fedadam
+    aggregator_params: dict[str, float] = field(default_factory=dict)   # e.g. server_lr, momentum
+    heartbeat_s: float = 10.0             # how often a working client reports liveness
     eval_sets: dict[str, str] = field(default_factory=dict)   # name -> JSONL the model owner may evaluate on
     protection_data: str | None = None                        # JSONL of general (pretraining-domain) text
     export_dir: str | None = None
@@ -50,6 +55,9 @@ class JobConfig:
             raise ConfigError(f"round_timeout_s must be >= 0, got {self.round_timeout_s}")
         if self.epochs <= 0 or self.lr <= 0:
             raise ConfigError(f"job epochs and lr must be positive, got {self.epochs} and {self.lr}")
+        if self.max_update_norm < 0 or self.heartbeat_s <= 0:
+            raise ConfigError(f"max_update_norm must be >= 0 and heartbeat_s > 0, got {self.max_update_norm} and {self.heartbeat_s}")
+        make_strategy(self.aggregator, **self.aggregator_params)  # validates the strategy and its parameters
         self.emulator_config()  # validates the split and distillation settings
 
     def emulator_config(self) -> EmulatorConfig:
@@ -66,6 +74,10 @@ class JobConfig:
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise ConfigError(f"{path}: {e}") from e
         flat = {**raw.get("job", {}), **raw.get("split", {}), **raw.get("training", {}), **raw.get("eval", {})}
+        if "aggregation" in raw:  # [aggregation] strategy = "fedadam", then the strategy's parameters
+            params = dict(raw["aggregation"])
+            flat["aggregator"] = params.pop("strategy", "fedavg")
+            flat["aggregator_params"] = params
         if "id" in flat:
             flat["job_id"] = flat.pop("id")
         base = path.parent

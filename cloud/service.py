@@ -7,10 +7,10 @@ import grpc
 
 from offsite.cloud.coordinator import Coordinator, Task, UploadHeader
 from offsite.errors import (AlreadyExistsError, AuthError, ConfigError, DataError, IntegrityError, InvalidRequestError,
-                            InvalidUpdateError, NotFoundError, OffsiteError, PreconditionError, TooLargeError)
+                            InvalidUpdateError, NotFoundError, OffsiteError, OutOfRangeError, PreconditionError,
+                            TooLargeError)
 from offsite.protos.offsite.v1 import coordinator_pb2 as pb
 from offsite.protos.offsite.v1 import coordinator_pb2_grpc as pb_grpc
-from offsite.transport import CHUNK_BYTES
 
 STATUS = {
     AuthError: grpc.StatusCode.UNAUTHENTICATED,
@@ -23,6 +23,7 @@ STATUS = {
     DataError: grpc.StatusCode.INVALID_ARGUMENT,
     TooLargeError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     IntegrityError: grpc.StatusCode.DATA_LOSS,
+    OutOfRangeError: grpc.StatusCode.OUT_OF_RANGE,
 }
 _KINDS = {"wait": pb.Task.WAIT, "train": pb.Task.TRAIN, "done": pb.Task.DONE}
 
@@ -66,7 +67,8 @@ def _peer_client_id(context) -> str | None:
 def task_message(task: Task) -> pb.Task:
     msg = pb.Task(kind=_KINDS[task.kind], job_id=task.job_id, round=task.round, total_rounds=task.total_rounds,
                   bundle_manifest_sha256=task.bundle_manifest_sha256, adapter_sha256=task.adapter_sha256,
-                  skeleton_digest=task.skeleton_digest, retry_after_s=task.retry_after_s)
+                  skeleton_digest=task.skeleton_digest, retry_after_s=task.retry_after_s,
+                  heartbeat_s=task.heartbeat_s)
     if task.config is not None:
         c = task.config
         msg.training.CopyFrom(pb.TrainingSettings(epochs=c.epochs, lr=c.lr, batch_size=c.batch_size,
@@ -86,42 +88,47 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     @_edge
     def GetTask(self, request, context):
-        client = self.coordinator.authenticate(_peer_client_id(context))
+        client = self._client(context)
         return task_message(self.coordinator.task(client, request.job_id or self.coordinator.active_job_id()))
+
+    def _client(self, context):
+        return self.coordinator.authenticate(_peer_client_id(context))
+
+    @_edge
+    def GetBlobInfo(self, request, context):
+        size, chunk_size, digests = self.coordinator.blob_info(self._client(context), self.coordinator.active_job_id(),
+                                                               request.sha256)
+        return pb.BlobInfo(sha256=request.sha256, size=size, chunk_size=chunk_size, chunk_sha256=digests)
 
     @_edge
     def Download(self, request, context):
-        client = self.coordinator.authenticate(_peer_client_id(context))
-        path = self.coordinator.blob_path(client, self.coordinator.active_job_id(), request.sha256)
-        return self._chunks(path, request.offset, context)
-
-    @staticmethod
-    def _chunks(path, offset, context):
-        size = path.stat().st_size
-        if offset > size:
-            context.abort(grpc.StatusCode.OUT_OF_RANGE, f"offset {offset} is beyond the blob's {size} bytes")
-        with open(path, "rb") as f:
-            f.seek(offset)
-            while data := f.read(CHUNK_BYTES):
-                yield pb.Chunk(data=data, offset=offset, total_size=size)
-                offset += len(data)
+        chunks = self.coordinator.download(self._client(context), self.coordinator.active_job_id(), request.sha256,
+                                           request.first_chunk)
+        return (pb.Chunk(index=i, data=data) for i, data in chunks)
 
     @_edge
-    def Upload(self, request_iterator, context):
-        client = self.coordinator.authenticate(_peer_client_id(context))
-        first = next(request_iterator, None)
-        if first is None or first.WhichOneof("part") != "header":
-            raise InvalidUpdateError("an upload must start with its header")
-        h = first.header
-        header = UploadHeader(h.job_id, h.round, h.num_examples, h.size, h.sha256)
-        self.coordinator.check_upload_header(client, header)
-        parts, received = [], 0
-        for msg in request_iterator:
-            if msg.WhichOneof("part") != "data":
-                raise InvalidUpdateError("only data chunks may follow the header")
-            received += len(msg.data)
-            if received > header.size:
-                raise InvalidUpdateError(f"upload is longer than the {header.size} bytes its header announced")
-            parts.append(msg.data)
-        round_, count = self.coordinator.submit_update(client, header, b"".join(parts))
-        return pb.UploadReceipt(round=round_, updates_in_round=count)
+    def BeginUpload(self, request, context):
+        header = UploadHeader(request.job_id, request.round, request.num_examples, request.size, request.sha256)
+        session = self.coordinator.begin_upload(self._client(context), header)
+        return pb.UploadSession(upload_id=session.upload_id, offset=session.offset, chunk_size=session.chunk_size)
+
+    @_edge
+    def UploadChunks(self, request_iterator, context):
+        client, upload_id, offset = self._client(context), None, 0
+        for part in request_iterator:
+            if upload_id is not None and part.upload_id != upload_id:
+                raise InvalidUpdateError("every part of an UploadChunks call must name the same upload")
+            upload_id = part.upload_id
+            offset = self.coordinator.append_upload(client, upload_id, part.offset, part.data)
+        if upload_id is None:
+            raise InvalidUpdateError("UploadChunks needs at least one part")
+        done = self.coordinator.finish_upload(client, upload_id)
+        if done is None:
+            return pb.UploadResult(upload_id=upload_id, offset=offset)
+        return pb.UploadResult(upload_id=upload_id, offset=offset, accepted=True, round=done[0], updates_in_round=done[1])
+
+    @_edge
+    def Heartbeat(self, request, context):
+        open_ = self.coordinator.heartbeat(self._client(context), request.job_id or self.coordinator.active_job_id(),
+                                           request.round, request.activity, request.progress)
+        return pb.HeartbeatResponse(round_open=open_)

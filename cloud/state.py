@@ -23,6 +23,9 @@ class ClientRecord:
     enrolled_at: float
     last_seen: float
     revoked_at: float | None = None
+    activity: str = ""     # what the client last said it was doing (heartbeat)
+    bytes_in: int = 0      # bytes the coordinator received from it
+    bytes_out: int = 0     # bytes the coordinator served to it
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,18 @@ class UpdateRecord:
     accepted_at: float = 0.0
 
 
+@dataclass(frozen=True)
+class UploadRecord:
+    """An upload in progress; its bytes so far live in the coordinator's upload spool."""
+    upload_id: str
+    job_id: str
+    round: int
+    client_id: str
+    num_examples: int
+    size: int
+    sha256: str
+
+
 class State(Protocol):
     def add_token(self, token_hash: str, name: str, expires_at: float) -> None: ...
     def consume_token(self, token_hash: str, now: float) -> str | None: ...
@@ -52,7 +67,8 @@ class State(Protocol):
     def client(self, client_id: str) -> ClientRecord: ...
     def revoke_client(self, client_id: str) -> None: ...
     def clients(self) -> list[ClientRecord]: ...
-    def touch_client(self, client_id: str) -> None: ...
+    def touch_client(self, client_id: str, activity: str | None = None) -> None: ...
+    def add_traffic(self, client_id: str, bytes_in: int = 0, bytes_out: int = 0) -> None: ...
     def add_job(self, job_id: str, config_json: str, artifacts_json: str) -> None: ...
     def job(self, job_id: str) -> JobRecord: ...
     def jobs(self) -> list[JobRecord]: ...
@@ -62,12 +78,17 @@ class State(Protocol):
     def updates(self, job_id: str, round: int | None = None) -> list[UpdateRecord]: ...
     def add_rejection(self, job_id: str, round: int, client_id: str, reason: str) -> None: ...
     def rejections(self, job_id: str) -> list[tuple[int, str, str]]: ...
+    def open_upload(self, upload: UploadRecord) -> None: ...
+    def upload(self, upload_id: str) -> UploadRecord: ...
+    def uploads(self, job_id: str, round: int) -> list[UploadRecord]: ...
+    def close_upload(self, upload_id: str) -> None: ...
 
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tokens (token_hash TEXT PRIMARY KEY, name TEXT NOT NULL, expires_at REAL NOT NULL, used_at REAL);
 CREATE TABLE IF NOT EXISTS clients (client_id TEXT PRIMARY KEY, name TEXT NOT NULL, signing_key BLOB NOT NULL,
-    enrolled_at REAL NOT NULL, last_seen REAL NOT NULL, revoked_at REAL);
+    enrolled_at REAL NOT NULL, last_seen REAL NOT NULL, revoked_at REAL, activity TEXT NOT NULL DEFAULT '',
+    bytes_in INTEGER NOT NULL DEFAULT 0, bytes_out INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS jobs (job_id TEXT PRIMARY KEY, config_json TEXT NOT NULL, status TEXT NOT NULL,
     round INTEGER NOT NULL, artifacts_json TEXT NOT NULL, created_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS updates (job_id TEXT NOT NULL, round INTEGER NOT NULL, client_id TEXT NOT NULL,
@@ -75,6 +96,8 @@ CREATE TABLE IF NOT EXISTS updates (job_id TEXT NOT NULL, round INTEGER NOT NULL
     PRIMARY KEY (job_id, round, client_id));
 CREATE TABLE IF NOT EXISTS rejections (job_id TEXT NOT NULL, round INTEGER NOT NULL, client_id TEXT NOT NULL,
     reason TEXT NOT NULL, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS uploads (upload_id TEXT PRIMARY KEY, job_id TEXT NOT NULL, round INTEGER NOT NULL,
+    client_id TEXT NOT NULL, num_examples INTEGER NOT NULL, size INTEGER NOT NULL, sha256 TEXT NOT NULL);
 """
 
 
@@ -106,13 +129,14 @@ class SqliteState:
 
     def add_client(self, client_id: str, name: str, signing_key: bytes) -> None:
         now = time.time()
-        self._run("INSERT INTO clients VALUES (?, ?, ?, ?, ?, NULL)", (client_id, name, signing_key, now, now))
+        self._run("INSERT INTO clients (client_id, name, signing_key, enrolled_at, last_seen) VALUES (?, ?, ?, ?, ?)",
+                  (client_id, name, signing_key, now, now))
 
-    _CLIENT = "SELECT client_id, name, signing_key, enrolled_at, last_seen, revoked_at FROM clients"
+    _CLIENT = "SELECT client_id, name, signing_key, enrolled_at, last_seen, revoked_at, activity, bytes_in, bytes_out FROM clients"
 
     @staticmethod
     def _client(row: tuple) -> ClientRecord:
-        return ClientRecord(row[0], row[1], bytes(row[2]), row[3], row[4], row[5])
+        return ClientRecord(row[0], row[1], bytes(row[2]), *row[3:])
 
     def client(self, client_id: str) -> ClientRecord:
         rows = self._run(self._CLIENT + " WHERE client_id = ?", (client_id,))
@@ -127,8 +151,13 @@ class SqliteState:
         self.client(client_id)
         self._run("UPDATE clients SET revoked_at = COALESCE(revoked_at, ?) WHERE client_id = ?", (time.time(), client_id))
 
-    def touch_client(self, client_id: str) -> None:
-        self._run("UPDATE clients SET last_seen = ? WHERE client_id = ?", (time.time(), client_id))
+    def touch_client(self, client_id: str, activity: str | None = None) -> None:
+        self._run("UPDATE clients SET last_seen = ?, activity = COALESCE(?, activity) WHERE client_id = ?",
+                  (time.time(), activity, client_id))
+
+    def add_traffic(self, client_id: str, bytes_in: int = 0, bytes_out: int = 0) -> None:
+        self._run("UPDATE clients SET bytes_in = bytes_in + ?, bytes_out = bytes_out + ? WHERE client_id = ?",
+                  (bytes_in, bytes_out, client_id))
 
     def add_job(self, job_id: str, config_json: str, artifacts_json: str) -> None:
         try:
@@ -174,3 +203,20 @@ class SqliteState:
 
     def rejections(self, job_id: str) -> list[tuple[int, str, str]]:
         return self._run("SELECT round, client_id, reason FROM rejections WHERE job_id = ? ORDER BY at", (job_id,))
+
+    def open_upload(self, upload: UploadRecord) -> None:
+        """Record an upload once; opening the same upload id again keeps the first record."""
+        self._run("INSERT OR IGNORE INTO uploads VALUES (?, ?, ?, ?, ?, ?, ?)",
+                  (upload.upload_id, upload.job_id, upload.round, upload.client_id, upload.num_examples, upload.size, upload.sha256))
+
+    def upload(self, upload_id: str) -> UploadRecord:
+        rows = self._run("SELECT * FROM uploads WHERE upload_id = ?", (upload_id,))
+        if not rows:
+            raise NotFoundError(f"no open upload {upload_id[:16]!r}")
+        return UploadRecord(*rows[0])
+
+    def uploads(self, job_id: str, round: int) -> list[UploadRecord]:
+        return [UploadRecord(*r) for r in self._run("SELECT * FROM uploads WHERE job_id = ? AND round = ? ORDER BY upload_id", (job_id, round))]
+
+    def close_upload(self, upload_id: str) -> None:
+        self._run("DELETE FROM uploads WHERE upload_id = ?", (upload_id,))

@@ -47,3 +47,7 @@ class InvalidUpdateError(OffsiteError):
 
 class TooLargeError(OffsiteError):
     """An upload is larger than the job allows."""
+
+
+class OutOfRangeError(OffsiteError):
+    """A position past the end of what exists (a chunk index beyond the last chunk)."""

@@ -10,7 +10,7 @@ import random
 import time
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -121,8 +121,9 @@ class TrainStats:
 
 
 def train(model, encoded: list[list[int]], params: list[torch.nn.Parameter], pad_id: int, cfg: TrainConfig,
-          desc: str = "train", show_progress: bool = True) -> TrainStats:
-    """AdamW with linear warmup and cosine decay over `cfg.epochs` passes of `encoded`."""
+          desc: str = "train", show_progress: bool = True, on_step: Callable[[int, int], None] | None = None) -> TrainStats:
+    """AdamW with linear warmup and cosine decay over `cfg.epochs` passes of `encoded`.
+    `on_step(step, total)` runs after every optimizer step (the client reports progress with it)."""
     steps_per_epoch = math.ceil(len(encoded) / cfg.batch_size)
     total = max(1, round(steps_per_epoch * cfg.epochs))
     if cfg.max_steps is not None:
@@ -155,6 +156,8 @@ def train(model, encoded: list[list[int]], params: list[torch.nn.Parameter], pad
             elapsed = time.perf_counter() - start
             bar.set_postfix(loss=f"{last:.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}", refresh=False)
             bar.update(1)
+            if on_step is not None:
+                on_step(step, total)
             if step >= total:
                 break
         epoch += 1

@@ -5,7 +5,9 @@ import hashlib
 import json
 
 import torch
-from safetensors.torch import load, save
+from pathlib import Path
+
+from safetensors.torch import load, load_file, save
 
 from offsite.errors import InvalidUpdateError
 
@@ -21,6 +23,11 @@ def from_bytes(data: bytes) -> dict[str, torch.Tensor]:
         return load(data)
     except Exception as e:  # safetensors raises its own error types for malformed headers
         raise InvalidUpdateError(f"not a valid safetensors payload: {e}") from e
+
+
+def load_blob(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file we stored ourselves, read straight from disk (no bytes copy)."""
+    return load_file(str(path))
 
 
 def spec_of(tensors: dict[str, torch.Tensor]) -> TensorSpec:

@@ -1,6 +1,7 @@
 """The servicer over a real in-process mutual-TLS channel: happy path and every bad input."""
 import datetime as dt
 import hashlib
+import time
 from pathlib import Path
 
 import grpc
@@ -16,18 +17,20 @@ from offsite.client.identity import enroll
 from offsite.client.transfer import download_blob, download_bundle, upload
 from offsite.cloud.blobs import BlobStore
 from offsite.cloud.coordinator import Coordinator
-from offsite.cloud.identity import CertificateAuthority, StateLayout, init_state, load_sealing_key
+from offsite.cloud.identity import CertificateAuthority, StateLayout, hash_secret, init_state, load_sealing_key
 from offsite.cloud.job import JobConfig
 from offsite.cloud.server import start_server
 from offsite.cloud.state import SqliteState
 from offsite.emulator.bundle import load_bundle
+from offsite.errors import IntegrityError
 from offsite.protos.offsite.v1 import coordinator_pb2 as pb
 from offsite.protos.offsite.v1 import coordinator_pb2_grpc as pb_grpc
 from offsite.sealing import SealContext, seal
 from offsite.tensors import from_bytes, to_bytes
-from offsite.transport import secure_channel
+from offsite.transport import MAX_MESSAGE_BYTES, secure_channel
 
 CLIENTS = ["client-1", "client-2", "client-3"]
+CHUNK = 4096
 
 
 class Env:
@@ -54,7 +57,7 @@ def env(tiny_model, tmp_path):
     layout = StateLayout(tmp_path / "state")
     tokens = init_state(layout.root, CLIENTS, ["localhost", "127.0.0.1"], 3600, SqliteState)
     coordinator = Coordinator(layout, SqliteState(layout.db), BlobStore(layout.blobs), load_sealing_key(layout),
-                              CertificateAuthority.load(layout))
+                              CertificateAuthority.load(layout), chunk_bytes=CHUNK)  # small chunks: many per blob
     coordinator.create_job(JobConfig(job_id="job1", base_model=str(tiny_model), rounds=2, clients_per_round=2,
                                      emulator_layers=1))
     running = start_server(coordinator, layout, "127.0.0.1:0", "127.0.0.1:0")
@@ -143,7 +146,7 @@ def test_download_is_verified_and_limited_to_the_job(env):
     _, _, plan = load_bundle(folder)
     assert plan.kept_middle == (3,) and adapter
     assert _code(lambda: list(stub.Download(pb.DownloadRequest(sha256="ab" * 32)))) == grpc.StatusCode.NOT_FOUND
-    too_far = pb.DownloadRequest(sha256=task.adapter_sha256, offset=10**9)
+    too_far = pb.DownloadRequest(sha256=task.adapter_sha256, first_chunk=10**6)
     assert _code(lambda: list(stub.Download(too_far))) == grpc.StatusCode.OUT_OF_RANGE
 
 
@@ -209,19 +212,104 @@ def test_wrong_job_or_round_is_a_failed_precondition(env, job_id, round_):
     assert env.coordinator.state.updates("job1") == []
 
 
+def _parts(upload_id, envelope, start=0, end=None):
+    end = len(envelope) if end is None else end
+    return iter([pb.UploadPart(upload_id=upload_id, offset=at, data=envelope[at:min(at + CHUNK, end)])
+                 for at in range(start, end, CHUNK)])
+
+
 def test_upload_that_lies_about_its_size_or_hash(env):
     me, stub = env.enroll("client-1")
     task, start = _start(env, me, stub)
     envelope = _sealed(me, task, start)
 
     def send(size, digest):
-        header = pb.UploadHeader(job_id="job1", round=0, num_examples=5, size=size, sha256=digest)
-        return stub.Upload(iter([pb.UploadChunk(header=header), pb.UploadChunk(data=envelope)]))
+        session = stub.BeginUpload(pb.UploadHeader(job_id="job1", round=0, num_examples=5, size=size, sha256=digest))
+        return stub.UploadChunks(_parts(session.upload_id, envelope))
 
     assert _code(lambda: send(len(envelope) - 1, hashlib.sha256(envelope).hexdigest())) == grpc.StatusCode.INVALID_ARGUMENT
     assert _code(lambda: send(len(envelope), "0" * 64)) == grpc.StatusCode.INVALID_ARGUMENT
-    assert _code(lambda: stub.Upload(iter([pb.UploadChunk(data=b"x")]))) == grpc.StatusCode.INVALID_ARGUMENT
-    assert env.coordinator.state.updates("job1") == []
+    assert _code(lambda: send(len(envelope), "not hex")) == grpc.StatusCode.INVALID_ARGUMENT
+    assert _code(lambda: stub.UploadChunks(iter([]))) == grpc.StatusCode.INVALID_ARGUMENT
+    assert _code(lambda: stub.UploadChunks(iter([pb.UploadPart(upload_id="0" * 32, data=b"x")]))) == grpc.StatusCode.NOT_FOUND
+    assert env.coordinator.state.updates("job1") == [] and env.coordinator.state.uploads("job1", 0) == []
+
+
+def test_upload_resumes_from_the_durable_offset_and_counts_once(env):
+    me, stub = env.enroll("client-1")
+    task, start = _start(env, me, stub)
+    envelope = _sealed(me, task, start)
+    header = pb.UploadHeader(job_id="job1", round=0, num_examples=5, size=len(envelope), sha256=hashlib.sha256(envelope).hexdigest())
+    session = stub.BeginUpload(header)
+    assert (session.offset, session.chunk_size) == (0, CHUNK) and len(envelope) > 3 * CHUNK
+    partial = stub.UploadChunks(_parts(session.upload_id, envelope, 0, 2 * CHUNK))  # then the client "dies"
+    assert (partial.offset, partial.accepted) == (2 * CHUNK, False)
+    again = stub.BeginUpload(header)  # a restarted client with the same sealed bytes finds its upload again
+    assert (again.upload_id, again.offset) == (session.upload_id, 2 * CHUNK)
+    wrong_offset = _parts(session.upload_id, envelope, CHUNK)
+    assert _code(lambda: stub.UploadChunks(wrong_offset)) == grpc.StatusCode.FAILED_PRECONDITION
+    (_, other_stub) = env.enroll("client-2")  # another client cannot write into this upload
+    assert _code(lambda: other_stub.UploadChunks(_parts(session.upload_id, envelope, 2 * CHUNK))) == grpc.StatusCode.NOT_FOUND
+    received_before = env.coordinator.state.client(me.client_id).bytes_in
+    receipt = upload(stub, "job1", 0, 5, envelope)
+    assert receipt.accepted and receipt.updates_in_round == 1
+    assert env.coordinator.state.client(me.client_id).bytes_in - received_before == len(envelope) - 2 * CHUNK
+    assert _code(lambda: upload(stub, "job1", 0, 5, envelope)) == grpc.StatusCode.ALREADY_EXISTS  # a replay
+    assert len(env.coordinator.state.updates("job1")) == 1 and env.coordinator.state.uploads("job1", 0) == []
+    assert not any(env.layout.uploads.iterdir())  # the spool is cleaned
+
+
+def test_oversized_message_is_refused_by_the_transport(env):
+    me, _ = env.enroll("client-1")
+    creds = grpc.ssl_channel_credentials(env.layout.ca_cert.read_bytes(), me.tls_key_pem, me.certificate_pem)
+    channel = grpc.secure_channel(env.target, creds, options=[("grpc.max_send_message_length", -1)])
+    env.channels.append(channel)
+    big = pb.UploadPart(upload_id="0" * 32, data=b"\0" * (MAX_MESSAGE_BYTES + 1))
+    assert _code(lambda: pb_grpc.CoordinatorStub(channel).UploadChunks(iter([big]))) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert env.coordinator.state.client(me.client_id).bytes_in == 0
+
+
+def test_download_fetches_only_missing_chunks_and_refuses_a_garbage_chunk(env):
+    me, stub = env.enroll("client-1")
+    task = stub.GetTask(pb.GetTaskRequest(job_id="job1"))
+    blob = env.coordinator.blobs.open_path(task.adapter_sha256).read_bytes()
+    dest = env.tmp / "adapter.safetensors"
+    part = dest.with_name(dest.name + ".part")
+    part.write_bytes(blob[: 2 * CHUNK] + b"torn tail")  # what a client killed mid-download leaves
+    sent_before = env.coordinator.state.client(me.client_id).bytes_out
+    assert download_blob(stub, task.adapter_sha256, dest).read_bytes() == blob
+    assert env.coordinator.state.client(me.client_id).bytes_out - sent_before == len(blob) - 2 * CHUNK
+
+    class Tampering:  # a man in the middle that TLS would stop; the chunk manifest stops it too
+        def __getattr__(self, name):
+            return getattr(stub, name)
+
+        def Download(self, request):
+            for chunk in stub.Download(request):
+                yield pb.Chunk(index=chunk.index, data=b"x" + chunk.data[1:]) if chunk.index == 1 else chunk
+
+    with pytest.raises(IntegrityError, match="chunk 1"):
+        download_blob(Tampering(), task.adapter_sha256, env.tmp / "again.safetensors")
+    assert (env.tmp / "again.safetensors.part").stat().st_size == CHUNK  # only the verified chunk is kept
+
+
+def test_heartbeat_records_activity_and_says_when_the_round_closed(env):
+    clients = [env.enroll("client-1"), env.enroll("client-2")]
+    me, stub = clients[0]
+    beat = pb.HeartbeatRequest(job_id="job1", round=0, activity="training", progress=0.25)
+    assert stub.Heartbeat(beat).round_open
+    assert env.coordinator.state.client(me.client_id).activity == "training round 1 (25%)"
+    for c, s_ in clients:
+        task, start = _start(env, c, s_)
+        upload(s_, task.job_id, task.round, 5, _sealed(c, task, start))
+    assert not stub.Heartbeat(beat).round_open
+
+
+def test_expired_token_is_refused(env):
+    env.coordinator.state.add_token(hash_secret("stale-token"), "client-3", time.time() - 1)
+    key = Ed25519PrivateKey.generate().public_key().public_bytes_raw()
+    request = pb.EnrollRequest(token="stale-token", signing_public_key=key, csr_pem=_csr())
+    assert _code(lambda: env.anon.Enroll(request)) == grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_job_finishes_after_the_last_round(env):

@@ -1,7 +1,8 @@
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -49,7 +50,7 @@ class TrainingSettings(_message.Message):
     def __init__(self, epochs: _Optional[float] = ..., lr: _Optional[float] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("kind", "job_id", "round", "total_rounds", "bundle_manifest_sha256", "adapter_sha256", "skeleton_digest", "training", "retry_after_s")
+    __slots__ = ("kind", "job_id", "round", "total_rounds", "bundle_manifest_sha256", "adapter_sha256", "skeleton_digest", "training", "retry_after_s", "heartbeat_s")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[Task.Kind]
@@ -69,6 +70,7 @@ class Task(_message.Message):
     SKELETON_DIGEST_FIELD_NUMBER: _ClassVar[int]
     TRAINING_FIELD_NUMBER: _ClassVar[int]
     RETRY_AFTER_S_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_S_FIELD_NUMBER: _ClassVar[int]
     kind: Task.Kind
     job_id: str
     round: int
@@ -78,25 +80,42 @@ class Task(_message.Message):
     skeleton_digest: str
     training: TrainingSettings
     retry_after_s: float
-    def __init__(self, kind: _Optional[_Union[Task.Kind, str]] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., bundle_manifest_sha256: _Optional[str] = ..., adapter_sha256: _Optional[str] = ..., skeleton_digest: _Optional[str] = ..., training: _Optional[_Union[TrainingSettings, _Mapping]] = ..., retry_after_s: _Optional[float] = ...) -> None: ...
+    heartbeat_s: float
+    def __init__(self, kind: _Optional[_Union[Task.Kind, str]] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., bundle_manifest_sha256: _Optional[str] = ..., adapter_sha256: _Optional[str] = ..., skeleton_digest: _Optional[str] = ..., training: _Optional[_Union[TrainingSettings, _Mapping]] = ..., retry_after_s: _Optional[float] = ..., heartbeat_s: _Optional[float] = ...) -> None: ...
+
+class BlobInfoRequest(_message.Message):
+    __slots__ = ("sha256",)
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    def __init__(self, sha256: _Optional[str] = ...) -> None: ...
+
+class BlobInfo(_message.Message):
+    __slots__ = ("sha256", "size", "chunk_size", "chunk_sha256")
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_SHA256_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    size: int
+    chunk_size: int
+    chunk_sha256: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, sha256: _Optional[str] = ..., size: _Optional[int] = ..., chunk_size: _Optional[int] = ..., chunk_sha256: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DownloadRequest(_message.Message):
-    __slots__ = ("sha256", "offset")
+    __slots__ = ("sha256", "first_chunk")
     SHA256_FIELD_NUMBER: _ClassVar[int]
-    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    FIRST_CHUNK_FIELD_NUMBER: _ClassVar[int]
     sha256: str
-    offset: int
-    def __init__(self, sha256: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+    first_chunk: int
+    def __init__(self, sha256: _Optional[str] = ..., first_chunk: _Optional[int] = ...) -> None: ...
 
 class Chunk(_message.Message):
-    __slots__ = ("data", "offset", "total_size")
+    __slots__ = ("index", "data")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
-    OFFSET_FIELD_NUMBER: _ClassVar[int]
-    TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    index: int
     data: bytes
-    offset: int
-    total_size: int
-    def __init__(self, data: _Optional[bytes] = ..., offset: _Optional[int] = ..., total_size: _Optional[int] = ...) -> None: ...
+    def __init__(self, index: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class UploadHeader(_message.Message):
     __slots__ = ("job_id", "round", "num_examples", "size", "sha256")
@@ -112,18 +131,54 @@ class UploadHeader(_message.Message):
     sha256: str
     def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., num_examples: _Optional[int] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
-class UploadChunk(_message.Message):
-    __slots__ = ("header", "data")
-    HEADER_FIELD_NUMBER: _ClassVar[int]
-    DATA_FIELD_NUMBER: _ClassVar[int]
-    header: UploadHeader
-    data: bytes
-    def __init__(self, header: _Optional[_Union[UploadHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+class UploadSession(_message.Message):
+    __slots__ = ("upload_id", "offset", "chunk_size")
+    UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    upload_id: str
+    offset: int
+    chunk_size: int
+    def __init__(self, upload_id: _Optional[str] = ..., offset: _Optional[int] = ..., chunk_size: _Optional[int] = ...) -> None: ...
 
-class UploadReceipt(_message.Message):
-    __slots__ = ("round", "updates_in_round")
+class UploadPart(_message.Message):
+    __slots__ = ("upload_id", "offset", "data")
+    UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    upload_id: str
+    offset: int
+    data: bytes
+    def __init__(self, upload_id: _Optional[str] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class UploadResult(_message.Message):
+    __slots__ = ("upload_id", "offset", "accepted", "round", "updates_in_round")
+    UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     UPDATES_IN_ROUND_FIELD_NUMBER: _ClassVar[int]
+    upload_id: str
+    offset: int
+    accepted: bool
     round: int
     updates_in_round: int
-    def __init__(self, round: _Optional[int] = ..., updates_in_round: _Optional[int] = ...) -> None: ...
+    def __init__(self, upload_id: _Optional[str] = ..., offset: _Optional[int] = ..., accepted: _Optional[bool] = ..., round: _Optional[int] = ..., updates_in_round: _Optional[int] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("job_id", "round", "activity", "progress")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    ACTIVITY_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    round: int
+    activity: str
+    progress: float
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., activity: _Optional[str] = ..., progress: _Optional[float] = ...) -> None: ...
+
+class HeartbeatResponse(_message.Message):
+    __slots__ = ("round_open",)
+    ROUND_OPEN_FIELD_NUMBER: _ClassVar[int]
+    round_open: bool
+    def __init__(self, round_open: _Optional[bool] = ...) -> None: ...

@@ -44,15 +44,30 @@ class CoordinatorStub:
                 request_serializer=offsite_dot_v1_dot_coordinator__pb2.GetTaskRequest.SerializeToString,
                 response_deserializer=offsite_dot_v1_dot_coordinator__pb2.Task.FromString,
                 _registered_method=True)
+        self.GetBlobInfo = channel.unary_unary(
+                '/offsite.v1.Coordinator/GetBlobInfo',
+                request_serializer=offsite_dot_v1_dot_coordinator__pb2.BlobInfoRequest.SerializeToString,
+                response_deserializer=offsite_dot_v1_dot_coordinator__pb2.BlobInfo.FromString,
+                _registered_method=True)
         self.Download = channel.unary_stream(
                 '/offsite.v1.Coordinator/Download',
                 request_serializer=offsite_dot_v1_dot_coordinator__pb2.DownloadRequest.SerializeToString,
                 response_deserializer=offsite_dot_v1_dot_coordinator__pb2.Chunk.FromString,
                 _registered_method=True)
-        self.Upload = channel.stream_unary(
-                '/offsite.v1.Coordinator/Upload',
-                request_serializer=offsite_dot_v1_dot_coordinator__pb2.UploadChunk.SerializeToString,
-                response_deserializer=offsite_dot_v1_dot_coordinator__pb2.UploadReceipt.FromString,
+        self.BeginUpload = channel.unary_unary(
+                '/offsite.v1.Coordinator/BeginUpload',
+                request_serializer=offsite_dot_v1_dot_coordinator__pb2.UploadHeader.SerializeToString,
+                response_deserializer=offsite_dot_v1_dot_coordinator__pb2.UploadSession.FromString,
+                _registered_method=True)
+        self.UploadChunks = channel.stream_unary(
+                '/offsite.v1.Coordinator/UploadChunks',
+                request_serializer=offsite_dot_v1_dot_coordinator__pb2.UploadPart.SerializeToString,
+                response_deserializer=offsite_dot_v1_dot_coordinator__pb2.UploadResult.FromString,
+                _registered_method=True)
+        self.Heartbeat = channel.unary_unary(
+                '/offsite.v1.Coordinator/Heartbeat',
+                request_serializer=offsite_dot_v1_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=offsite_dot_v1_dot_coordinator__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
 
 
@@ -79,26 +94,61 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Download(self, request, context):
-        """Stream a content-addressed blob (bundle file, manifest, adapter) from `offset`, in 1 MiB chunks.
-        The client verifies the SHA-256 of what it receives against the digest it asked for.
+    def GetBlobInfo(self, request, context):
+        """The chunk manifest of a content-addressed blob (bundle file, manifest, global adapter): its size and
+        the SHA-256 of each chunk, so the client checks every chunk as it lands and, after an interruption,
+        keeps the verified chunks it already has. The blob's own SHA-256 binds the list.
         UNAUTHENTICATED   no valid client certificate, or the client is unknown or revoked
         NOT_FOUND         no blob with that digest is offered to this client
-        OUT_OF_RANGE      offset beyond the end of the blob
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Upload(self, request_iterator, context):
-        """Upload one sealed update: the first message is the header, the rest are data chunks.
+    def Download(self, request, context):
+        """Stream a blob's chunks from `first_chunk` on.
+        UNAUTHENTICATED   no valid client certificate, or the client is unknown or revoked
+        NOT_FOUND         no blob with that digest is offered to this client
+        OUT_OF_RANGE      first_chunk beyond the last chunk
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BeginUpload(self, request, context):
+        """Open (or find again) the upload of one sealed update. The upload id is fixed by the header, so a
+        client that restarts with the same sealed bytes gets the same id and the offset the coordinator
+        already holds durably.
         UNAUTHENTICATED      no valid client certificate, or the client is unknown or revoked
-        INVALID_ARGUMENT     header missing, size or SHA-256 mismatch, seal or signature does not verify,
-        tensors differ from the skeleton (names, shapes, dtypes) or are not finite
+        INVALID_ARGUMENT     size or SHA-256 malformed, num_examples < 1
         FAILED_PRECONDITION  wrong job or round, or the round is closed
         ALREADY_EXISTS       this client's update for this round was already accepted
         RESOURCE_EXHAUSTED   the update is larger than the job allows
-        A rejected update is never stored or aggregated.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UploadChunks(self, request_iterator, context):
+        """Append bytes to an open upload; each part's offset must be where the last one ended. The call
+        returns the durable offset. When the last byte is in (or a part with no data arrives at offset ==
+        size), the update is verified, opened, checked and accepted in the same call, exactly once.
+        UNAUTHENTICATED      no valid client certificate, or the client is unknown or revoked
+        NOT_FOUND            no open upload with that id for this client
+        FAILED_PRECONDITION  a part's offset is not the durable offset (ask BeginUpload where to resume)
+        INVALID_ARGUMENT     more bytes than announced; SHA-256 mismatch, seal or signature does not verify,
+        tensors differ from the skeleton (names, shapes, dtypes), are not finite, or
+        move the adapter further than the job's norm bound (the upload is discarded)
+        ALREADY_EXISTS, FAILED_PRECONDITION as for BeginUpload, checked again when the update completes
+        A rejected update is never stored or aggregated; its reason is recorded.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Heartbeat(self, request, context):
+        """A short liveness call the client makes every heartbeat_s while it works (never a stream held open).
+        UNAUTHENTICATED   no valid client certificate, or the client is unknown or revoked
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -117,15 +167,30 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     request_deserializer=offsite_dot_v1_dot_coordinator__pb2.GetTaskRequest.FromString,
                     response_serializer=offsite_dot_v1_dot_coordinator__pb2.Task.SerializeToString,
             ),
+            'GetBlobInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBlobInfo,
+                    request_deserializer=offsite_dot_v1_dot_coordinator__pb2.BlobInfoRequest.FromString,
+                    response_serializer=offsite_dot_v1_dot_coordinator__pb2.BlobInfo.SerializeToString,
+            ),
             'Download': grpc.unary_stream_rpc_method_handler(
                     servicer.Download,
                     request_deserializer=offsite_dot_v1_dot_coordinator__pb2.DownloadRequest.FromString,
                     response_serializer=offsite_dot_v1_dot_coordinator__pb2.Chunk.SerializeToString,
             ),
-            'Upload': grpc.stream_unary_rpc_method_handler(
-                    servicer.Upload,
-                    request_deserializer=offsite_dot_v1_dot_coordinator__pb2.UploadChunk.FromString,
-                    response_serializer=offsite_dot_v1_dot_coordinator__pb2.UploadReceipt.SerializeToString,
+            'BeginUpload': grpc.unary_unary_rpc_method_handler(
+                    servicer.BeginUpload,
+                    request_deserializer=offsite_dot_v1_dot_coordinator__pb2.UploadHeader.FromString,
+                    response_serializer=offsite_dot_v1_dot_coordinator__pb2.UploadSession.SerializeToString,
+            ),
+            'UploadChunks': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadChunks,
+                    request_deserializer=offsite_dot_v1_dot_coordinator__pb2.UploadPart.FromString,
+                    response_serializer=offsite_dot_v1_dot_coordinator__pb2.UploadResult.SerializeToString,
+            ),
+            'Heartbeat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Heartbeat,
+                    request_deserializer=offsite_dot_v1_dot_coordinator__pb2.HeartbeatRequest.FromString,
+                    response_serializer=offsite_dot_v1_dot_coordinator__pb2.HeartbeatResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -193,6 +258,33 @@ class Coordinator:
             _registered_method=True)
 
     @staticmethod
+    def GetBlobInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/offsite.v1.Coordinator/GetBlobInfo',
+            offsite_dot_v1_dot_coordinator__pb2.BlobInfoRequest.SerializeToString,
+            offsite_dot_v1_dot_coordinator__pb2.BlobInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def Download(request,
             target,
             options=(),
@@ -220,7 +312,34 @@ class Coordinator:
             _registered_method=True)
 
     @staticmethod
-    def Upload(request_iterator,
+    def BeginUpload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/offsite.v1.Coordinator/BeginUpload',
+            offsite_dot_v1_dot_coordinator__pb2.UploadHeader.SerializeToString,
+            offsite_dot_v1_dot_coordinator__pb2.UploadSession.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadChunks(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -233,9 +352,36 @@ class Coordinator:
         return grpc.experimental.stream_unary(
             request_iterator,
             target,
-            '/offsite.v1.Coordinator/Upload',
-            offsite_dot_v1_dot_coordinator__pb2.UploadChunk.SerializeToString,
-            offsite_dot_v1_dot_coordinator__pb2.UploadReceipt.FromString,
+            '/offsite.v1.Coordinator/UploadChunks',
+            offsite_dot_v1_dot_coordinator__pb2.UploadPart.SerializeToString,
+            offsite_dot_v1_dot_coordinator__pb2.UploadResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Heartbeat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/offsite.v1.Coordinator/Heartbeat',
+            offsite_dot_v1_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
+            offsite_dot_v1_dot_coordinator__pb2.HeartbeatResponse.FromString,
             options,
             channel_credentials,
             insecure,
