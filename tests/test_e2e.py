@@ -1,15 +1,12 @@
 """End to end: the coordinator and clients as real processes over loopback mutual TLS."""
 import json
 import subprocess
-import sys
 import time
 
 import torch
 from transformers import AutoModelForCausalLM
 
-
-def offsite(*args):
-    return [sys.executable, "-m", "offsite.cli", *args]
+from tests.procs import offsite
 
 
 def run_job(tmp_path, tiny_model, client_data, names, job_extra=""):

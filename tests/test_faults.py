@@ -1,0 +1,107 @@
+"""Fault injection with real processes over loopback TLS: kill -9 at named points (offsite.failpoints),
+restart with the same command, and check nothing accepted is lost and nothing is counted twice."""
+import hashlib
+import json
+import signal
+import subprocess
+import threading
+import time
+
+from offsite.client.identity import enroll
+from offsite.client.transfer import download_blob
+from offsite.cloud.blobs import BlobStore
+from offsite.cloud.coordinator import Coordinator
+from offsite.cloud.identity import CertificateAuthority, StateLayout, init_state, load_sealing_key
+from offsite.cloud.job import JobConfig
+from offsite.cloud.state import SqliteState
+from offsite.protos.offsite.v1 import coordinator_pb2 as pb
+from offsite.protos.offsite.v1 import coordinator_pb2_grpc as pb_grpc
+from offsite.sealing import SealContext, seal
+from offsite.transport import secure_channel
+from tests.procs import client, free_port, offsite, serve, wait_serving
+
+CHUNK_KIB = ("--chunk-kib", "4")  # small chunks: the tiny model's blobs span many, so a kill lands mid-transfer
+
+
+def make_job(tmp_path, tiny_model, names, **job):
+    state = tmp_path / "state"
+    init_state(state, names, ["localhost", "127.0.0.1"], 3600, SqliteState)
+    layout = StateLayout(state)
+    coordinator = Coordinator(layout, SqliteState(layout.db), BlobStore(layout.blobs), load_sealing_key(layout),
+                              CertificateAuthority.load(layout))
+    coordinator.create_job(JobConfig(job_id="faults", base_model=str(tiny_model), emulator_layers=1, batch_size=8, **job))
+    return state
+
+
+def status(state):
+    out = subprocess.run(offsite("cloud", "status", "--state", str(state), "--json"), check=True, capture_output=True, text=True)
+    return json.loads(out.stdout)
+
+
+def test_kill_9_of_coordinator_and_clients_mid_transfer(tiny_model, client_data, tmp_path):
+    """Client 1 dies mid-download, client 2 mid-upload, the coordinator right after accepting the first
+    update (before its reply goes out). Each is started again with the same command."""
+    state = make_job(tmp_path, tiny_model, ["client-1", "client-2"], rounds=2, clients_per_round=2)
+    port, enroll_port = free_port(), free_port()
+    procs = {"coordinator": serve(state, port, enroll_port, "cloud.update.accepted=1", CHUNK_KIB + ("--exit-when-done",))}
+    wait_serving(state, enroll_port, procs["coordinator"])
+    first_fault = {"client-1": "client.download.chunk=3", "client-2": "client.upload.call=1"}
+    for f in client_data:
+        procs[f.name] = client(state, port, enroll_port, f, tmp_path / f.name, f.name, first_fault[f.name])
+    killed, logs, deadline = set(), {name: "" for name in first_fault}, time.time() + 300
+    while any(p.poll() is None for p in procs.values()) or procs["coordinator"].returncode != 0:
+        assert time.time() < deadline, f"the job did not finish; killed so far: {killed}"
+        for name, p in list(procs.items()):
+            if p.poll() is None:
+                continue
+            if name != "coordinator":
+                logs[name] += p.stderr.read()
+            if p.returncode == -signal.SIGKILL and name not in killed:  # the armed failpoint fired: start again
+                killed.add(name)
+                if name == "coordinator":
+                    procs[name] = serve(state, port, enroll_port, "", CHUNK_KIB + ("--exit-when-done",))
+                else:
+                    data = next(f for f in client_data if f.name == name)
+                    procs[name] = client(state, port, enroll_port, data, tmp_path / name, name)
+            else:
+                assert p.returncode == 0, f"{name} exited with {p.returncode}:\n{logs.get(name, '')[-3000:]}"
+        time.sleep(0.2)
+    assert killed == {"coordinator", "client-1", "client-2"}
+    assert "chunks already here" in logs["client-1"]          # the restarted download kept its verified chunks
+    assert "resuming upload at byte" in logs["client-2"]      # the restarted upload went on from the durable offset
+    assert "already accepted before a restart" in logs["client-1"] + logs["client-2"]  # the reply the crash ate
+    job = status(state)["jobs"][0]
+    assert job["status"] == "done"
+    assert sorted((u["round"], u["client_id"].rsplit("-", 1)[0]) for u in job["updates"]) == \
+        [(0, "client-1"), (0, "client-2"), (1, "client-1"), (1, "client-2")]  # every update once, none lost
+    assert (state / "jobs" / "faults" / "report.json").is_file()
+
+
+def test_sigterm_drains_an_in_flight_upload_and_health_reports_serving(tiny_model, tmp_path):
+    state = make_job(tmp_path, tiny_model, ["client-1"], rounds=1, clients_per_round=1)
+    port, enroll_port = free_port(), free_port()
+    coordinator = serve(state, port, enroll_port, "", CHUNK_KIB)
+    wait_serving(state, enroll_port, coordinator)  # the health service says SERVING
+    with secure_channel(f"localhost:{enroll_port}", state / "tls" / "ca.pem") as anon:
+        me = enroll(pb_grpc.CoordinatorStub(anon), (state / "tokens" / "client-1.token").read_text().strip(), tmp_path / "me")
+    with secure_channel(f"localhost:{port}", state / "tls" / "ca.pem", me.tls_key_pem, me.certificate_pem) as channel:
+        stub = pb_grpc.CoordinatorStub(channel)
+        task = stub.GetTask(pb.GetTaskRequest(job_id="faults"))
+        adapter = download_blob(stub, task.adapter_sha256, tmp_path / "adapter.safetensors").read_bytes()
+        envelope = seal(adapter, SealContext("faults", 0, me.client_id, task.skeleton_digest), me.coordinator_key, me.signing_key)
+        session = stub.BeginUpload(pb.UploadHeader(job_id="faults", round=0, num_examples=3, size=len(envelope),
+                                                   sha256=hashlib.sha256(envelope).hexdigest()))
+        half, terminated = len(envelope) // 2, threading.Event()
+
+        def parts():
+            yield pb.UploadPart(upload_id=session.upload_id, offset=0, data=envelope[:half])
+            coordinator.send_signal(signal.SIGTERM)  # the coordinator is told to stop mid-upload...
+            terminated.set()
+            time.sleep(2.5)  # ...and has begun its drain (it checks for the signal every second)
+            yield pb.UploadPart(upload_id=session.upload_id, offset=half, data=envelope[half:])
+
+        result = stub.UploadChunks(parts(), timeout=60)
+    assert terminated.is_set() and result.accepted and result.updates_in_round == 1  # the drain let it finish
+    assert coordinator.wait(timeout=60) == 0
+    assert [u["client_id"] for u in status(state)["jobs"][0]["updates"]] == [me.client_id]
+
