@@ -12,6 +12,13 @@
 2. Sealing. `seal` then `open_sealed` of `--mib` bytes, against `cryptography`'s AES-256-GCM encrypt then
    decrypt of the same bytes. Aim: real / bare >= 0.7.
 
+On one 2-core machine both ends and both TLS stacks share the cores, so the client's mandatory work
+(a SHA-256 of each chunk as it lands, the whole-blob SHA-256 that binds the chunk manifest to the
+digest, writing and fsync) adds directly to the bare stream's time; over a real network link the
+link, not this work (over 1 GB/s per hash), is the limit. The envelope signature covers the context,
+header and GCM tag, not every byte (see offsite.sealing); the breakdown shows what signing every byte
+would cost.
+
 Each measurement is the best of `--reps`, with the contenders interleaved, after one untimed warm-up
 (which fills the coordinator's chunk-digest cache and opens the TLS connections). Machines are noisy,
 so the ratios are the result. Alongside, a breakdown of where the real paths spend their time: the
@@ -150,15 +157,16 @@ def bench_download(args, tmp: Path) -> dict:
                 os.fsync(f.fileno())
             path.unlink()
 
-        local_path = dest / "reread.bin"
-        local_path.write_bytes(data)
-        client_id = me.client_id
+        def whole_hash():
+            h = hashlib.sha256()
+            for c in chunks:
+                h.update(c)
+            return h.hexdigest()
+
         parts = {
             "client: SHA-256 of each chunk": lambda: [hashlib.sha256(c).hexdigest() for c in chunks],
+            "client: whole-blob SHA-256, fed per chunk": whole_hash,
             "client: write + flush each chunk + fsync": write_fsync,
-            "client: final sha256_file (re-read)": lambda: sha256_file(local_path),
-            "server: add_traffic per chunk (SQLite)": lambda: [coordinator.state.add_traffic(client_id, bytes_out=1)
-                                                               for _ in chunks],
             "server: read blob chunks from disk": lambda: [None for _ in coordinator.blobs.chunks(digest, CHUNK_BYTES)],
         }
         part_times = {name: best(fn, args.reps) for name, fn in parts.items()}
@@ -197,17 +205,12 @@ def bench_sealing(args) -> dict:
 
     envelope = seal(plaintext, ctx, coordinator_key.public_key(), signing_key)
     ciphertext = aes.encrypt(nonce, plaintext, ad)
-    signature = signing_key.sign(plaintext)
     parts = {
         "seal alone": lambda: seal(plaintext, ctx, coordinator_key.public_key(), signing_key),
         "open_sealed alone": lambda: open_sealed(envelope, ctx, coordinator_key, signing_key.public_key()),
         "AES-GCM encrypt": lambda: aes.encrypt(nonce, plaintext, ad),
         "AES-GCM decrypt": lambda: aes.decrypt(nonce, ciphertext, ad),
-        "Ed25519 sign of all bytes": lambda: signing_key.sign(plaintext),
-        "Ed25519 verify of all bytes": lambda: signing_key.public_key().verify(signature, plaintext),
-        "SHA-512 of all bytes (Ed25519's hash)": lambda: hashlib.sha512(plaintext).digest(),
-        "one bytes copy (concat / slice)": lambda: b"x" + plaintext,
-        "SHA-256 of all bytes (a prehash)": lambda: hashlib.sha256(plaintext).digest(),
+        "(not done) Ed25519 sign of every byte": lambda: signing_key.sign(plaintext),
     }
     part_times = {name: best(fn, args.reps) for name, fn in parts.items()}
     return {"bytes": size, "seconds": times, "breakdown_seconds": part_times,

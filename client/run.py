@@ -144,7 +144,7 @@ def run(cfg: ClientConfig) -> dict:
     return {"client_id": me.client_id, "rounds": rounds_done, "upload_bytes": upload_bytes}
 
 
-def _train_and_seal(stub, task, trainer: LocalTrainer, me, cfg: ClientConfig, live: Liveness, retried) -> bytes:
+def _train_and_seal(stub, task, trainer: LocalTrainer, me, cfg: ClientConfig, live: Liveness, retried) -> bytearray:
     adapter_path = retried(lambda: download_blob(stub, task.adapter_sha256, cfg.workdir / "adapters" / f"global-{task.round}.safetensors"),
                            "download adapter")
     t = task.training

@@ -19,18 +19,20 @@ log = logging.getLogger("offsite.client")
 PARTS_PER_CALL = 16  # an UploadChunks call carries at most this many chunks, then reports the durable offset
 
 
-def _verified_prefix(part: Path, info: pb.BlobInfo) -> int:
-    """How many leading chunks of a partial download match the manifest; the rest is cut off."""
-    good = 0
+def _verified_prefix(part: Path, info: pb.BlobInfo) -> tuple[int, "hashlib._Hash"]:
+    """How many leading chunks of a partial download match the manifest (the rest is cut off), and the
+    whole-blob SHA-256 fed with them, so the final check needs no second pass over the file."""
+    good, whole = 0, hashlib.sha256()
     if part.exists():
         with open(part, "rb") as f:
             for expected in info.chunk_sha256:
                 data = f.read(info.chunk_size)
                 if not data or hashlib.sha256(data).hexdigest() != expected:
                     break
+                whole.update(data)
                 good += 1
         os.truncate(part, min(good * info.chunk_size, info.size))
-    return good
+    return good, whole
 
 
 def download_blob(stub, digest: str, dest: Path) -> Path:
@@ -40,21 +42,23 @@ def download_blob(stub, digest: str, dest: Path) -> Path:
     info = stub.GetBlobInfo(pb.BlobInfoRequest(sha256=digest))
     part = dest.with_name(dest.name + ".part")
     part.parent.mkdir(parents=True, exist_ok=True)
-    have, total = _verified_prefix(part, info), len(info.chunk_sha256)
+    (have, whole), total = _verified_prefix(part, info), len(info.chunk_sha256)
     if have:
         log.info("resuming %s: %d of %d chunks already here", dest.name, have, total)
     if have < total:
         with open(part, "ab") as f:
             for chunk in stub.Download(pb.DownloadRequest(sha256=digest, first_chunk=have)):
-                if chunk.index != have or hashlib.sha256(chunk.data).hexdigest() != info.chunk_sha256[have]:
+                data = chunk.data
+                if chunk.index != have or hashlib.sha256(data).hexdigest() != info.chunk_sha256[have]:
                     raise IntegrityError(f"chunk {chunk.index} of {dest.name} does not match the blob's chunk manifest; "
                                          f"kept the {have} verified chunks before it")
-                f.write(chunk.data)
+                f.write(data)
                 f.flush()
+                whole.update(data)
                 have += 1
                 failpoints.hit("client.download.chunk")
             os.fsync(f.fileno())
-    if sha256_file(part) != digest:  # binds the chunk manifest to the digest the task named
+    if whole.hexdigest() != digest:  # binds the chunk manifest to the digest the task named
         part.unlink()
         raise IntegrityError(f"download of {dest.name} does not match its SHA-256 {digest[:16]}...; discarded")
     os.replace(part, dest)
@@ -76,21 +80,21 @@ def download_bundle(stub, manifest_digest: str, folder: Path) -> Path:
     return folder
 
 
-def upload(stub, job_id: str, round_: int, num_examples: int, envelope: bytes) -> pb.UploadResult:
+def upload(stub, job_id: str, round_: int, num_examples: int, envelope: bytes | bytearray) -> pb.UploadResult:
     """Send a sealed update from wherever the coordinator's copy ends; return once it is accepted."""
     header = pb.UploadHeader(job_id=job_id, round=round_, num_examples=num_examples, size=len(envelope),
                              sha256=hashlib.sha256(envelope).hexdigest())
     session = stub.BeginUpload(header)
     if session.offset:
         log.info("resuming upload at byte %d of %d", session.offset, len(envelope))
-    offset, step = session.offset, session.chunk_size
+    offset, step, view = session.offset, session.chunk_size, memoryview(envelope)
 
     def parts(start: int):
         end = min(len(envelope), start + PARTS_PER_CALL * step)
         if start == end:  # every byte is already there: an empty part asks for the verdict
             yield pb.UploadPart(upload_id=session.upload_id, offset=start)
         for at in range(start, end, step):
-            yield pb.UploadPart(upload_id=session.upload_id, offset=at, data=envelope[at : min(at + step, end)])
+            yield pb.UploadPart(upload_id=session.upload_id, offset=at, data=bytes(view[at : min(at + step, end)]))
 
     while True:
         result = stub.UploadChunks(parts(offset))

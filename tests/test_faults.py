@@ -40,15 +40,17 @@ def status(state):
 
 def test_kill_9_of_coordinator_and_clients_mid_transfer(tiny_model, client_data, tmp_path):
     """Client 1 dies mid-download, client 2 mid-upload, the coordinator right after accepting the first
-    update (before its reply goes out). Each is started again with the same command."""
+    update (before its reply goes out) and, started again, in the middle of closing the round (the new
+    adapter written, the job not yet moved on). Each is started again with the same command."""
     state = make_job(tmp_path, tiny_model, ["client-1", "client-2"], rounds=2, clients_per_round=2)
     port, enroll_port = free_port(), free_port()
-    procs = {"coordinator": serve(state, port, enroll_port, "cloud.update.accepted=1", CHUNK_KIB + ("--exit-when-done",))}
+    coordinator_faults = ["cloud.update.accepted=1", "cloud.round.closing=1", ""]  # one per coordinator run
+    procs = {"coordinator": serve(state, port, enroll_port, coordinator_faults.pop(0), CHUNK_KIB + ("--exit-when-done",))}
     wait_serving(state, enroll_port, procs["coordinator"])
     first_fault = {"client-1": "client.download.chunk=3", "client-2": "client.upload.call=1"}
     for f in client_data:
         procs[f.name] = client(state, port, enroll_port, f, tmp_path / f.name, f.name, first_fault[f.name])
-    killed, logs, deadline = set(), {name: "" for name in first_fault}, time.time() + 300
+    killed, logs, deadline = [], {name: "" for name in first_fault}, time.time() + 300
     while any(p.poll() is None for p in procs.values()) or procs["coordinator"].returncode != 0:
         assert time.time() < deadline, f"the job did not finish; killed so far: {killed}"
         for name, p in list(procs.items()):
@@ -56,17 +58,17 @@ def test_kill_9_of_coordinator_and_clients_mid_transfer(tiny_model, client_data,
                 continue
             if name != "coordinator":
                 logs[name] += p.stderr.read()
-            if p.returncode == -signal.SIGKILL and name not in killed:  # the armed failpoint fired: start again
-                killed.add(name)
+            if p.returncode == -signal.SIGKILL and (name == "coordinator" or name not in killed):  # a failpoint fired
+                killed.append(name)
                 if name == "coordinator":
-                    procs[name] = serve(state, port, enroll_port, "", CHUNK_KIB + ("--exit-when-done",))
+                    procs[name] = serve(state, port, enroll_port, coordinator_faults.pop(0), CHUNK_KIB + ("--exit-when-done",))
                 else:
                     data = next(f for f in client_data if f.name == name)
                     procs[name] = client(state, port, enroll_port, data, tmp_path / name, name)
             else:
                 assert p.returncode == 0, f"{name} exited with {p.returncode}:\n{logs.get(name, '')[-3000:]}"
         time.sleep(0.2)
-    assert killed == {"coordinator", "client-1", "client-2"}
+    assert sorted(killed) == ["client-1", "client-2", "coordinator", "coordinator"]
     assert "chunks already here" in logs["client-1"]          # the restarted download kept its verified chunks
     assert "resuming upload at byte" in logs["client-2"]      # the restarted upload went on from the durable offset
     assert "already accepted before a restart" in logs["client-1"] + logs["client-2"]  # the reply the crash ate
@@ -75,6 +77,8 @@ def test_kill_9_of_coordinator_and_clients_mid_transfer(tiny_model, client_data,
     assert sorted((u["round"], u["client_id"].rsplit("-", 1)[0]) for u in job["updates"]) == \
         [(0, "client-1"), (0, "client-2"), (1, "client-1"), (1, "client-2")]  # every update once, none lost
     assert (state / "jobs" / "faults" / "report.json").is_file()
+    for c in status(state)["clients"]:  # the operator's view: bytes moved each way, last activity
+        assert c["bytes_out"] > 0 and c["bytes_in"] > 0 and c["activity"]
 
 
 def test_sigterm_drains_an_in_flight_upload_and_health_reports_serving(tiny_model, tmp_path):
@@ -94,11 +98,11 @@ def test_sigterm_drains_an_in_flight_upload_and_health_reports_serving(tiny_mode
         half, terminated = len(envelope) // 2, threading.Event()
 
         def parts():
-            yield pb.UploadPart(upload_id=session.upload_id, offset=0, data=envelope[:half])
+            yield pb.UploadPart(upload_id=session.upload_id, offset=0, data=bytes(envelope[:half]))
             coordinator.send_signal(signal.SIGTERM)  # the coordinator is told to stop mid-upload...
             terminated.set()
             time.sleep(2.5)  # ...and has begun its drain (it checks for the signal every second)
-            yield pb.UploadPart(upload_id=session.upload_id, offset=half, data=envelope[half:])
+            yield pb.UploadPart(upload_id=session.upload_id, offset=half, data=bytes(envelope[half:]))
 
         result = stub.UploadChunks(parts(), timeout=60)
     assert terminated.is_set() and result.accepted and result.updates_in_round == 1  # the drain let it finish

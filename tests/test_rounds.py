@@ -4,6 +4,7 @@ import hashlib
 from pathlib import Path
 
 import pytest
+import torch
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -15,9 +16,9 @@ from offsite.cloud.coordinator import Coordinator, UploadHeader
 from offsite.cloud.identity import CertificateAuthority, StateLayout, init_state, load_sealing_key
 from offsite.cloud.job import JobConfig
 from offsite.cloud.state import SqliteState
-from offsite.errors import ConfigError, PreconditionError
+from offsite.errors import ConfigError, InvalidUpdateError, PreconditionError
 from offsite.sealing import SealContext, raw_public, seal
-from offsite.tensors import from_bytes
+from offsite.tensors import from_bytes, to_bytes
 
 NAMES = ["c1", "c2", "c3"]
 
@@ -30,15 +31,14 @@ class Clock:
         return self.t
 
 
-@pytest.fixture
-def world(tiny_model, tmp_path):
+def make_world(tiny_model, tmp_path, **job):
     layout = StateLayout(tmp_path / "state")
     tokens = init_state(layout.root, NAMES, ["localhost"], 3600, SqliteState)
     clock, done = Clock(), []
     c = Coordinator(layout, SqliteState(layout.db), BlobStore(layout.blobs), load_sealing_key(layout),
                     CertificateAuthority.load(layout), on_training_done=done.append, clock=clock)
-    c.create_job(JobConfig(job_id="j", base_model=str(tiny_model), rounds=2, clients_per_round=3, min_clients=2,
-                           round_timeout_s=60, emulator_layers=1))
+    settings = {"rounds": 2, "clients_per_round": 3, "min_clients": 2, "round_timeout_s": 60, **job}
+    c.create_job(JobConfig(job_id="j", base_model=str(tiny_model), emulator_layers=1, **settings))
     clients = []
     for name in NAMES:
         signer = Ed25519PrivateKey.generate()
@@ -49,9 +49,16 @@ def world(tiny_model, tmp_path):
     return c, clock, clients, done
 
 
-def _upload(c, client, signer, round_):
+@pytest.fixture
+def world(tiny_model, tmp_path):
+    return make_world(tiny_model, tmp_path)
+
+
+def _upload(c, client, signer, round_, shift=0.0):
     _, _, art = c.job("j")
     adapter = c.blobs.get(art["adapters"][0])
+    if shift:
+        adapter = to_bytes({k: v + shift for k, v in from_bytes(adapter).items()})
     envelope = seal(adapter, SealContext("j", round_, client.client_id, art["skeleton_digest"]),
                     load_sealing_key(c.layout).public_key(), signer)
     header = UploadHeader("j", round_, 10, len(envelope), hashlib.sha256(envelope).hexdigest())
@@ -116,3 +123,29 @@ def test_full_round_still_closes_at_once(world):
 def test_bad_round_settings(kwargs):
     with pytest.raises(ConfigError):
         JobConfig(job_id="j", base_model="m", clients_per_round=3, **kwargs)
+
+
+def test_norm_bound_rejects_a_far_update_with_its_reason(tiny_model, tmp_path):
+    c, _, clients, _ = make_world(tiny_model, tmp_path, max_update_norm=1.0)
+    _, _, art = c.job("j")
+    n = sum(v.numel() for v in from_bytes(c.blobs.get(art["adapters"][0])).values())
+    _upload(c, *clients[0], 0, shift=0.5 / n ** 0.5)  # L2 norm 0.5: inside the bound
+    with pytest.raises(InvalidUpdateError, match="L2 norm 2, above the job.s bound 1"):
+        _upload(c, *clients[1], 0, shift=2.0 / n ** 0.5)
+    assert [u.client_id for u in c.state.updates("j")] == [clients[0][0].client_id]
+    assert "above the job's bound" in c.state.rejections("j")[0][2]
+
+
+def test_fedavgm_keeps_momentum_between_rounds(tiny_model, tmp_path):
+    c, _, clients, _ = make_world(tiny_model, tmp_path, clients_per_round=1, min_clients=None, round_timeout_s=0,
+                                  aggregator="fedavgm", aggregator_params={"server_lr": 1.0, "momentum": 0.5})
+    _, _, art = c.job("j")
+    start = from_bytes(c.blobs.get(art["adapters"][0]))
+    for round_ in range(2):
+        _upload(c, *clients[0], round_, shift=1.0)  # each round the client sends the original adapter + 1
+    _, _, art = c.job("j")
+    name = next(iter(start))
+    after1, after2 = (from_bytes(c.blobs.get(d))[name] for d in art["adapters"][1:3])
+    assert torch.allclose(after1, start[name] + 1.0)  # v = 1; global + 1
+    assert torch.allclose(after2, start[name] + 1.5)  # delta = (start + 1) - (start + 1) = 0; v = 0.5; global + 0.5
+    assert art["strategy_state"] is not None

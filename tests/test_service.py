@@ -131,6 +131,14 @@ def test_certificate_from_another_ca_is_refused_at_the_handshake(env):
     assert _code(lambda: stub.GetTask(pb.GetTaskRequest(), timeout=10)) in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED)
 
 
+def test_certificate_from_our_ca_for_an_unknown_client_is_refused(env):
+    key = ec.generate_private_key(ec.SECP256R1())
+    ca = CertificateAuthority.load(env.layout)
+    cert = ca.issue_client_certificate(ca.load_csr(_csr(key)), "ghost-00000000")  # e.g. a client deleted from the state
+    stub = env.stub(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()), cert)
+    assert _code(lambda: stub.GetTask(pb.GetTaskRequest(job_id="job1"))) == grpc.StatusCode.UNAUTHENTICATED
+
+
 def test_revoked_client_is_locked_out_at_once(env):
     me, stub = env.enroll("client-1")
     assert stub.GetTask(pb.GetTaskRequest(job_id="job1")).kind == pb.Task.TRAIN
@@ -214,7 +222,7 @@ def test_wrong_job_or_round_is_a_failed_precondition(env, job_id, round_):
 
 def _parts(upload_id, envelope, start=0, end=None):
     end = len(envelope) if end is None else end
-    return iter([pb.UploadPart(upload_id=upload_id, offset=at, data=envelope[at:min(at + CHUNK, end)])
+    return iter([pb.UploadPart(upload_id=upload_id, offset=at, data=bytes(envelope[at:min(at + CHUNK, end)]))
                  for at in range(start, end, CHUNK)])
 
 
@@ -230,6 +238,11 @@ def test_upload_that_lies_about_its_size_or_hash(env):
     assert _code(lambda: send(len(envelope) - 1, hashlib.sha256(envelope).hexdigest())) == grpc.StatusCode.INVALID_ARGUMENT
     assert _code(lambda: send(len(envelope), "0" * 64)) == grpc.StatusCode.INVALID_ARGUMENT
     assert _code(lambda: send(len(envelope), "not hex")) == grpc.StatusCode.INVALID_ARGUMENT
+    garbage = bytearray(envelope)
+    garbage[CHUNK : 2 * CHUNK] = bytes(CHUNK)  # a garbage chunk inside an upload with an honest header
+    honest = pb.UploadHeader(job_id="job1", round=0, num_examples=5, size=len(envelope), sha256=hashlib.sha256(envelope).hexdigest())
+    session = stub.BeginUpload(honest)
+    assert _code(lambda: stub.UploadChunks(_parts(session.upload_id, bytes(garbage)))) == grpc.StatusCode.INVALID_ARGUMENT
     assert _code(lambda: stub.UploadChunks(iter([]))) == grpc.StatusCode.INVALID_ARGUMENT
     assert _code(lambda: stub.UploadChunks(iter([pb.UploadPart(upload_id="0" * 32, data=b"x")]))) == grpc.StatusCode.NOT_FOUND
     assert env.coordinator.state.updates("job1") == [] and env.coordinator.state.uploads("job1", 0) == []
