@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -57,30 +58,39 @@ def cmd_serve(args) -> int:
     if not 4 <= args.chunk_kib <= MAX_MESSAGE_BYTES // 2048:
         raise ConfigError(f"--chunk-kib must be in 4..{MAX_MESSAGE_BYTES // 2048}, got {args.chunk_kib}")
     coordinator = open_coordinator(args.state, args.chunk_kib * 1024)
+    finalizers: list[threading.Thread] = []
 
     def finish(job_id: str) -> None:
         def work() -> None:
             finalize_job(coordinator, job_id, log)
             if args.exit_when_done and not any(j.status in ("running", "finalizing") for j in coordinator.state.jobs()):
                 stop.set()
-        threading.Thread(target=work, name=f"finalize-{job_id}", daemon=True).start()
+        finalizers.append(threading.Thread(target=work, name=f"finalize-{job_id}", daemon=True))
+        finalizers[-1].start()
 
     coordinator.on_training_done = finish
     enroll_address = args.enroll_address or (args.address if args.address.endswith(":0") else enroll_target(args.address))
+    for sig in (signal.SIGTERM, signal.SIGINT):  # before serving: a SIGTERM must always mean a drain
+        signal.signal(sig, lambda *_: stop.set())
     running = start_server(coordinator, coordinator.layout, args.address, enroll_address)
     if args.port_file:
         atomic_write(Path(args.port_file), json.dumps({"port": running.port, "enroll_port": running.enroll_port}).encode())
     log.info("coordinator serving on port %d (mutual TLS), enrollment on port %d (TLS)", running.port, running.enroll_port)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     for job in coordinator.state.jobs():
         if job.status == "finalizing":  # a crash interrupted finalization: do it again
             finish(job.job_id)
     while not stop.wait(1.0):
         coordinator.tick()  # round deadlines
     log.info("coordinator stopping; letting in-flight calls finish for up to %.0f s", args.grace)
+    deadline = time.monotonic() + args.grace
     running.health.enter_graceful_shutdown()
     running.server.stop(grace=args.grace).wait()
+    for t in finalizers:  # a drained upload may have closed the last round: let its finalization end
+        t.join(timeout=max(0.0, deadline - time.monotonic()))
+    if any(t.is_alive() for t in finalizers):
+        log.warning("finalization still running after the grace period; it starts again with the next `serve`")
+        logging.shutdown()
+        os._exit(0)  # safe at any moment by design, and no interpreter teardown under a running torch thread
     return 0
 
 
