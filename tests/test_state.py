@@ -67,3 +67,24 @@ def test_sqlite_state_survives_reopen(tmp_path):
     first.add_update(UpdateRecord("j", 0, "c1", 10, "d1", 100))
     again = SqliteState(tmp_path / "s.sqlite")
     assert len(again.updates("j")) == 1 and again.job("j").status == "running"
+
+
+def test_upload_sessions_open_once_and_close(state):
+    from offsite.cloud.state import UploadRecord
+    up = UploadRecord("a" * 32, "j", 0, "c1", 10, 1000, "d" * 64)
+    state.open_upload(up)
+    state.open_upload(UploadRecord("a" * 32, "j", 0, "c1", 99, 1, "e" * 64))  # opening again keeps the first record
+    assert state.upload("a" * 32) == up and state.uploads("j", 0) == [up] and state.uploads("j", 1) == []
+    state.close_upload("a" * 32)
+    with pytest.raises(NotFoundError):
+        state.upload("a" * 32)
+
+
+def test_client_activity_and_traffic_accumulate(state):
+    state.add_client("c1", "client-1", b"k" * 32)
+    state.touch_client("c1", "training round 1 (50%)")
+    state.touch_client("c1")  # a call without news keeps the last activity
+    state.add_traffic("c1", bytes_in=100)
+    state.add_traffic("c1", bytes_in=5, bytes_out=7)
+    c = state.client("c1")
+    assert (c.activity, c.bytes_in, c.bytes_out) == ("training round 1 (50%)", 105, 7)
