@@ -46,28 +46,32 @@ def test_kill_9_of_coordinator_and_clients_mid_transfer(tiny_model, client_data,
     port, enroll_port = free_port(), free_port()
     coordinator_faults = ["cloud.update.accepted=1", "cloud.round.closing=1", ""]  # one per coordinator run
     procs = {"coordinator": serve(state, port, enroll_port, coordinator_faults.pop(0), CHUNK_KIB + ("--exit-when-done",))}
-    wait_serving(state, enroll_port, procs["coordinator"])
     first_fault = {"client-1": "client.download.chunk=3", "client-2": "client.upload.call=1"}
-    for f in client_data:
-        procs[f.name] = client(state, port, enroll_port, f, tmp_path / f.name, f.name, first_fault[f.name])
     killed, logs, deadline = [], {name: "" for name in first_fault}, time.time() + 300
-    while any(p.poll() is None for p in procs.values()) or procs["coordinator"].returncode != 0:
-        assert time.time() < deadline, f"the job did not finish; killed so far: {killed}"
-        for name, p in list(procs.items()):
-            if p.poll() is None:
-                continue
-            if name != "coordinator":
-                logs[name] += p.stderr.read()
-            if p.returncode == -signal.SIGKILL and (name == "coordinator" or name not in killed):  # a failpoint fired
-                killed.append(name)
-                if name == "coordinator":
-                    procs[name] = serve(state, port, enroll_port, coordinator_faults.pop(0), CHUNK_KIB + ("--exit-when-done",))
+    try:
+        wait_serving(state, enroll_port, procs["coordinator"])
+        for f in client_data:
+            procs[f.name] = client(state, port, enroll_port, f, tmp_path / f.name, f.name, first_fault[f.name])
+        while any(p.poll() is None for p in procs.values()) or procs["coordinator"].returncode != 0:
+            assert time.time() < deadline, f"the job did not finish; killed so far: {killed}"
+            for name, p in list(procs.items()):
+                if p.poll() is None:
+                    continue
+                if name != "coordinator":
+                    logs[name] += p.stderr.read()
+                if p.returncode == -signal.SIGKILL and (name == "coordinator" or name not in killed):  # a failpoint fired
+                    killed.append(name)
+                    if name == "coordinator":
+                        procs[name] = serve(state, port, enroll_port, coordinator_faults.pop(0), CHUNK_KIB + ("--exit-when-done",))
+                    else:
+                        data = next(f for f in client_data if f.name == name)
+                        procs[name] = client(state, port, enroll_port, data, tmp_path / name, name)
                 else:
-                    data = next(f for f in client_data if f.name == name)
-                    procs[name] = client(state, port, enroll_port, data, tmp_path / name, name)
-            else:
-                assert p.returncode == 0, f"{name} exited with {p.returncode}:\n{logs.get(name, '')[-3000:]}"
-        time.sleep(0.2)
+                    assert p.returncode == 0, f"{name} exited with {p.returncode}:\n{logs.get(name, '')[-3000:]}"
+            time.sleep(0.2)
+    finally:  # a failed assertion must not leave processes behind
+        for p in procs.values():
+            p.kill()
     assert sorted(killed) == ["client-1", "client-2", "coordinator", "coordinator"]
     assert "chunks already here" in logs["client-1"]          # the restarted download kept its verified chunks
     assert "resuming upload at byte" in logs["client-2"]      # the restarted upload went on from the durable offset
@@ -85,6 +89,16 @@ def test_sigterm_drains_an_in_flight_upload_and_health_reports_serving(tiny_mode
     state = make_job(tmp_path, tiny_model, ["client-1"], rounds=1, clients_per_round=1)
     port, enroll_port = free_port(), free_port()
     coordinator = serve(state, port, enroll_port, "", CHUNK_KIB)
+    try:
+        result, me = _upload_across_sigterm(state, port, enroll_port, coordinator, tmp_path)
+        assert coordinator.wait(timeout=60) == 0
+    finally:
+        coordinator.kill()
+    assert result.accepted and result.updates_in_round == 1  # the drain let the upload finish
+    assert [u["client_id"] for u in status(state)["jobs"][0]["updates"]] == [me.client_id]
+
+
+def _upload_across_sigterm(state, port, enroll_port, coordinator, tmp_path):
     wait_serving(state, enroll_port, coordinator)  # the health service says SERVING
     with secure_channel(f"localhost:{enroll_port}", state / "tls" / "ca.pem") as anon:
         me = enroll(pb_grpc.CoordinatorStub(anon), (state / "tokens" / "client-1.token").read_text().strip(), tmp_path / "me")
@@ -105,7 +119,6 @@ def test_sigterm_drains_an_in_flight_upload_and_health_reports_serving(tiny_mode
             yield pb.UploadPart(upload_id=session.upload_id, offset=half, data=bytes(envelope[half:]))
 
         result = stub.UploadChunks(parts(), timeout=60)
-    assert terminated.is_set() and result.accepted and result.updates_in_round == 1  # the drain let it finish
-    assert coordinator.wait(timeout=60) == 0
-    assert [u["client_id"] for u in status(state)["jobs"][0]["updates"]] == [me.client_id]
+    assert terminated.is_set()
+    return result, me
 
