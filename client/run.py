@@ -13,6 +13,7 @@ import torch
 from offsite import lm
 from offsite.client.identity import enroll, load_identity
 from offsite.client.train import LocalTrainer
+from offsite.emulator.methods import MethodConfig
 from offsite.client.retry import with_retry
 from offsite.client.transfer import download_blob, download_bundle, upload
 from offsite.errors import ConfigError, DataError
@@ -156,13 +157,17 @@ def _train_and_seal(stub, task, trainer: LocalTrainer, me, cfg: ClientConfig, li
         if not live.round_open:
             raise RoundClosed()
 
-    result = trainer.train_round(from_bytes(adapter_path.read_bytes()), task.skeleton_digest, train_cfg,
+    m = t.method
+    method = MethodConfig(m.name or "full", r=m.r or 8, alpha=m.alpha or 16.0, dropout=m.dropout,
+                          target_modules=tuple(m.target_modules))
+    result = trainer.train_round(from_bytes(adapter_path.read_bytes()), task.skeleton_digest, train_cfg, method,
                                  desc=f"{me.client_id} round {task.round + 1}/{task.total_rounds}",
                                  show_progress=cfg.show_progress, on_step=on_step)
-    log.info("client %s: round %d trained (%d steps, %.0f tok/s, local held-out %s -> %s)", me.client_id, task.round + 1,
-             result.stats.steps, result.stats.tokens_per_s, _fmt(result.heldout_before), _fmt(result.heldout_after))
+    log.info("client %s: round %d trained with %s (%d trainable params, %d steps, %.0f tok/s, local held-out %s -> %s)",
+             me.client_id, task.round + 1, method.name, result.trainable_params, result.stats.steps,
+             result.stats.tokens_per_s, _fmt(result.heldout_before), _fmt(result.heldout_after))
     ctx = SealContext(task.job_id, task.round, me.client_id, task.skeleton_digest)
-    return seal(to_bytes(result.adapter), ctx, me.coordinator_key, me.signing_key)
+    return seal(to_bytes(result.update), ctx, me.coordinator_key, me.signing_key)
 
 
 def _upload_once(stub, task, num_examples: int, envelope: bytes, retried) -> str:

@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 from offsite import lm
-from offsite.emulator.adapter import extract_adapter, freeze_all_but_adapter, load_adapter
+from offsite.emulator import methods
+from offsite.emulator.adapter import load_adapter
 from offsite.emulator.bundle import load_bundle
 from offsite.errors import IntegrityError
 from offsite.tensors import spec_digest, spec_of
@@ -15,29 +16,35 @@ from offsite.tensors import spec_digest, spec_of
 
 @dataclass(frozen=True)
 class RoundResult:
-    adapter: dict[str, torch.Tensor]
+    update: dict[str, torch.Tensor]   # the method's trainable tensors only: what is sealed and uploaded
     stats: lm.TrainStats
     heldout_before: float | None
     heldout_after: float | None
+    trainable_params: int
 
 
 class LocalTrainer:
-    """Holds the verified emulator in memory across rounds; each round starts from the global adapter."""
+    """Encodes the data once; each round starts from a freshly loaded, verified emulator with the global
+    adapter in it, and the job's method attached (a PEFT module must not carry over between rounds)."""
 
     def __init__(self, bundle_dir: Path, texts: list[str], heldout: list[str] | None, max_length: int):
-        self.model, self.tokenizer, self.plan = load_bundle(bundle_dir)
+        self.bundle_dir = bundle_dir
+        _, self.tokenizer, self.plan = load_bundle(bundle_dir)
         self.train_set = lm.encode(self.tokenizer, texts, max_length)
         self.heldout = lm.encode(self.tokenizer, heldout, max_length) if heldout else None
 
-    def _heldout_loss(self) -> float | None:
-        return lm.mean_token_loss(self.model, self.heldout, self.tokenizer.pad_token_id) if self.heldout else None
+    def _heldout_loss(self, model) -> float | None:
+        return lm.mean_token_loss(model, self.heldout, self.tokenizer.pad_token_id) if self.heldout else None
 
     def train_round(self, start: dict[str, torch.Tensor], skeleton_digest: str, cfg: lm.TrainConfig,
-                    desc: str = "train", show_progress: bool = True, on_step=None) -> RoundResult:
+                    method: methods.MethodConfig = methods.MethodConfig(), desc: str = "train",
+                    show_progress: bool = True, on_step=None) -> RoundResult:
         if spec_digest(spec_of(start)) != skeleton_digest:
             raise IntegrityError("the global adapter does not match the job's skeleton digest")
-        load_adapter(self.model, self.plan, start, on_emulator=True)
-        before = self._heldout_loss()
-        params = freeze_all_but_adapter(self.model, self.plan, on_emulator=True)
-        stats = lm.train(self.model, self.train_set, params, self.tokenizer.pad_token_id, cfg, desc, show_progress, on_step)
-        return RoundResult(extract_adapter(self.model, self.plan, on_emulator=True), stats, before, self._heldout_loss())
+        model, _, _ = load_bundle(self.bundle_dir)
+        load_adapter(model, self.plan, start, on_emulator=True)
+        before = self._heldout_loss(model)
+        model, params = methods.attach(model, self.plan, method)
+        stats = lm.train(model, self.train_set, params, self.tokenizer.pad_token_id, cfg, desc, show_progress, on_step)
+        return RoundResult(methods.trainable_state(model, self.plan, method), stats, before, self._heldout_loss(model),
+                           sum(p.numel() for p in params))

@@ -26,7 +26,10 @@ from offsite.cloud.identity import CertificateAuthority, StateLayout, hash_secre
 from offsite.cloud.job import JobConfig
 from offsite.cloud.state import ClientRecord, JobRecord, State, UpdateRecord, UploadRecord
 from offsite.cloud.uploads import UploadSpool
+from offsite.emulator import methods
 from offsite.emulator.build import build
+from offsite.emulator.bundle import load_bundle
+from offsite.emulator.plan import SplitPlan
 from offsite.errors import (AlreadyExistsError, AuthError, InvalidRequestError, InvalidUpdateError, NotFoundError,
                             OutOfRangeError, PreconditionError, TooLargeError)
 from offsite.files import sha256_bytes
@@ -85,6 +88,8 @@ class Coordinator:
         self._sealing_key, self._ca, self._now = sealing_key, ca, clock
         self.chunk_bytes = chunk_bytes
         self.spool = UploadSpool(layout.uploads)
+        self._scratch: dict[str, torch.nn.Module] = {}  # job id -> emulator that peft merges updates into
+        self._scratch_lock = threading.Lock()
         self.on_training_done = on_training_done  # called with the job id when its last round closes
         self._lock = threading.RLock()
 
@@ -98,12 +103,17 @@ class Coordinator:
         bundle_files = {p.name: self.blobs.put_file(p) for p in sorted(result.bundle_dir.iterdir()) if p.is_file()}
         skeleton_bytes = to_bytes(result.skeleton)
         spec = spec_of(result.skeleton)
+        method = cfg.method_config()
+        emulator, _, _ = load_bundle(result.bundle_dir)
+        attached, _ = methods.attach(emulator, result.plan, method)
+        update_spec = spec_of(methods.trainable_state(attached, result.plan, method))  # what clients upload
         artifacts = {
             "manifest": bundle_files["offsite-manifest.json"],
             "bundle_files": bundle_files,
             "bundle_dir": str(result.bundle_dir),
             "plan": result.plan.to_dict(),
             "spec": spec,
+            "update_spec": update_spec,
             "skeleton_digest": spec_digest(spec),
             "adapters": [self.blobs.put(skeleton_bytes)],  # adapters[r] = global adapter that round r starts from
             "params": {"full": result.full_params, "emulator": result.emulator_params, "adapter": result.adapter_params},
@@ -294,9 +304,10 @@ class Coordinator:
             ctx = SealContext(header.job_id, header.round, client.client_id, art["skeleton_digest"])
             plaintext = open_sealed(envelope, ctx, self._sealing_key, Ed25519PublicKey.from_public_bytes(client.signing_key))
             tensors = from_bytes(plaintext)
-            check_matches(tensors, {k: (s, d) for k, (s, d) in art["spec"].items()})
+            check_matches(tensors, {k: (s, d) for k, (s, d) in art["update_spec"].items()})
             if cfg.max_update_norm:
-                self._check_norm(tensors, load_blob(self.blobs.open_path(art["adapters"][header.round])), cfg.max_update_norm)
+                start = load_blob(self.blobs.open_path(art["adapters"][header.round]))
+                self._check_norm(self._propose(header.job_id, cfg, art, start, tensors), start, cfg.max_update_norm)
         except InvalidUpdateError as e:
             self.state.add_rejection(header.job_id, header.round, client.client_id, str(e))
             raise
@@ -312,6 +323,17 @@ class Coordinator:
             self._close_if_due(header.job_id)
         return header.round, count
 
+    def _propose(self, job_id: str, cfg: JobConfig, art: dict, start: dict[str, torch.Tensor],
+                 update: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The dense adapter an update proposes (see offsite.emulator.methods)."""
+        method = cfg.method_config()
+        if method.name in ("full", "bitfit"):
+            return methods.propose(None, SplitPlan.from_dict(art["plan"]), method, start, update)
+        with self._scratch_lock:  # peft merges into one scratch emulator per job
+            if job_id not in self._scratch:
+                self._scratch[job_id] = load_bundle(art["bundle_dir"])[0]
+            return methods.propose(self._scratch[job_id], SplitPlan.from_dict(art["plan"]), method, start, update)
+
     @staticmethod
     def _check_norm(update: dict[str, torch.Tensor], start: dict[str, torch.Tensor], bound: float) -> None:
         """The L2 norm of the change a client proposes, over every tensor, must stay within the job's bound."""
@@ -325,12 +347,13 @@ class Coordinator:
         are content-addressed and the job row moves in one transaction."""
         rec, cfg, art = self.job(job_id)
         updates = self.state.updates(job_id, rec.round)
+        start = load_blob(self.blobs.open_path(art["adapters"][rec.round]))
         mean = WeightedMean()
-        for u in updates:
-            mean.add(load_blob(self.blobs.open_path(u.blob_sha256)), float(u.num_examples))
+        for u in updates:  # each update as the dense adapter it proposes: exact for LoRA and IA3 too
+            mean.add(self._propose(job_id, cfg, art, start, load_blob(self.blobs.open_path(u.blob_sha256))), float(u.num_examples))
         strategy = make_strategy(cfg.aggregator, **cfg.aggregator_params)
         state = load_blob(self.blobs.open_path(art["strategy_state"])) if art.get("strategy_state") else {}
-        new_global, new_state = strategy.step(load_blob(self.blobs.open_path(art["adapters"][rec.round])), mean.result(), state)
+        new_global, new_state = strategy.step(start, mean.result(), state)
         art["adapters"].append(self.blobs.put(to_bytes(new_global)))
         art["strategy_state"] = self.blobs.put(to_bytes(new_state)) if new_state else None
         failpoints.hit("cloud.round.closing")  # the new adapter is stored; the job row has not moved yet

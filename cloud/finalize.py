@@ -1,6 +1,7 @@
 """The end of a job: plug the aggregated adapter into the full model, evaluate, export, report."""
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -67,6 +68,8 @@ def finalize(cfg: JobConfig, artifacts: dict, state: State, blobs: BlobStore, jo
                   "adapter_params": params["adapter"], "emulator_params": params["emulator"]},
         "emulator": {"strategy": made["strategy"], "attn_rank": made.get("attn_rank"), "quantized": made["quantized"],
                      "distill_steps": (made.get("distillation") or {}).get("steps", 0)},
+        "adapter_method": {**cfg.method_config().to_dict(),
+                           "trainable_params": sum(math.prod(shape) for shape, _ in artifacts["update_spec"].values())},
         "rounds": cfg.rounds,
         "clients": clients,
         "rejected_updates": [{"round": r, "client_id": c, "reason": why} for r, c, why in state.rejections(cfg.job_id)],

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from offsite.cloud.aggregate import make_strategy
 from offsite.emulator.config import EmulatorConfig
+from offsite.emulator.methods import MethodConfig
 from offsite.errors import ConfigError
 
 
@@ -39,6 +40,8 @@ class JobConfig:
     aggregator: str = "fedavg"            # server strategy: fedavg | fedavgm | fedadam
     aggregator_params: dict[str, float] = field(default_factory=dict)   # e.g. server_lr, momentum
     heartbeat_s: float = 10.0             # how often a working client reports liveness
+    method: str = "full"                  # how the adapter trains: full | lora | ia3 | bitfit
+    method_params: dict = field(default_factory=dict)   # e.g. r, alpha, dropout, target_modules
     eval_sets: dict[str, str] = field(default_factory=dict)   # name -> JSONL the model owner may evaluate on
     protection_data: str | None = None                        # JSONL of general (pretraining-domain) text
     export_dir: str | None = None
@@ -58,7 +61,14 @@ class JobConfig:
         if self.max_update_norm < 0 or self.heartbeat_s <= 0:
             raise ConfigError(f"max_update_norm must be >= 0 and heartbeat_s > 0, got {self.max_update_norm} and {self.heartbeat_s}")
         make_strategy(self.aggregator, **self.aggregator_params)  # validates the strategy and its parameters
+        self.method_config()
         self.emulator_config()  # validates the split and distillation settings
+
+    def method_config(self) -> MethodConfig:
+        try:
+            return MethodConfig(self.method, **self.method_params)
+        except TypeError as e:
+            raise ConfigError(f"adapter method {self.method}: {e}") from None
 
     def emulator_config(self) -> EmulatorConfig:
         return EmulatorConfig(bottom=self.bottom, top=self.top, emulator_layers=self.emulator_layers,
@@ -78,6 +88,10 @@ class JobConfig:
             params = dict(raw["aggregation"])
             flat["aggregator"] = params.pop("strategy", "fedavg")
             flat["aggregator_params"] = params
+        if "adapter" in raw:  # [adapter] method = "lora", then the method's parameters
+            params = dict(raw["adapter"])
+            flat["method"] = params.pop("method", "full")
+            flat["method_params"] = params
         if "id" in flat:
             flat["job_id"] = flat.pop("id")
         base = path.parent

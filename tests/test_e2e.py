@@ -3,6 +3,7 @@ import json
 import subprocess
 import time
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -66,3 +67,16 @@ def test_a_client_that_never_comes_does_not_block_the_job(tiny_model, client_dat
                         "rounds = 2\nclients_per_round = 3\nmin_clients = 2\nround_timeout_s = 2\n")
     assert [c["id"] for c in report["clients"]] == ["client-1", "client-2"]
     assert [c["rounds_participated"] for c in report["clients"]] == [2, 2]
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "bitfit"])
+def test_each_adapter_method_trains_through_the_real_client_and_plugs_back_in(method, tiny_model, client_data, tmp_path):
+    rank = "r = 2\n" if method == "lora" else ""  # at width 32, rank 2 is already 1/8 of the weights
+    _, report = run_job(tmp_path, tiny_model, client_data[:1], ["client-1"],
+                        f'rounds = 1\nclients_per_round = 1\nlr = 0.03\nepochs = 4.0\n[adapter]\nmethod = "{method}"\n{rank}')
+    m, ev = report["adapter_method"], report["eval"]["all"]
+    dense_bytes = 4 * report["split"]["adapter_params"]
+    assert m["name"] == method and 0 < m["trainable_params"] < report["split"]["adapter_params"] / 4
+    assert report["clients"][0]["upload_bytes"] < dense_bytes / 3  # only the method's tensors travel
+    assert ev["plug_in"] < ev["full_zero_shot"] - 0.01  # it learned, and the merged adapter carries it to the full model
+    assert abs(ev["plug_in"] - ev["emulator_with_adapter"]) < 0.5

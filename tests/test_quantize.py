@@ -59,8 +59,8 @@ def test_client_trains_adapter_on_quantized_emulator(wide_model, client_data, tm
     out = trainer.train_round(start, spec_digest(spec_of(start)),
                               lm.TrainConfig(epochs=3, lr=3e-3, batch_size=8, bf16=bf16), show_progress=False)
     assert out.heldout_after < out.heldout_before
-    assert spec_of(out.adapter) == spec_of(start)
-    assert any(not torch.equal(out.adapter[k], start[k]) for k in start)
+    assert spec_of(out.update) == spec_of(start)
+    assert any(not torch.equal(out.update[k], start[k]) for k in start)
     middle = list(find_blocks(trainer.model).blocks[2].parameters())
     assert middle and all(not p.requires_grad and p.grad is None for p in middle)  # the packed middle is frozen
     assert set(extract_adapter(trainer.model, trainer.plan, on_emulator=True)) == set(start)

@@ -1,0 +1,171 @@
+"""How the adapter trains: whole blocks (the paper), or a PEFT method inside the adapter blocks only.
+
+Every method speaks in canonical names (the full model's block indices, see offsite.emulator.adapter),
+so the client's upload, the coordinator's checks and the plug-in agree whatever the emulator kept.
+
+- full: every tensor of the adapter blocks trains and travels.
+- lora, ia3 (peft): low-rank or scaling modules on the adapter blocks' linear layers; only their tensors
+  travel. The coordinator turns each update into the dense adapter it proposes (peft's own merge), and
+  averages those: the mean of merged weights is exact where a mean of B and of A would not be
+  (mean(B·A) != mean(B)·mean(A)). The global adapter stays dense, so plug-in and export are plain.
+- bitfit: only the adapter blocks' biases train; for bias-free families (LLaMA, Mistral, Qwen...) their
+  norm weights, the only per-channel offsets those blocks have.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from offsite.emulator.adapter import adapter_parameters, extract_adapter, freeze_all_but_adapter, load_adapter
+from offsite.emulator.blocks import find_blocks
+from offsite.emulator.plan import SplitPlan
+from offsite.errors import ConfigError, InvalidUpdateError
+
+METHODS = ("full", "lora", "ia3", "bitfit")
+_PEFT = ("lora", "ia3")
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    name: str = "full"
+    r: int = 8                      # lora rank
+    alpha: float = 16.0             # lora scaling numerator (scale = alpha / r)
+    dropout: float = 0.0            # lora dropout
+    target_modules: tuple[str, ...] = field(default=())  # leaf names; default: every linear (lora), peft's family default (ia3)
+
+    def __post_init__(self) -> None:
+        if self.name not in METHODS:
+            raise ConfigError(f"adapter method must be one of {', '.join(METHODS)}, got {self.name!r}")
+        if self.r < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
+            raise ConfigError(f"lora needs r >= 1, alpha > 0 and 0 <= dropout < 1, got {self.r}, {self.alpha}, {self.dropout}")
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "r": self.r, "alpha": self.alpha, "dropout": self.dropout,
+                "target_modules": list(self.target_modules)}
+
+
+# --- names -----------------------------------------------------------------------------------------
+def _block_name(path: str) -> re.Pattern:
+    return re.compile(rf"^(?:base_model\.model\.)?{re.escape(path)}\.(\d+)\.(.+)$")
+
+
+def _canonical(state: dict[str, torch.Tensor], model: nn.Module, plan: SplitPlan) -> dict[str, torch.Tensor]:
+    """peft state names on the emulator -> canonical names (full model's indices, no peft prefix)."""
+    path = find_blocks(model).path
+    pattern, out = _block_name(path), {}
+    for name, tensor in state.items():
+        m = pattern.match(name)
+        if m is None:
+            raise InvalidUpdateError(f"method tensor {name} is not inside a block")
+        out[f"{path}.{plan.emulator_order[int(m.group(1))]}.{m.group(2)}"] = tensor.detach().float().clone()
+    return out
+
+
+def _emulator_names(update: dict[str, torch.Tensor], model: nn.Module, plan: SplitPlan) -> dict[str, torch.Tensor]:
+    path = find_blocks(model).path
+    pattern, out = _block_name(path), {}
+    for name, tensor in update.items():
+        m = pattern.match(name)
+        if m is None or int(m.group(1)) not in plan.adapter_blocks:
+            raise InvalidUpdateError(f"update tensor {name} is not in an adapter block")
+        out[f"base_model.model.{path}.{plan.emulator_index(int(m.group(1)))}.{m.group(2)}"] = tensor
+    return out
+
+
+# --- peft ------------------------------------------------------------------------------------------
+def _adapter_linears(model: nn.Module, plan: SplitPlan, on_emulator: bool) -> list[str]:
+    """Full module names of the linear layers (nn.Linear, GPT-2's Conv1D) inside the adapter blocks."""
+    found = find_blocks(model)
+    names = []
+    for original in plan.adapter_blocks:
+        index = plan.emulator_index(original) if on_emulator else original
+        for name, module in found.blocks[index].named_modules():
+            if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+                names.append(f"{found.path}.{index}.{name}")
+    return names
+
+
+def _peft_config(cfg: MethodConfig, model: nn.Module, plan: SplitPlan, on_emulator: bool):
+    from peft import IA3Config, LoraConfig
+    from peft.utils.constants import (TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
+                                      TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING)
+
+    linears = _adapter_linears(model, plan, on_emulator)
+    if cfg.name == "ia3":
+        model_type = model.config.model_type
+        leaves = cfg.target_modules or tuple(TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING.get(model_type, ()))
+        feedforward = [f for f in TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING.get(model_type, ()) if f in leaves]
+        if not leaves:
+            raise ConfigError(f"no IA3 default targets for model type {model_type!r}: set target_modules")
+    else:
+        leaves, feedforward = cfg.target_modules, []
+    targets = [n for n in linears if not leaves or n.rsplit(".", 1)[-1] in leaves]
+    if not targets:
+        raise ConfigError(f"{cfg.name}: no linear layer named {list(leaves)} in the adapter blocks")
+    regex = "|".join(re.escape(n) for n in targets)  # exact module names: only the adapter blocks change
+    fan_in_fan_out = model.config.model_type == "gpt2"  # GPT-2's Conv1D stores weights transposed
+    if cfg.name == "ia3":
+        ff = [n for n in targets if n.rsplit(".", 1)[-1] in feedforward]
+        return IA3Config(target_modules=regex, feedforward_modules="|".join(re.escape(n) for n in ff) or None,
+                         fan_in_fan_out=fan_in_fan_out)
+    return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=regex,
+                      fan_in_fan_out=fan_in_fan_out)
+
+
+# --- bitfit ----------------------------------------------------------------------------------------
+def _bitfit_names(model: nn.Module, plan: SplitPlan, on_emulator: bool) -> set[str]:
+    params = adapter_parameters(model, plan, on_emulator)
+    biases = {n for n in params if n.endswith(".bias")}
+    return biases or {n for n, p in params.items() if p.dim() == 1 and "norm" in n.lower()}
+
+
+# --- the three things a method does ------------------------------------------------------------------
+def attach(model: nn.Module, plan: SplitPlan, cfg: MethodConfig, on_emulator: bool = True) -> tuple[nn.Module, list[nn.Parameter]]:
+    """Make `model` train with the method: returns the (possibly peft-wrapped) model and its trainables.
+    Everything outside the method (embeddings, emulator middle, head) stays frozen."""
+    if cfg.name == "full":
+        return model, freeze_all_but_adapter(model, plan, on_emulator)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if cfg.name == "bitfit":
+        params = adapter_parameters(model, plan, on_emulator)
+        trainable = [params[n] for n in sorted(_bitfit_names(model, plan, on_emulator))]
+        for p in trainable:
+            p.requires_grad_(True)
+        return model, trainable
+    from peft import get_peft_model
+    wrapped = get_peft_model(model, _peft_config(cfg, model, plan, on_emulator))
+    return wrapped, [p for p in wrapped.parameters() if p.requires_grad]
+
+
+def trainable_state(model: nn.Module, plan: SplitPlan, cfg: MethodConfig, on_emulator: bool = True) -> dict[str, torch.Tensor]:
+    """What a client uploads: only the method's trainable tensors, fp32, canonical names."""
+    if cfg.name == "full":
+        return extract_adapter(model, plan, on_emulator)
+    if cfg.name == "bitfit":
+        full = extract_adapter(model, plan, on_emulator)
+        return {n: full[n] for n in sorted(_bitfit_names(model, plan, on_emulator))}
+    from peft import get_peft_model_state_dict
+    return _canonical(get_peft_model_state_dict(model), model.get_base_model(), plan)
+
+
+def propose(emulator: nn.Module | None, plan: SplitPlan, cfg: MethodConfig, start: dict[str, torch.Tensor],
+            update: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The dense adapter an update proposes: `start` with the update merged in (peft's merge for peft
+    methods). `emulator` is a scratch model: its adapter blocks are overwritten."""
+    if cfg.name == "full":
+        return update
+    if cfg.name == "bitfit":
+        return {**start, **update}
+    from peft import get_peft_model, set_peft_model_state_dict
+    load_adapter(emulator, plan, start, on_emulator=True)
+    wrapped = get_peft_model(emulator, _peft_config(cfg, emulator, plan, on_emulator=True))
+    result = set_peft_model_state_dict(wrapped, _emulator_names(update, emulator, plan))
+    if result.unexpected_keys:
+        raise InvalidUpdateError(f"update has tensors the method does not: {result.unexpected_keys[:3]}")
+    merged = wrapped.merge_and_unload()
+    return extract_adapter(merged, plan, on_emulator=True)
