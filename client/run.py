@@ -22,7 +22,7 @@ from offsite.protos.offsite.v1 import coordinator_pb2 as pb
 from offsite.protos.offsite.v1 import coordinator_pb2_grpc as pb_grpc
 from offsite.sealing import SealContext, seal
 from offsite.tensors import from_bytes, to_bytes
-from offsite.textdata import read_texts
+from offsite.textdata import read_examples
 from offsite.transport import enroll_target, secure_channel
 
 log = logging.getLogger("offsite.client")
@@ -40,6 +40,7 @@ class ClientConfig:
     show_progress: bool = True
     enroll_server: str | None = None   # default: the server's port + 1
     retry_s: float = 600.0             # how long to keep retrying while the coordinator is unreachable
+    text_column: str = "text"          # the column of a CSV file that holds the text
 
     def __post_init__(self) -> None:
         if not Path(self.ca_file).is_file():
@@ -91,8 +92,8 @@ class Liveness:
 
 def run(cfg: ClientConfig) -> dict:
     """Take part in the job until it is done. Returns a summary of what this client did."""
-    texts = read_texts(cfg.data)  # a bad file fails here, before any network or training
-    heldout = read_texts(cfg.heldout) if cfg.heldout else None
+    texts = read_examples(cfg.data, cfg.text_column)  # a bad file fails here, before any network or training
+    heldout = read_examples(cfg.heldout, cfg.text_column) if cfg.heldout else None
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     cfg.workdir.mkdir(parents=True, exist_ok=True)
@@ -125,7 +126,7 @@ def run(cfg: ClientConfig) -> dict:
                     if trainer is None:
                         bundle = retried(lambda: download_bundle(stub, task.bundle_manifest_sha256, cfg.workdir / "bundle"),
                                          "download bundle")
-                        trainer = LocalTrainer(bundle, texts, heldout, task.training.max_length)
+                        trainer = LocalTrainer(bundle, texts, heldout, task.training.max_length, task.training.pack)
                     try:
                         envelope = _train_and_seal(stub, task, trainer, me, cfg, live, retried)
                     except RoundClosed:

@@ -12,6 +12,11 @@ from offsite.emulator.adapter import load_adapter
 from offsite.emulator.bundle import load_bundle
 from offsite.errors import IntegrityError
 from offsite.tensors import spec_digest, spec_of
+from offsite.textdata import Example
+
+
+def _as_examples(items) -> list[Example]:
+    return [x if isinstance(x, Example) else Example(x) for x in items]
 
 
 @dataclass(frozen=True)
@@ -27,11 +32,17 @@ class LocalTrainer:
     """Encodes the data once; each round starts from a freshly loaded, verified emulator with the global
     adapter in it, and the job's method attached (a PEFT module must not carry over between rounds)."""
 
-    def __init__(self, bundle_dir: Path, texts: list[str], heldout: list[str] | None, max_length: int):
+    def __init__(self, bundle_dir: Path, examples: list[Example | str], heldout: list[Example | str] | None,
+                 max_length: int, pack: bool = False):
         self.bundle_dir = bundle_dir
         _, self.tokenizer, self.plan = load_bundle(bundle_dir)
-        self.train_set = lm.encode(self.tokenizer, texts, max_length)
-        self.heldout = lm.encode(self.tokenizer, heldout, max_length) if heldout else None
+        self.train_set = self._encode(examples, max_length)
+        if pack:  # short examples share sequences: fewer, fuller batches
+            self.train_set = lm.pack(lm.encode_examples(self.tokenizer, _as_examples(examples), 10**9), max_length)
+        self.heldout = self._encode(heldout, max_length) if heldout else None
+
+    def _encode(self, examples, max_length: int) -> list[lm.Row]:
+        return lm.encode_examples(self.tokenizer, _as_examples(examples), max_length)
 
     def _heldout_loss(self, model) -> float | None:
         return lm.mean_token_loss(model, self.heldout, self.tokenizer.pad_token_id) if self.heldout else None

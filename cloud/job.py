@@ -27,6 +27,7 @@ class JobConfig:
     lr: float = 3e-3
     batch_size: int = 16
     max_length: int = 256
+    pack: bool = False                    # clients pack examples into full max_length sequences
     seed: int = 0
     strategy: str = "uniform"
     quantize: str | None = None

@@ -44,29 +44,69 @@ def encode(tokenizer, texts: Iterable[str], max_len: int) -> list[list[int]]:
     return [([tokenizer.bos_token_id] + x + [tokenizer.eos_token_id])[:max_len] for x in ids]
 
 
-def pack(encoded: list[list[int]], seq_len: int) -> list[list[int]]:
-    """Concatenate examples and cut into full windows of seq_len (for pretraining on running text)."""
-    flat = [t for x in encoded for t in x]
-    return [flat[i : i + seq_len] for i in range(0, len(flat) - seq_len + 1, seq_len)]
+# An encoded example is its token ids, or (ids, learned) where learned[i] says whether token i is scored:
+# a prompt's tokens are context, not targets.
+Row = list[int] | tuple[list[int], list[bool]]
+
+
+def _ids(row: Row) -> list[int]:
+    return row if isinstance(row, list) else row[0]
+
+
+def encode_examples(tokenizer, examples, max_len: int) -> list[Row]:
+    """[bos] + prompt + completion + [eos], truncated to max_len; only completion tokens (and eos) are
+    learned. Chat examples are rendered with the tokenizer's chat template when it has one."""
+    rows: list[Row] = []
+    for e in examples:
+        prompt, completion = _render(tokenizer, e) if e.messages else (e.prompt, e.completion)
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+        c = tokenizer(completion, add_special_tokens=False)["input_ids"]
+        ids = ([tokenizer.bos_token_id] + p + c + [tokenizer.eos_token_id])[:max_len]
+        rows.append(ids if not p else (ids, [i > len(p) for i in range(len(ids))]))
+    return rows
+
+
+def _render(tokenizer, example) -> tuple[str, str]:
+    """(prompt, completion) of a chat: everything up to the last assistant turn is the prompt."""
+    messages = [{"role": r, "content": c} for r, c in example.messages]
+    if getattr(tokenizer, "chat_template", None):
+        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+        whole = tokenizer.apply_chat_template(messages, tokenize=False)
+        if whole.startswith(prompt):
+            return prompt, whole[len(prompt):]
+    return "".join(f"{r}: {c}\n" for r, c in example.messages[:-1]) + "assistant: ", example.completion
+
+
+def pack(encoded: list[Row], seq_len: int) -> list[Row]:
+    """Concatenate examples and cut into full windows of seq_len (running text, or many short examples
+    in few sequences); what was not learned stays unlearned."""
+    flat = [t for x in encoded for t in _ids(x)]
+    learned = [b for x in encoded for b in (x[1] if isinstance(x, tuple) else [True] * len(x))]
+    windows = range(0, len(flat) - seq_len + 1, seq_len)
+    if all(learned):
+        return [flat[i : i + seq_len] for i in windows]
+    return [(flat[i : i + seq_len], learned[i : i + seq_len]) for i in windows]
 
 
 def batches(
-    encoded: list[list[int]], batch_size: int, pad_id: int, shuffle: bool = False, seed: int = 0
+    encoded: list[Row], batch_size: int, pad_id: int, shuffle: bool = False, seed: int = 0
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Right-padded (input_ids, attention_mask, labels) batches; labels ignore padding."""
+    """Right-padded (input_ids, attention_mask, labels) batches; labels ignore padding and prompts."""
     order = list(range(len(encoded)))
     if shuffle:
         random.Random(seed).shuffle(order)
     for start in range(0, len(order), batch_size):
         rows = [encoded[i] for i in order[start : start + batch_size]]
-        width = max(len(r) for r in rows)
+        width = max(len(_ids(r)) for r in rows)
         ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
+        scored = torch.zeros((len(rows), width), dtype=torch.bool)
         for j, r in enumerate(rows):
-            ids[j, : len(r)] = torch.tensor(r)
-            mask[j, : len(r)] = 1
-        labels = ids.masked_fill(mask == 0, IGNORE)
-        yield ids, mask, labels
+            n = len(_ids(r))
+            ids[j, :n] = torch.tensor(_ids(r))
+            mask[j, :n] = 1
+            scored[j, :n] = True if isinstance(r, list) else torch.tensor(r[1])
+        yield ids, mask, ids.masked_fill(~scored, IGNORE)
 
 
 def next_token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -85,7 +125,7 @@ def token_loss_sum(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.T
 def loss_sum_count(model, encoded: list[list[int]], pad_id: int, batch_size: int = 32, bf16: bool = False) -> tuple[float, int]:
     """Summed token loss and token count; examples are batched by length so little is padding."""
     model.eval()
-    by_length = sorted(encoded, key=len)
+    by_length = sorted(encoded, key=lambda r: len(_ids(r)))
     total, count = 0.0, 0
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         for ids, mask, labels in batches(by_length, batch_size, pad_id):

@@ -1,9 +1,11 @@
-"""A bad data file stops the client before any network or training, naming the file and line."""
+"""Data formats, and a bad data file stops the client before any network or training, naming the file and line."""
 import pytest
+from transformers import AutoTokenizer
 
+from offsite import lm
 from offsite.cli import main
 from offsite.errors import DataError
-from offsite.textdata import read_texts
+from offsite.textdata import Example, read_examples, read_texts
 
 
 @pytest.mark.parametrize("body, where", [
@@ -35,3 +37,58 @@ def test_client_cli_exits_2_before_contacting_anyone(tmp_path, capsys):
     assert code == 2
     assert "train.jsonl:2" in capsys.readouterr().err
     assert not (tmp_path / "w").exists()
+
+
+FORMATS = [  # (file name, body, expected examples as (prompt, completion))
+    ("a.jsonl", '{"text": "plain words"}\n', [("", "plain words")]),
+    ("b.jsonl", '{"prompt": "Q: 2+2?", "completion": " 4"}\n', [("Q: 2+2?", " 4")]),
+    ("c.csv", 'id,body\n1,"first, with comma"\n2,"two\nlines"\n', [("", "first, with comma"), ("", "two\nlines")]),
+    ("d.csv", "prompt,completion\nhi,there\n", [("hi", "there")]),
+    ("e.txt", "para one\nstill one\n\npara two\n", [("", "para one\nstill one"), ("", "para two")]),
+]
+
+
+@pytest.mark.parametrize("name, body, expected", FORMATS)
+def test_every_format_reads_to_examples(tmp_path, name, body, expected):
+    path = tmp_path / name
+    path.write_text(body)
+    got = read_examples(path, text_column="body")
+    assert [(e.prompt, e.completion) for e in got] == expected
+
+
+@pytest.mark.parametrize("name, body, where", [
+    ("m.jsonl", '{"messages": [{"role": "user", "content": "hi"}]}\n', ":1: the last message"),
+    ("m.jsonl", '{"messages": [{"role": "robot", "content": "hi"}]}\n', ":1: 'messages'"),
+    ("p.jsonl", '{"text": "ok"}\n{"prompt": "no completion"}\n', ":2: 'prompt' and 'completion'"),
+    ("x.csv", "a,b\n1,2\n", ":1: no column 'text'"),
+    ("y.csv", 'text\nfine\n""\n', ":3:"),
+])
+def test_malformed_formats_name_file_and_line(tmp_path, name, body, where):
+    path = tmp_path / name
+    path.write_text(body)
+    with pytest.raises(DataError, match=f"{name}{where}"):
+        read_examples(path)
+
+
+def test_prompt_tokens_are_context_not_targets(tiny_model):
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model))
+    row, plain = lm.encode_examples(tokenizer, [Example(" 4", "Q: 2+2?"), Example("just text")], 64)
+    ids, learned = row
+    n_prompt = len(tokenizer("Q: 2+2?", add_special_tokens=False)["input_ids"])
+    assert learned == [False] * (1 + n_prompt) + [True] * (len(ids) - 1 - n_prompt)
+    _, _, labels = next(lm.batches([row, plain], 2, tokenizer.pad_token_id))
+    assert (labels[0, : 1 + n_prompt] == lm.IGNORE).all() and (labels[0, 1 + n_prompt : len(ids)] >= 0).all()
+    assert (labels[1, : len(plain)] >= 0).all()
+    packed = lm.pack([row, plain] * 3, 8)
+    assert all(len(w[0]) == 8 for w in packed) and sum(not b for w in packed for b in w[1]) >= 2 * (1 + n_prompt)
+
+
+def test_chat_uses_the_tokenizer_template_and_learns_the_last_turn(tiny_model):
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model))
+    chat = Example("fine", messages=(("user", "how are you"), ("assistant", "fine")))
+    fallback_ids, fallback_learned = lm.encode_examples(tokenizer, [chat], 64)[0]
+    tokenizer.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    ids, learned = lm.encode_examples(tokenizer, [chat], 64)[0]
+    assert tokenizer.decode([t for t, keep in zip(ids, learned) if keep], skip_special_tokens=True).strip() == "fine"
+    assert "<user>how are you<assistant>fine" in tokenizer.decode(ids)
+    assert ids != fallback_ids and sum(fallback_learned) == sum(learned)
