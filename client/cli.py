@@ -17,7 +17,7 @@ def cmd_run(args) -> int:
                            heldout=Path(args.heldout) if args.heldout else None,
                            token_file=Path(args.token_file) if args.token_file else None, threads=args.threads,
                            show_progress=not args.no_progress, enroll_server=args.enroll_server,
-                           retry_s=args.retry_s, text_column=args.text_column)
+                           retry_s=args.retry_s, text_column=args.text_column, checkpoint_every=args.checkpoint_every)
         summary = run(cfg)
     except Exception as e:  # every failure leaves with a message and a distinct exit code
         code = exit_code_for(e)
@@ -43,6 +43,8 @@ def register(parser: argparse.ArgumentParser) -> None:
                    help="training data, never leaves this machine: JSONL with 'text', 'prompt'+'completion' or chat "
                         "'messages'; CSV; or .txt (one example per paragraph)")
     p.add_argument("--text-column", default="text", help="the text column of a CSV file")
+    p.add_argument("--checkpoint-every", type=int, default=50,
+                   help="save training state every N steps; the same command resumes after a crash")
     p.add_argument("--heldout", help="optional held-out JSONL for local before/after evaluation")
     p.add_argument("--token-file", help="single-use enrollment token (needed the first time)")
     p.add_argument("--threads", type=int, help="torch CPU threads")

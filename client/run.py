@@ -1,6 +1,7 @@
 """The client's main loop: enroll once, then ask for a task, train, seal, upload, until the job is done."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -10,14 +11,15 @@ from pathlib import Path
 import grpc
 import torch
 
-from offsite import lm
+from offsite import failpoints, lm
+from offsite.checkpoint import Checkpointer
 from offsite.client.identity import enroll, load_identity
 from offsite.client.train import LocalTrainer
 from offsite.emulator.methods import MethodConfig
 from offsite.client.retry import with_retry
 from offsite.client.transfer import download_blob, download_bundle, upload
 from offsite.errors import ConfigError, DataError
-from offsite.files import atomic_write
+from offsite.files import atomic_write, sha256_file
 from offsite.protos.offsite.v1 import coordinator_pb2 as pb
 from offsite.protos.offsite.v1 import coordinator_pb2_grpc as pb_grpc
 from offsite.sealing import SealContext, seal
@@ -41,6 +43,7 @@ class ClientConfig:
     enroll_server: str | None = None   # default: the server's port + 1
     retry_s: float = 600.0             # how long to keep retrying while the coordinator is unreachable
     text_column: str = "text"          # the column of a CSV file that holds the text
+    checkpoint_every: int = 50         # optimizer steps between training checkpoints
 
     def __post_init__(self) -> None:
         if not Path(self.ca_file).is_file():
@@ -155,15 +158,18 @@ def _train_and_seal(stub, task, trainer: LocalTrainer, me, cfg: ClientConfig, li
 
     def on_step(step: int, total: int) -> None:
         live.report("training", step / total)
+        failpoints.hit("client.train.step")
         if not live.round_open:
             raise RoundClosed()
 
     m = t.method
     method = MethodConfig(m.name or "full", r=m.r or 8, alpha=m.alpha or 16.0, dropout=m.dropout,
                           target_modules=tuple(m.target_modules))
+    key = f"{task.job_id}/{task.round}/{task.adapter_sha256}/{method}/{train_cfg}/{sha256_file(cfg.data)}"
+    checkpoint = Checkpointer(cfg.workdir / "checkpoints", hashlib.sha256(key.encode()).hexdigest(), cfg.checkpoint_every)
     result = trainer.train_round(from_bytes(adapter_path.read_bytes()), task.skeleton_digest, train_cfg, method,
                                  desc=f"{me.client_id} round {task.round + 1}/{task.total_rounds}",
-                                 show_progress=cfg.show_progress, on_step=on_step)
+                                 show_progress=cfg.show_progress, on_step=on_step, checkpoint=checkpoint)
     log.info("client %s: round %d trained with %s (%d trainable params, %d steps, %.0f tok/s, local held-out %s -> %s)",
              me.client_id, task.round + 1, method.name, result.trainable_params, result.stats.steps,
              result.stats.tokens_per_s, _fmt(result.heldout_before), _fmt(result.heldout_after))

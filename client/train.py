@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from offsite import lm
+from offsite.checkpoint import Checkpointer
 from offsite.emulator import methods
 from offsite.emulator.adapter import load_adapter
 from offsite.emulator.bundle import load_bundle
@@ -49,13 +50,18 @@ class LocalTrainer:
 
     def train_round(self, start: dict[str, torch.Tensor], skeleton_digest: str, cfg: lm.TrainConfig,
                     method: methods.MethodConfig = methods.MethodConfig(), desc: str = "train",
-                    show_progress: bool = True, on_step=None) -> RoundResult:
+                    show_progress: bool = True, on_step=None, checkpoint: Checkpointer | None = None) -> RoundResult:
+        """Train one round from `start`. Seeded: the same inputs give the same update, interrupted
+        (with a checkpoint) or not."""
         if spec_digest(spec_of(start)) != skeleton_digest:
             raise IntegrityError("the global adapter does not match the job's skeleton digest")
         model, _, _ = load_bundle(self.bundle_dir)
         load_adapter(model, self.plan, start, on_emulator=True)
         before = self._heldout_loss(model)
+        torch.manual_seed(cfg.seed)  # a method's fresh modules (LoRA's A) start the same every time
         model, params = methods.attach(model, self.plan, method)
-        stats = lm.train(model, self.train_set, params, self.tokenizer.pad_token_id, cfg, desc, show_progress, on_step)
+        self.model = model  # the round's model, for inspection after training
+        stats = lm.train(model, self.train_set, params, self.tokenizer.pad_token_id, cfg, desc, show_progress, on_step,
+                         checkpoint)
         return RoundResult(methods.trainable_state(model, self.plan, method), stats, before, self._heldout_loss(model),
                            sum(p.numel() for p in params))

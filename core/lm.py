@@ -5,6 +5,7 @@ these functions, so their numbers are comparable.
 """
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
@@ -16,7 +17,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from offsite.checkpoint import Checkpointer
+
 IGNORE = -100
+log = logging.getLogger("offsite")
 
 
 @lru_cache(maxsize=1)
@@ -150,10 +154,11 @@ class TrainConfig:
     seed: int = 0
     bf16: bool = False
     max_steps: int | None = None
+    grad_accum: int = 1       # micro-batches per optimizer step: a large effective batch in little memory
 
     def __post_init__(self) -> None:
-        if self.epochs <= 0 or self.lr <= 0 or self.batch_size < 1:
-            raise ValueError(f"epochs, lr and batch_size must be positive: {self}")
+        if self.epochs <= 0 or self.lr <= 0 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError(f"epochs, lr, batch_size and grad_accum must be positive: {self}")
 
 
 @dataclass(frozen=True)
@@ -168,15 +173,21 @@ class TrainStats:
         return self.tokens / max(self.seconds, 1e-9)
 
 
-def train(model, encoded: list[list[int]], params: list[torch.nn.Parameter], pad_id: int, cfg: TrainConfig,
-          desc: str = "train", show_progress: bool = True, on_step: Callable[[int, int], None] | None = None) -> TrainStats:
+def train(model, encoded: list[Row], params: list[torch.nn.Parameter], pad_id: int, cfg: TrainConfig,
+          desc: str = "train", show_progress: bool = True, on_step: Callable[[int, int], None] | None = None,
+          checkpoint: Checkpointer | None = None, optimizer: Callable | None = None) -> TrainStats:
     """AdamW with linear warmup and cosine decay over `cfg.epochs` passes of `encoded`.
-    `on_step(step, total)` runs after every optimizer step (the client reports progress with it)."""
-    steps_per_epoch = math.ceil(len(encoded) / cfg.batch_size)
-    total = max(1, round(steps_per_epoch * cfg.epochs))
+
+    `on_step(step, total)` runs after every optimizer step (the client reports progress with it). With a
+    `checkpoint`, training saves every `checkpoint.every` steps and resumes from the last save: the data
+    order depends only on the seed and epoch, so a resumed run takes the same steps as an unbroken one.
+    `optimizer(params, lr, betas, weight_decay)` replaces torch's AdamW (e.g. bitsandbytes' paged 8-bit).
+    """
+    micro_per_epoch = math.ceil(len(encoded) / cfg.batch_size)
+    total = max(1, round(micro_per_epoch * cfg.epochs / cfg.grad_accum))
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    opt = (optimizer or torch.optim.AdamW)(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
 
     def lr_at(step: int) -> float:
         if step < cfg.warmup_steps:
@@ -184,31 +195,44 @@ def train(model, encoded: list[list[int]], params: list[torch.nn.Parameter], pad
         progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    step, epoch, skip = 0, 0, 0
+    resumed = checkpoint.restore(params, opt) if checkpoint else None
+    if resumed:
+        step, epoch, skip = resumed["step"], resumed["epoch"], resumed["batch"]
+        log.info("%s: resuming training at step %d of %d from %s", desc, step, total, checkpoint.path)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at, last_epoch=step - 1)
+    device = next(model.parameters()).device
     model.train()
-    step, tokens, last = 0, 0, float("nan")
+    last, micro, tokens = float("nan"), 0, 0
     start = time.perf_counter()
-    bar = tqdm(total=total, desc=desc, disable=not show_progress, mininterval=2.0)
-    epoch = 0
+    bar = tqdm(total=total, initial=step, desc=desc, disable=not show_progress, mininterval=2.0)
     while step < total:
-        for ids, mask, labels in batches(encoded, cfg.batch_size, pad_id, shuffle=True, seed=cfg.seed + epoch):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-                loss_sum, n = token_loss_sum(model, ids, mask, labels)
-            loss = loss_sum / max(n, 1)
-            loss.backward()
+        for index, (ids, mask, labels) in enumerate(batches(encoded, cfg.batch_size, pad_id, shuffle=True, seed=cfg.seed + epoch)):
+            if index < skip:  # resuming: these micro-batches went into steps already taken
+                continue
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                loss_sum, n = token_loss_sum(model, ids.to(device), mask.to(device), labels.to(device))
+            (loss_sum / max(n, 1) / cfg.grad_accum).backward()
+            micro, tokens, last = micro + 1, tokens + n, float(loss_sum.detach()) / max(n, 1)
+            if micro < cfg.grad_accum and index + 1 < micro_per_epoch:
+                continue  # accumulate; an epoch's last micro-batches step even if fewer
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            step, tokens, last = step + 1, tokens + n, float(loss.detach())
+            step, micro = step + 1, 0
             elapsed = time.perf_counter() - start
             bar.set_postfix(loss=f"{last:.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}", refresh=False)
             bar.update(1)
+            if checkpoint and step % checkpoint.every == 0 and step < total:
+                checkpoint.save(params, opt, {"step": step, "epoch": epoch, "batch": index + 1})
             if on_step is not None:
                 on_step(step, total)
             if step >= total:
                 break
-        epoch += 1
+        epoch, skip = epoch + 1, 0
     bar.close()
     model.eval()
+    if checkpoint:
+        checkpoint.clear()
     return TrainStats(steps=step, tokens=tokens, seconds=time.perf_counter() - start, last_loss=last)

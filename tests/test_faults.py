@@ -39,19 +39,24 @@ def status(state):
 
 
 def test_kill_9_of_coordinator_and_clients_mid_transfer(tiny_model, client_data, tmp_path):
-    """Client 1 dies mid-download, client 2 mid-upload, the coordinator right after accepting the first
+    """Client 1 dies mid-download and, started again, mid-training; client 2 dies mid-upload; the coordinator right after accepting the first
     update (before its reply goes out) and, started again, in the middle of closing the round (the new
     adapter written, the job not yet moved on). Each is started again with the same command."""
     state = make_job(tmp_path, tiny_model, ["client-1", "client-2"], rounds=2, clients_per_round=2)
     port, enroll_port = free_port(), free_port()
     coordinator_faults = ["cloud.update.accepted=1", "cloud.round.closing=1", ""]  # one per coordinator run
     procs = {"coordinator": serve(state, port, enroll_port, coordinator_faults.pop(0), CHUNK_KIB + ("--exit-when-done",))}
-    first_fault = {"client-1": "client.download.chunk=3", "client-2": "client.upload.call=1"}
-    killed, logs, deadline = [], {name: "" for name in first_fault}, time.time() + 300
+    client_faults = {"client-1": ["client.download.chunk=3", "client.train.step=3", ""], "client-2": ["client.upload.call=1", ""]}
+    killed, logs, deadline = [], {name: "" for name in client_faults}, time.time() + 300
+
+    def start_client(name):
+        data = next(f for f in client_data if f.name == name)
+        return client(state, port, enroll_port, data, tmp_path / name, name, client_faults[name].pop(0), ("--checkpoint-every", "2"))
+
     try:
         wait_serving(state, enroll_port, procs["coordinator"])
         for f in client_data:
-            procs[f.name] = client(state, port, enroll_port, f, tmp_path / f.name, f.name, first_fault[f.name])
+            procs[f.name] = start_client(f.name)
         while any(p.poll() is None for p in procs.values()) or procs["coordinator"].returncode != 0:
             assert time.time() < deadline, f"the job did not finish; killed so far: {killed}"
             for name, p in list(procs.items()):
@@ -59,21 +64,21 @@ def test_kill_9_of_coordinator_and_clients_mid_transfer(tiny_model, client_data,
                     continue
                 if name != "coordinator":
                     logs[name] += p.stderr.read()
-                if p.returncode == -signal.SIGKILL and (name == "coordinator" or name not in killed):  # a failpoint fired
+                if p.returncode == -signal.SIGKILL:  # a failpoint fired: start again, with the next one armed
                     killed.append(name)
                     if name == "coordinator":
                         procs[name] = serve(state, port, enroll_port, coordinator_faults.pop(0), CHUNK_KIB + ("--exit-when-done",))
                     else:
-                        data = next(f for f in client_data if f.name == name)
-                        procs[name] = client(state, port, enroll_port, data, tmp_path / name, name)
+                        procs[name] = start_client(name)
                 else:
                     assert p.returncode == 0, f"{name} exited with {p.returncode}:\n{logs.get(name, '')[-3000:]}"
             time.sleep(0.2)
     finally:  # a failed assertion must not leave processes behind
         for p in procs.values():
             p.kill()
-    assert sorted(killed) == ["client-1", "client-2", "coordinator", "coordinator"]
+    assert sorted(killed) == ["client-1", "client-1", "client-2", "coordinator", "coordinator"]
     assert "chunks already here" in logs["client-1"]          # the restarted download kept its verified chunks
+    assert "resuming training at step 2" in logs["client-1"]  # the restarted training went on from its checkpoint
     assert "resuming upload at byte" in logs["client-2"]      # the restarted upload went on from the durable offset
     assert "already accepted before a restart" in logs["client-1"] + logs["client-2"]  # the reply the crash ate
     job = status(state)["jobs"][0]
