@@ -11,13 +11,21 @@ from offsite.client.run import ClientConfig, exit_code_for, run
 log = logging.getLogger("offsite.client")
 
 
+def _device(choice: str) -> str:
+    if choice == "auto":
+        import torch
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return choice
+
+
 def cmd_run(args) -> int:
     try:
         cfg = ClientConfig(server=args.server, ca_file=Path(args.ca), workdir=Path(args.workdir), data=Path(args.data),
                            heldout=Path(args.heldout) if args.heldout else None,
                            token_file=Path(args.token_file) if args.token_file else None, threads=args.threads,
                            show_progress=not args.no_progress, enroll_server=args.enroll_server,
-                           retry_s=args.retry_s, text_column=args.text_column, checkpoint_every=args.checkpoint_every)
+                           retry_s=args.retry_s, text_column=args.text_column, checkpoint_every=args.checkpoint_every,
+                           device=_device(args.device))
         summary = run(cfg)
     except Exception as e:  # every failure leaves with a message and a distinct exit code
         code = exit_code_for(e)
@@ -43,6 +51,7 @@ def register(parser: argparse.ArgumentParser) -> None:
                    help="training data, never leaves this machine: JSONL with 'text', 'prompt'+'completion' or chat "
                         "'messages'; CSV; or .txt (one example per paragraph)")
     p.add_argument("--text-column", default="text", help="the text column of a CSV file")
+    p.add_argument("--device", default="auto", help="auto (a GPU if torch sees one), cpu, cuda or cuda:N")
     p.add_argument("--checkpoint-every", type=int, default=50,
                    help="save training state every N steps; the same command resumes after a crash")
     p.add_argument("--heldout", help="optional held-out JSONL for local before/after evaluation")

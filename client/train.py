@@ -16,6 +16,12 @@ from offsite.tensors import spec_digest, spec_of
 from offsite.textdata import Example
 
 
+def _paged_adamw_8bit(params, **kwargs):
+    """On CUDA, bitsandbytes' paged 8-bit AdamW (QLoRA): moments in 8 bits, paged out under memory pressure."""
+    import bitsandbytes as bnb
+    return bnb.optim.PagedAdamW8bit(params, **kwargs)
+
+
 def _as_examples(items) -> list[Example]:
     return [x if isinstance(x, Example) else Example(x) for x in items]
 
@@ -34,8 +40,8 @@ class LocalTrainer:
     adapter in it, and the job's method attached (a PEFT module must not carry over between rounds)."""
 
     def __init__(self, bundle_dir: Path, examples: list[Example | str], heldout: list[Example | str] | None,
-                 max_length: int, pack: bool = False):
-        self.bundle_dir = bundle_dir
+                 max_length: int, pack: bool = False, device: str = "cpu"):
+        self.bundle_dir, self.device = bundle_dir, device
         _, self.tokenizer, self.plan = load_bundle(bundle_dir)
         self.train_set = self._encode(examples, max_length)
         if pack:  # short examples share sequences: fewer, fuller batches
@@ -55,13 +61,15 @@ class LocalTrainer:
         (with a checkpoint) or not."""
         if spec_digest(spec_of(start)) != skeleton_digest:
             raise IntegrityError("the global adapter does not match the job's skeleton digest")
-        model, _, _ = load_bundle(self.bundle_dir)
+        model, _, _ = load_bundle(self.bundle_dir, self.device)
         load_adapter(model, self.plan, start, on_emulator=True)
+        if cfg.gradient_checkpointing:  # non-reentrant: gradients reach the bottom adapter through frozen inputs
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         before = self._heldout_loss(model)
         torch.manual_seed(cfg.seed)  # a method's fresh modules (LoRA's A) start the same every time
         model, params = methods.attach(model, self.plan, method)
         self.model = model  # the round's model, for inspection after training
         stats = lm.train(model, self.train_set, params, self.tokenizer.pad_token_id, cfg, desc, show_progress, on_step,
-                         checkpoint)
+                         checkpoint, optimizer=_paged_adamw_8bit if self.device.startswith("cuda") else None)
         return RoundResult(methods.trainable_state(model, self.plan, method), stats, before, self._heldout_loss(model),
                            sum(p.numel() for p in params))

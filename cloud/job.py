@@ -28,6 +28,8 @@ class JobConfig:
     batch_size: int = 16
     max_length: int = 256
     pack: bool = False                    # clients pack examples into full max_length sequences
+    grad_accum: int = 1                   # micro-batches per optimizer step (effective batch = batch_size x this)
+    gradient_checkpointing: bool = False  # clients recompute activations in backward (QLoRA-style, for small memory)
     seed: int = 0
     strategy: str = "uniform"
     quantize: str | None = None
@@ -50,7 +52,7 @@ class JobConfig:
     def __post_init__(self) -> None:
         if not self.job_id or not self.job_id.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(f"job id must be letters, digits, '-' or '_', got {self.job_id!r}")
-        for name in ("rounds", "clients_per_round", "batch_size", "max_length"):
+        for name in ("rounds", "clients_per_round", "batch_size", "max_length", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"job {name} must be at least 1, got {getattr(self, name)}")
         if self.min_clients is not None and not 1 <= self.min_clients <= self.clients_per_round:

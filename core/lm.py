@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import resource
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -155,6 +156,7 @@ class TrainConfig:
     bf16: bool = False
     max_steps: int | None = None
     grad_accum: int = 1       # micro-batches per optimizer step: a large effective batch in little memory
+    gradient_checkpointing: bool = False  # recompute block activations in backward: less memory, ~30% more compute
 
     def __post_init__(self) -> None:
         if self.epochs <= 0 or self.lr <= 0 or self.batch_size < 1 or self.grad_accum < 1:
@@ -167,6 +169,13 @@ class TrainStats:
     tokens: int
     seconds: float
     last_loss: float
+    peak_memory_bytes: int = 0   # the process's peak RSS on CPU; peak allocated memory on CUDA
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
     @property
     def tokens_per_s(self) -> float:
@@ -235,4 +244,5 @@ def train(model, encoded: list[Row], params: list[torch.nn.Parameter], pad_id: i
     model.eval()
     if checkpoint:
         checkpoint.clear()
-    return TrainStats(steps=step, tokens=tokens, seconds=time.perf_counter() - start, last_loss=last)
+    return TrainStats(steps=step, tokens=tokens, seconds=time.perf_counter() - start, last_loss=last,
+                      peak_memory_bytes=peak_memory_bytes(device))

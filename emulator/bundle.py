@@ -62,10 +62,11 @@ def verify_bundle(folder: str | Path) -> dict:
     return manifest
 
 
-def load_bundle(folder: str | Path):
-    """Verify, then load the emulator model, its tokenizer and plan."""
+def load_bundle(folder: str | Path, device: str = "cpu"):
+    """Verify, then load the emulator model (onto `device`), its tokenizer and plan."""
     manifest = verify_bundle(folder)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    placement = {} if device == "cpu" else {"device_map": {"": device}}  # bitsandbytes packs on the target device
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, **placement)
     keep_differentiable(model)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     return model, tokenizer, SplitPlan.from_dict(manifest["plan"])

@@ -7,6 +7,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from offsite.client.train import LocalTrainer
 from offsite.emulator.adapter import extract_adapter
+from offsite.emulator.methods import MethodConfig
 from offsite.emulator.blocks import find_blocks
 from offsite.emulator.build import build
 from offsite.emulator.bundle import load_bundle
@@ -99,3 +100,23 @@ def test_eval_counts_real_parameters_of_a_packed_emulator(wide_model, client_dat
     nf4 = compare_full_and_emulator(str(wide_model), tmp_path / "nf4", data)["emulator"]
     assert nf4["params"] == fp32["params"] and nf4["bytes"] < fp32["bytes"]
     assert abs(nf4["loss"] - fp32["loss"]) < 0.05  # 4-bit middle of a random model: close, not equal
+
+
+def test_qlora_style_client_lora_on_nf4_with_checkpointing_and_accumulation(wide_model, client_data, tmp_path):
+    result = build(str(wide_model), EmulatorConfig(emulator_layers=1, quantize="nf4"), tmp_path / "b", show_progress=False)
+    texts = read_texts(client_data[0] / "train.jsonl")
+    trainer = LocalTrainer(tmp_path / "b", texts, texts[:10], max_length=64)
+    start, lora = result.skeleton, MethodConfig("lora", r=4)
+
+    def run(checkpointing):
+        cfg = lm.TrainConfig(epochs=2, lr=1e-2, batch_size=4, grad_accum=2, gradient_checkpointing=checkpointing)
+        return trainer.train_round(start, spec_digest(spec_of(start)), cfg, lora, show_progress=False)
+
+    plain, checkpointed = run(False), run(True)
+    assert checkpointed.heldout_after < checkpointed.heldout_before
+    assert set(checkpointed.update) == set(plain.update) and all("lora_" in k for k in plain.update)
+    bottom = [k for k in plain.update if ".layers.0." in k]
+    assert bottom and all(checkpointed.update[k].abs().sum() > 0 for k in bottom)  # gradients reached the bottom block
+    for k in plain.update:  # recomputing activations changes memory, not the result
+        torch.testing.assert_close(checkpointed.update[k], plain.update[k], atol=1e-5, rtol=1e-4)
+    assert checkpointed.stats.peak_memory_bytes > 0 and checkpointed.stats.steps == plain.stats.steps == 10

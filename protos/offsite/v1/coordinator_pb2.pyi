@@ -36,7 +36,7 @@ class GetTaskRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class TrainingSettings(_message.Message):
-    __slots__ = ("epochs", "lr", "batch_size", "max_length", "seed", "method", "pack")
+    __slots__ = ("epochs", "lr", "batch_size", "max_length", "seed", "method", "pack", "grad_accum", "gradient_checkpointing")
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +44,8 @@ class TrainingSettings(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     PACK_FIELD_NUMBER: _ClassVar[int]
+    GRAD_ACCUM_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_CHECKPOINTING_FIELD_NUMBER: _ClassVar[int]
     epochs: float
     lr: float
     batch_size: int
@@ -51,7 +53,9 @@ class TrainingSettings(_message.Message):
     seed: int
     method: AdapterMethod
     pack: bool
-    def __init__(self, epochs: _Optional[float] = ..., lr: _Optional[float] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., seed: _Optional[int] = ..., method: _Optional[_Union[AdapterMethod, _Mapping]] = ..., pack: _Optional[bool] = ...) -> None: ...
+    grad_accum: int
+    gradient_checkpointing: bool
+    def __init__(self, epochs: _Optional[float] = ..., lr: _Optional[float] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., seed: _Optional[int] = ..., method: _Optional[_Union[AdapterMethod, _Mapping]] = ..., pack: _Optional[bool] = ..., grad_accum: _Optional[int] = ..., gradient_checkpointing: _Optional[bool] = ...) -> None: ...
 
 class AdapterMethod(_message.Message):
     __slots__ = ("name", "r", "alpha", "dropout", "target_modules")
