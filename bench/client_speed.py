@@ -42,7 +42,10 @@ VARIANTS = ("full", "ot-full", "ot-lora", "ot-lora-nf4")
 PAPER = {"throughput": 6.5, "memory": 5.6}
 
 CHILD = r"""
-import json, sys, threading, time, warnings
+import json, os, sys, threading, time, warnings
+def busy_seconds():  # CPU time the whole machine spent busy (all processes), from /proc/stat
+    ticks = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
 def status(field):
     for line in open("/proc/self/status"):
         if line.startswith(field):
@@ -107,12 +110,16 @@ def make_opt(p, **kw):
     return optimizers[-1]
 cfg = lm.TrainConfig(epochs=1.0, lr=1e-4, batch_size=batch, warmup_steps=1, seed=0, bf16=bf16, max_steps=warmup + steps)
 stats = lm.train(model, rows, params, 0, cfg, desc=variant, show_progress=False,
-                 on_step=lambda step, total: stamps.append(time.perf_counter()), optimizer=make_opt)
+                 on_step=lambda step, total: stamps.append((time.perf_counter(), time.process_time(), busy_seconds())),
+                 optimizer=make_opt)
 stop = True
-seconds = stamps[-1] - stamps[warmup - 1] if warmup else stats.seconds
+first, last = stamps[warmup - 1], stamps[-1]
+seconds, own_cpu = last[0] - first[0], last[1] - first[1]
+other_cpu = max(0.0, last[2] - first[2] - own_cpu)  # other processes' CPU time during the timed steps
 opt_bytes = sum(t.numel() * t.element_size() for s in optimizers[0].state.values() for t in s.values() if torch.is_tensor(t))
 print(json.dumps({
-    "variant": variant, "steps_timed": steps, "seconds": seconds, "step_seconds": [round(b - a, 3) for a, b in zip(stamps, stamps[1:])],
+    "variant": variant, "steps_timed": steps, "seconds": seconds, "step_seconds_after_first": [round(b[0] - a[0], 3) for a, b in zip(stamps, stamps[1:])],
+    "own_cpu_seconds": own_cpu, "other_cpu_seconds": other_cpu, "other_cpu_share": other_cpu / (len(os.sched_getaffinity(0)) * seconds),
     "tokens_per_s": batch * seq_len * steps / seconds, "last_loss": stats.last_loss,
     "n_params": n_total, "n_trainable": n_trainable, "n_emulator": n_emu, "n_middle": n_middle,
     "bytes": {"weights": weight_bytes, "grads": sum(p.numel() * p.element_size() for p in params), "optimizer": opt_bytes},
@@ -192,6 +199,8 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     args = parser.parse_args()
     variants = [v for v in args.variants.split(",") if v]
+    if args.warmup < 1 or args.steps < 1:
+        parser.error("--warmup and --steps must be at least 1 (the timed window starts at a warm-up step's end)")
     if "full" not in variants or any(v not in VARIANTS for v in variants):
         parser.error(f"--variants: a comma list of {', '.join(VARIANTS)} that includes full")
     intermediate = args.intermediate or round(args.hidden * 8 / 3 / 256) * 256
@@ -229,8 +238,9 @@ def main() -> None:
         runs[v] = json.loads(out.stdout.strip().splitlines()[-1])
         runs[v]["wall_seconds"] = round(time.perf_counter() - t0, 1)
         r = runs[v]
-        print(f"  {v}: {r['tokens_per_s']:.0f} tok/s, VmHWM {r['vm_hwm'] / 2**20:.0f} MiB, "
-              f"{r['wall_seconds']:.0f} s in all", flush=True)
+        print(f"  {v}: {r['tokens_per_s']:.0f} tok/s, VmHWM {r['vm_hwm'] / 2**20:.0f} MiB, {r['wall_seconds']:.0f} s in all; "
+              f"step times {r['step_seconds_after_first']} s; other processes used {100 * r['other_cpu_share']:.0f}% of the CPUs "
+              f"while timed", flush=True)
     ok = {v: r for v, r in runs.items() if "error" not in r}
     if "full" not in ok:
         sys.exit("full fine-tuning failed: nothing to compare to")
@@ -260,6 +270,10 @@ def main() -> None:
               f" {r['state_bytes'] / mib:>9.0f} {r['state_ratio']:>6.2f}x {a['memory_ratio']:>7.2f}x")
     print(f"baseline after imports (VmRSS): {base['baseline_after_imports']['rss'] / mib:.0f} MiB; '-base x' divides "
           f"VmHWM minus that baseline; 'state' = weights + grads + AdamW state held; 'theory x' = analytical bytes ratio")
+    busy = [v for v, r in ok.items() if r["other_cpu_share"] > 0.05]
+    if busy:
+        print(f"WARNING: other processes used more than 5% of the CPUs during the timed steps of {', '.join(busy)}: "
+              f"their tokens/s are low by about that share or more")
     print(f"paper's anchors (for reference, GPU, far larger models): {PAPER['throughput']}x throughput, "
           f"{PAPER['memory']}x memory")
     aims = {}
@@ -277,15 +291,17 @@ def main() -> None:
                           "vocab": args.vocab, "emulator": f"2-{args.keep}-2 uniform", "batch": args.batch,
                           "seq_len": args.seq_len, "warmup_steps": args.warmup, "timed_steps": args.steps,
                           "bf16": bf16, "lora": {"r": 8, "alpha": 16, "targets": "every linear in the adapter blocks"},
-                          "machine": {"cpus": _cpus(), "torch_threads": base["threads"]}},
+                          "machine": _machine(base["threads"])},
                "paper": PAPER, "aims": aims, "runs": runs}
     (ROOT / "bench" / "results").mkdir(exist_ok=True)
     (ROOT / "bench" / "results" / "client_speed.json").write_text(json.dumps(results, indent=2) + "\n")
 
 
-def _cpus() -> int:
+def _machine(threads: int) -> dict:
     import os
-    return len(os.sched_getaffinity(0))
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    return {"cpu": model, "cpus": len(os.sched_getaffinity(0)), "torch_threads": threads,
+            "ram_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
 
 
 if __name__ == "__main__":

@@ -67,9 +67,10 @@ class LocalTrainer:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         before = self._heldout_loss(model)
         torch.manual_seed(cfg.seed)  # a method's fresh modules (LoRA's A) start the same every time
-        model, params = methods.attach(model, self.plan, method)
+        model, params = methods.attach(model, self.plan, method, total_steps=lm.total_steps(len(self.train_set), cfg))
         self.model = model  # the round's model, for inspection after training
         stats = lm.train(model, self.train_set, params, self.tokenizer.pad_token_id, cfg, desc, show_progress, on_step,
-                         checkpoint, optimizer=_paged_adamw_8bit if self.device.startswith("cuda") else None)
+                         checkpoint, optimizer=_paged_adamw_8bit if self.device.startswith("cuda") else None,
+                         **methods.training_hooks(model, method))
         return RoundResult(methods.trainable_state(model, self.plan, method), stats, before, self._heldout_loss(model),
                            sum(p.numel() for p in params))

@@ -171,31 +171,39 @@ class TrainStats:
     last_loss: float
     peak_memory_bytes: int = 0   # the process's peak RSS on CPU; peak allocated memory on CUDA
 
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
 
 def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / max(self.seconds, 1e-9)
+
+def total_steps(examples: int, cfg: TrainConfig) -> int:
+    """Optimizer steps a run of `cfg` takes over `examples` examples."""
+    total = max(1, round(math.ceil(examples / cfg.batch_size) * cfg.epochs / cfg.grad_accum))
+    return total if cfg.max_steps is None else min(total, cfg.max_steps)
 
 
 def train(model, encoded: list[Row], params: list[torch.nn.Parameter], pad_id: int, cfg: TrainConfig,
           desc: str = "train", show_progress: bool = True, on_step: Callable[[int, int], None] | None = None,
-          checkpoint: Checkpointer | None = None, optimizer: Callable | None = None) -> TrainStats:
+          checkpoint: Checkpointer | None = None, optimizer: Callable | None = None,
+          regularizer: Callable[[], torch.Tensor] | None = None,
+          after_optimizer_step: Callable[[int], None] | None = None) -> TrainStats:
     """AdamW with linear warmup and cosine decay over `cfg.epochs` passes of `encoded`.
 
     `on_step(step, total)` runs after every optimizer step (the client reports progress with it). With a
     `checkpoint`, training saves every `checkpoint.every` steps and resumes from the last save: the data
     order depends only on the seed and epoch, so a resumed run takes the same steps as an unbroken one.
     `optimizer(params, lr, betas, weight_decay)` replaces torch's AdamW (e.g. bitsandbytes' paged 8-bit).
+    `regularizer()` is added to each micro-batch's loss; `after_optimizer_step(step)` runs after the
+    optimizer step, while the gradients are still there (AdaLoRA's rank allocation reads them).
     """
     micro_per_epoch = math.ceil(len(encoded) / cfg.batch_size)
-    total = max(1, round(micro_per_epoch * cfg.epochs / cfg.grad_accum))
-    if cfg.max_steps is not None:
-        total = min(total, cfg.max_steps)
+    total = total_steps(len(encoded), cfg)
     opt = (optimizer or torch.optim.AdamW)(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
 
     def lr_at(step: int) -> float:
@@ -221,12 +229,15 @@ def train(model, encoded: list[Row], params: list[torch.nn.Parameter], pad_id: i
                 continue
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 loss_sum, n = token_loss_sum(model, ids.to(device), mask.to(device), labels.to(device))
-            (loss_sum / max(n, 1) / cfg.grad_accum).backward()
+            loss = loss_sum / max(n, 1) + (regularizer() if regularizer else 0.0)
+            (loss / cfg.grad_accum).backward()
             micro, tokens, last = micro + 1, tokens + n, float(loss_sum.detach()) / max(n, 1)
             if micro < cfg.grad_accum and index + 1 < micro_per_epoch:
                 continue  # accumulate; an epoch's last micro-batches step even if fewer
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
+            if after_optimizer_step is not None:
+                after_optimizer_step(step)
             sched.step()
             opt.zero_grad(set_to_none=True)
             step, micro = step + 1, 0

@@ -4,7 +4,8 @@ Every method speaks in canonical names (the full model's block indices, see offs
 so the client's upload, the coordinator's checks and the plug-in agree whatever the emulator kept.
 
 - full: every tensor of the adapter blocks trains and travels.
-- lora, ia3 (peft): low-rank or scaling modules on the adapter blocks' linear layers; only their tensors
+- lora, adalora, ia3 (peft): low-rank (AdaLoRA: SVD-shaped, with its rank budget reallocated during the
+  round) or scaling modules on the adapter blocks' linear layers; only their tensors
   travel. The coordinator turns each update into the dense adapter it proposes (peft's own merge), and
   averages those: the mean of merged weights is exact where a mean of B and of A would not be
   (mean(B·A) != mean(B)·mean(A)). The global adapter stays dense, so plug-in and export are plain.
@@ -24,14 +25,15 @@ from offsite.emulator.blocks import find_blocks
 from offsite.emulator.plan import SplitPlan
 from offsite.errors import ConfigError, InvalidUpdateError
 
-METHODS = ("full", "lora", "ia3", "bitfit")
-_PEFT = ("lora", "ia3")
+METHODS = ("full", "lora", "adalora", "ia3", "bitfit")
 
 
 @dataclass(frozen=True)
 class MethodConfig:
     name: str = "full"
-    r: int = 8                      # lora rank
+    r: int = 8                      # lora rank; adalora's initial rank
+    target_r: int = 0               # adalora: the average rank its budget ends at (0: half of r)
+    orth_reg_weight: float = 0.5    # adalora: weight of the orthogonality penalty on P and Q
     alpha: float = 16.0             # lora scaling numerator (scale = alpha / r)
     dropout: float = 0.0            # lora dropout
     target_modules: tuple[str, ...] = field(default=())  # leaf names; default: every linear (lora), peft's family default (ia3)
@@ -41,11 +43,15 @@ class MethodConfig:
             raise ConfigError(f"adapter method must be one of {', '.join(METHODS)}, got {self.name!r}")
         if self.r < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
             raise ConfigError(f"lora needs r >= 1, alpha > 0 and 0 <= dropout < 1, got {self.r}, {self.alpha}, {self.dropout}")
+        if not self.target_r:
+            object.__setattr__(self, "target_r", max(1, self.r // 2))
+        if self.name == "adalora" and (not 1 <= self.target_r <= self.r or self.orth_reg_weight < 0):
+            raise ConfigError(f"adalora needs 1 <= target_r <= r and orth_reg_weight >= 0, got {self.target_r}, {self.orth_reg_weight}")
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
 
     def to_dict(self) -> dict:
         return {"name": self.name, "r": self.r, "alpha": self.alpha, "dropout": self.dropout,
-                "target_modules": list(self.target_modules)}
+                "target_modules": list(self.target_modules), "target_r": self.target_r, "orth_reg_weight": self.orth_reg_weight}
 
 
 # --- names -----------------------------------------------------------------------------------------
@@ -89,8 +95,8 @@ def _adapter_linears(model: nn.Module, plan: SplitPlan, on_emulator: bool) -> li
     return names
 
 
-def _peft_config(cfg: MethodConfig, model: nn.Module, plan: SplitPlan, on_emulator: bool):
-    from peft import IA3Config, LoraConfig
+def _peft_config(cfg: MethodConfig, model: nn.Module, plan: SplitPlan, on_emulator: bool, total_steps: int = 1):
+    from peft import AdaLoraConfig, IA3Config, LoraConfig
     from peft.utils.constants import (TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
                                       TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING)
 
@@ -112,6 +118,10 @@ def _peft_config(cfg: MethodConfig, model: nn.Module, plan: SplitPlan, on_emulat
         ff = [n for n in targets if n.rsplit(".", 1)[-1] in feedforward]
         return IA3Config(target_modules=regex, feedforward_modules="|".join(re.escape(n) for n in ff) or None,
                          fan_in_fan_out=fan_in_fan_out)
+    if cfg.name == "adalora":  # the rank budget shrinks from r to target_r over the round's steps
+        return AdaLoraConfig(init_r=cfg.r, target_r=cfg.target_r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                             target_modules=regex, fan_in_fan_out=fan_in_fan_out, total_step=max(total_steps, 1),
+                             orth_reg_weight=cfg.orth_reg_weight)
     return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=regex,
                       fan_in_fan_out=fan_in_fan_out)
 
@@ -124,9 +134,11 @@ def _bitfit_names(model: nn.Module, plan: SplitPlan, on_emulator: bool) -> set[s
 
 
 # --- the three things a method does ------------------------------------------------------------------
-def attach(model: nn.Module, plan: SplitPlan, cfg: MethodConfig, on_emulator: bool = True) -> tuple[nn.Module, list[nn.Parameter]]:
+def attach(model: nn.Module, plan: SplitPlan, cfg: MethodConfig, on_emulator: bool = True,
+           total_steps: int = 1) -> tuple[nn.Module, list[nn.Parameter]]:
     """Make `model` train with the method: returns the (possibly peft-wrapped) model and its trainables.
-    Everything outside the method (embeddings, emulator middle, head) stays frozen."""
+    Everything outside the method (embeddings, emulator middle, head) stays frozen. `total_steps` is the
+    round's optimizer steps (AdaLoRA schedules its rank budget over them)."""
     if cfg.name == "full":
         return model, freeze_all_but_adapter(model, plan, on_emulator)
     for p in model.parameters():
@@ -138,8 +150,23 @@ def attach(model: nn.Module, plan: SplitPlan, cfg: MethodConfig, on_emulator: bo
             p.requires_grad_(True)
         return model, trainable
     from peft import get_peft_model
-    wrapped = get_peft_model(model, _peft_config(cfg, model, plan, on_emulator))
+    wrapped = get_peft_model(model, _peft_config(cfg, model, plan, on_emulator, total_steps))
     return wrapped, [p for p in wrapped.parameters() if p.requires_grad]
+
+
+def training_hooks(model: nn.Module, cfg: MethodConfig) -> dict:
+    """Extra pieces of the training step a method needs, as keyword arguments for `lm.train`: AdaLoRA
+    adds its orthogonality penalty to the loss and reallocates its rank budget after each optimizer step."""
+    if cfg.name != "adalora":
+        return {}
+    lora = [(n, p) for n, p in model.named_parameters() if p.requires_grad and ("lora_A" in n or "lora_B" in n)]
+
+    def orthogonality() -> torch.Tensor:  # AdaLoRA (Zhang et al. 2023), eq. 4: P^T P = I and Q Q^T = I
+        terms = [torch.linalg.matrix_norm((p @ p.T if "lora_A" in n else p.T @ p) - torch.eye(
+            p.shape[0] if "lora_A" in n else p.shape[1], device=p.device)) for n, p in lora]
+        return cfg.orth_reg_weight * torch.stack(terms).mean()
+
+    return {"regularizer": orthogonality, "after_optimizer_step": model.base_model.update_and_allocate}
 
 
 def trainable_state(model: nn.Module, plan: SplitPlan, cfg: MethodConfig, on_emulator: bool = True) -> dict[str, torch.Tensor]:
@@ -150,7 +177,15 @@ def trainable_state(model: nn.Module, plan: SplitPlan, cfg: MethodConfig, on_emu
         full = extract_adapter(model, plan, on_emulator)
         return {n: full[n] for n in sorted(_bitfit_names(model, plan, on_emulator))}
     from peft import get_peft_model_state_dict
-    return _canonical(get_peft_model_state_dict(model), model.get_base_model(), plan)
+    config = model.peft_config["default"]
+    pattern = getattr(config, "rank_pattern", None)
+    if cfg.name == "adalora":  # peft would cut pruned ranks out; fixed shapes (pruned = 0) keep one spec for all
+        config.rank_pattern = None
+    try:
+        return _canonical(get_peft_model_state_dict(model), model.get_base_model(), plan)
+    finally:
+        if cfg.name == "adalora":
+            config.rank_pattern = pattern
 
 
 def propose(emulator: nn.Module | None, plan: SplitPlan, cfg: MethodConfig, start: dict[str, torch.Tensor],

@@ -13,7 +13,7 @@ from offsite.errors import ConfigError
 from tests.test_families import IDS, tiny
 
 PLAN = SplitPlan.uniform(6, 2, 2, 1)
-CASES = [("llama", "lora"), ("gpt2", "lora"), ("opt", "lora"), ("llama", "ia3"), ("gpt2", "ia3"),
+CASES = [("llama", "lora"), ("gpt2", "lora"), ("opt", "lora"), ("llama", "adalora"), ("llama", "ia3"), ("gpt2", "ia3"),
          ("llama", "bitfit"), ("opt", "bitfit"), ("llama", "full")]
 
 
@@ -52,7 +52,7 @@ def test_an_update_merges_into_the_dense_adapter_exactly(family, name):
     trained, _ = methods.attach(emulator(family), PLAN, cfg)
     update = _randomize(methods.trainable_state(trained, PLAN, cfg))
     trained, _ = methods.attach(emulator(family), PLAN, cfg)  # a fresh one, loaded with the update
-    if name in ("lora", "ia3"):
+    if name in ("lora", "adalora", "ia3"):
         from peft import set_peft_model_state_dict
         set_peft_model_state_dict(trained, methods._emulator_names(update, trained.get_base_model(), PLAN))
     else:

@@ -69,3 +69,13 @@ def test_gradient_accumulation_takes_fewer_larger_steps(trainer):
     accumulated = local.train_round(start, digest, lm.TrainConfig(epochs=1, batch_size=4, grad_accum=2), show_progress=False)
     assert plain.stats.steps == 10 and accumulated.stats.steps == 5
     assert plain.stats.tokens == accumulated.stats.tokens  # the same data, half the optimizer steps
+
+
+def test_adalora_reallocates_its_rank_budget_during_the_round(trainer):
+    local, start = trainer
+    cfg = lm.TrainConfig(epochs=2, lr=1e-2, batch_size=4)
+    out = local.train_round(start, spec_digest(spec_of(start)), cfg, MethodConfig("adalora", r=4, target_r=1),
+                            show_progress=False)
+    singular = torch.cat([v.flatten() for k, v in out.update.items() if "lora_E" in k])
+    assert out.heldout_after < out.heldout_before
+    assert 0 < int((singular == 0).sum()) < singular.numel()  # the budget pruned some ranks, not all

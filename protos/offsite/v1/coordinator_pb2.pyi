@@ -58,18 +58,22 @@ class TrainingSettings(_message.Message):
     def __init__(self, epochs: _Optional[float] = ..., lr: _Optional[float] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., seed: _Optional[int] = ..., method: _Optional[_Union[AdapterMethod, _Mapping]] = ..., pack: _Optional[bool] = ..., grad_accum: _Optional[int] = ..., gradient_checkpointing: _Optional[bool] = ...) -> None: ...
 
 class AdapterMethod(_message.Message):
-    __slots__ = ("name", "r", "alpha", "dropout", "target_modules")
+    __slots__ = ("name", "r", "alpha", "dropout", "target_modules", "target_r", "orth_reg_weight")
     NAME_FIELD_NUMBER: _ClassVar[int]
     R_FIELD_NUMBER: _ClassVar[int]
     ALPHA_FIELD_NUMBER: _ClassVar[int]
     DROPOUT_FIELD_NUMBER: _ClassVar[int]
     TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
+    TARGET_R_FIELD_NUMBER: _ClassVar[int]
+    ORTH_REG_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     name: str
     r: int
     alpha: float
     dropout: float
     target_modules: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., r: _Optional[int] = ..., alpha: _Optional[float] = ..., dropout: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ...) -> None: ...
+    target_r: int
+    orth_reg_weight: float
+    def __init__(self, name: _Optional[str] = ..., r: _Optional[int] = ..., alpha: _Optional[float] = ..., dropout: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., target_r: _Optional[int] = ..., orth_reg_weight: _Optional[float] = ...) -> None: ...
 
 class Task(_message.Message):
     __slots__ = ("kind", "job_id", "round", "total_rounds", "bundle_manifest_sha256", "adapter_sha256", "skeleton_digest", "training", "retry_after_s", "heartbeat_s")
