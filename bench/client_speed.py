@@ -17,7 +17,10 @@ Measured: tokens/s (input positions, batch x seq_len per step) over `--steps` op
 `--warmup` untimed ones (timed between on_step callbacks); the kernel's VmHWM at the end of the child (all
 resident pages, file-backed included, loading and imports included) as it is, with the VmRSS after imports
 so the reader can subtract; the sampled peak of RssAnon (every 20 ms); and a byte count of the weights,
-gradients and optimizer state the child holds. Ratios are to `full` (higher = better for the variant).
+gradients and optimizer state the child holds; and, after VmHWM is read, the bytes of the tensors autograd
+saves for backward in one more forward of the batch (activations, parameters excluded). The machine may be
+shared: each child also records the CPU time other processes took during its timed steps (/proc/stat) and
+the run warns when that exceeds 5%. Ratios are to `full` (higher = better for the variant).
 
 Analytical per-token FLOPs ignore attention-score FLOPs (QK^T, AV) and norms: full FT 6*N_full;
 Offsite-Tuning 2*N_emu forward + 2*N_emu activation gradients (down to the bottom adapter) +
@@ -117,14 +120,30 @@ first, last = stamps[warmup - 1], stamps[-1]
 seconds, own_cpu = last[0] - first[0], last[1] - first[1]
 other_cpu = max(0.0, last[2] - first[2] - own_cpu)  # other processes' CPU time during the timed steps
 opt_bytes = sum(t.numel() * t.element_size() for s in optimizers[0].state.values() for t in s.values() if torch.is_tensor(t))
+vm_hwm = status("VmHWM:")
+# Activations: bytes autograd saves for backward in one more forward (same batch, after VmHWM is read),
+# each storage once, parameters left out.
+param_ptrs = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+saved = {}
+def pack(t):
+    storage = t.untyped_storage()
+    if storage.data_ptr() not in param_ptrs:
+        saved[storage.data_ptr()] = storage.nbytes()
+    return t
+ids = torch.tensor(rows[:batch])
+model.train()
+with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    loss, _ = lm.token_loss_sum(model, ids, torch.ones_like(ids), ids)
+del loss
 print(json.dumps({
     "variant": variant, "steps_timed": steps, "seconds": seconds, "step_seconds_after_first": [round(b[0] - a[0], 3) for a, b in zip(stamps, stamps[1:])],
     "own_cpu_seconds": own_cpu, "other_cpu_seconds": other_cpu, "other_cpu_share": other_cpu / (len(os.sched_getaffinity(0)) * seconds),
     "tokens_per_s": batch * seq_len * steps / seconds, "last_loss": stats.last_loss,
     "n_params": n_total, "n_trainable": n_trainable, "n_emulator": n_emu, "n_middle": n_middle,
     "bytes": {"weights": weight_bytes, "grads": sum(p.numel() * p.element_size() for p in params), "optimizer": opt_bytes},
+    "saved_activation_bytes": sum(saved.values()),
     "baseline_after_imports": baseline, "after_load": loaded,
-    "vm_hwm": status("VmHWM:"), "peak_anon_sampled": peak["anon"], "threads": torch.get_num_threads(),
+    "vm_hwm": vm_hwm, "peak_anon_sampled": peak["anon"], "threads": torch.get_num_threads(),
 }))
 """
 
@@ -261,15 +280,17 @@ def main() -> None:
 
     mib = 2**20
     print(f"\n{'variant':<12} {'params':>8} {'trainable':>10} {'tok/s':>7} {'x full':>7} {'FLOP x':>7} {'% of FLOP x':>11}"
-          f" {'VmHWM MiB':>9} {'x full':>7} {'-base x':>7} {'state MiB':>9} {'x full':>7} {'theory x':>8}")
+          f" {'VmHWM MiB':>9} {'x full':>7} {'-base x':>7} {'state MiB':>9} {'x full':>7} {'theory x':>8} {'act MiB':>7}")
     for v, r in ok.items():
         a = r["analytical"]
         print(f"{v:<12} {r['n_params'] / 1e6:>7.1f}M {r['n_trainable'] / 1e6:>9.2f}M {r['tokens_per_s']:>7.0f}"
               f" {r['throughput_ratio']:>6.2f}x {a['flops_ratio']:>6.2f}x {100 * r['throughput_vs_analytical']:>10.0f}%"
               f" {r['vm_hwm'] / mib:>9.0f} {r['hwm_ratio']:>6.2f}x {r['hwm_above_baseline_ratio']:>6.2f}x"
-              f" {r['state_bytes'] / mib:>9.0f} {r['state_ratio']:>6.2f}x {a['memory_ratio']:>7.2f}x")
+              f" {r['state_bytes'] / mib:>9.0f} {r['state_ratio']:>6.2f}x {a['memory_ratio']:>7.2f}x"
+              f" {r['saved_activation_bytes'] / mib:>7.0f}")
     print(f"baseline after imports (VmRSS): {base['baseline_after_imports']['rss'] / mib:.0f} MiB; '-base x' divides "
-          f"VmHWM minus that baseline; 'state' = weights + grads + AdamW state held; 'theory x' = analytical bytes ratio")
+          f"VmHWM minus that baseline; 'state' = weights + grads + AdamW state held; 'theory x' = analytical bytes ratio;\n"
+          f"'act' = tensors autograd saves for backward in one forward of the batch (parameters excluded)")
     busy = [v for v, r in ok.items() if r["other_cpu_share"] > 0.05]
     if busy:
         print(f"WARNING: other processes used more than 5% of the CPUs during the timed steps of {', '.join(busy)}: "
