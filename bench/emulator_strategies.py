@@ -20,7 +20,7 @@ from transformers.utils import logging as hf_logging
 
 from offsite import lm
 from offsite.client.train import LocalTrainer
-from offsite.cloud.aggregate import fedavg
+from offsite.cloud.aggregate import FedAvg, WeightedMean
 from offsite.demo import domain
 from offsite.demo.base import prepare_base
 from offsite.demo.central import central_finetune
@@ -30,10 +30,12 @@ from offsite.emulator.adapter import extract_adapter, load_adapter
 from offsite.emulator.blocks import find_blocks
 from offsite.emulator.build import build, load_base
 from offsite.emulator.bundle import load_bundle
+from offsite.emulator import methods
 from offsite.emulator.config import EmulatorConfig
+from offsite.emulator.methods import MethodConfig
 from offsite.emulator.quantize import tensor_bytes_by_block
 from offsite.files import write_json
-from offsite.tensors import spec_digest, spec_of
+from offsite.tensors import spec_digest, spec_of, to_bytes
 from offsite.textdata import read_texts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,24 +54,31 @@ def variants(distill_data: Path, steps: int) -> dict[str, EmulatorConfig]:
     }
 
 
-def federate(base: Path, bundle: Path, folders: list[Path], s: DemoSettings) -> dict[str, float]:
-    """The demo's schedule: rounds x clients, each from the global adapter, FedAvg by examples."""
+def federate(base: Path, bundle: Path, folders: list[Path], s: DemoSettings, method: MethodConfig = MethodConfig(),
+             lr: float | None = None) -> dict[str, float]:
+    """The demo's schedule: rounds x clients, each from the global adapter; each update merged into the
+    dense adapter it proposes and averaged by examples, as the coordinator does."""
     trainers = [LocalTrainer(bundle, read_texts(f / "train.jsonl"), None, s.max_length) for f in folders]
     full, tokenizer = load_base(str(base))
-    global_adapter = extract_adapter(full, trainers[0].plan, on_emulator=False)
+    plan = trainers[0].plan
+    global_adapter = extract_adapter(full, plan, on_emulator=False)
     digest = spec_digest(spec_of(global_adapter))
+    scratch = load_bundle(bundle)[0]
     for r in range(s.rounds):
-        ups = []
-        for c, t in enumerate(trainers):
-            cfg = lm.TrainConfig(epochs=s.epochs, lr=s.lr, batch_size=s.batch_size, seed=s.seed + 1000 * r, bf16=lm.cpu_has_fast_bf16())
-            ups.append((t.train_round(global_adapter, digest, cfg, show_progress=False).adapter, float(len(t.train_set))))
-        global_adapter = fedavg(ups, global_adapter)
+        mean = WeightedMean()
+        for t in trainers:
+            cfg = lm.TrainConfig(epochs=s.epochs, lr=lr or s.lr, batch_size=s.batch_size, seed=s.seed + 1000 * r,
+                                 bf16=lm.cpu_has_fast_bf16())
+            out = t.train_round(global_adapter, digest, cfg, method, show_progress=False)
+            mean.add(methods.propose(scratch, plan, method, global_adapter, out.update), float(len(t.train_set)))
+        global_adapter, _ = FedAvg().step(global_adapter, mean.result(), {})
     held = [x for f in folders for x in lm.encode(tokenizer, read_texts(f / "heldout.jsonl"), s.max_length)]
     emulator, _, plan = load_bundle(bundle)
     load_adapter(emulator, plan, global_adapter, on_emulator=True)
     load_adapter(full, plan, global_adapter, on_emulator=False)
     return {"emulator_with_adapter": lm.mean_token_loss(emulator, held, tokenizer.pad_token_id),
-            "plug_in": lm.mean_token_loss(full, held, tokenizer.pad_token_id)}
+            "plug_in": lm.mean_token_loss(full, held, tokenizer.pad_token_id),
+            "trainable_params": out.trainable_params, "upload_bytes": len(to_bytes(out.update))}
 
 
 def main() -> None:
@@ -118,7 +127,7 @@ def main() -> None:
         rows[name] = {"build_s": round(build_s, 1), "kept_middle": list(plan.kept_middle), "middle_bytes": middle_bytes,
                       "bundle_bytes": bundle_bytes, "emulator_general_loss": round(protection, 4),
                       "protection_margin": round(protection - full_general, 4), "emulator_zero_shot": round(zs_emulator, 4),
-                      **{k: round(v, 4) for k, v in fed.items()},
+                      **{k: round(v, 4) for k, v in fed.items() if k in ("emulator_with_adapter", "plug_in")},
                       "gap_closure": round((zero_shot - fed["plug_in"]) / (zero_shot - central), 4)}
         print(name, rows[name], flush=True)
     print(f"\n{'variant':<12}{'kept':>8}{'emulator loss (general)':>25}{'margin vs full':>16}{'plug-in':>10}"
