@@ -43,9 +43,8 @@ class LocalTrainer:
                  max_length: int, pack: bool = False, device: str = "cpu"):
         self.bundle_dir, self.device = bundle_dir, device
         _, self.tokenizer, self.plan = load_bundle(bundle_dir)
-        self.train_set = self._encode(examples, max_length)
-        if pack:  # short examples share sequences: fewer, fuller batches
-            self.train_set = lm.pack(lm.encode_examples(self.tokenizer, _as_examples(examples), 10**9), max_length)
+        rows = self._encode(examples, 10**9 if pack else max_length)
+        self.train_set = lm.pack(rows, max_length) if pack else rows  # packed: fewer, fuller sequences
         self.heldout = self._encode(heldout, max_length) if heldout else None
 
     def _encode(self, examples, max_length: int) -> list[lm.Row]:

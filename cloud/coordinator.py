@@ -201,12 +201,11 @@ class Coordinator:
         return rec.status == "running" and rec.round == round_
 
     # --- downloads ------------------------------------------------------------------------------
-    def _offered(self, job_id: str, digest: str) -> str:
+    def _offered(self, job_id: str, digest: str) -> None:
         """Only the job's bundle files and global adapters are offered, never client updates."""
         _, _, art = self.job(job_id)
         if digest not in set(art["bundle_files"].values()) | set(art["adapters"]):
             raise NotFoundError(f"blob {digest[:16]}... is not offered by job {job_id}")
-        return digest
 
     def blob_info(self, client: ClientRecord, job_id: str, digest: str) -> tuple[int, int, list[str]]:
         """(size, chunk size, SHA-256 of each chunk) of an offered blob."""
@@ -326,13 +325,13 @@ class Coordinator:
     def _propose(self, job_id: str, cfg: JobConfig, art: dict, start: dict[str, torch.Tensor],
                  update: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The dense adapter an update proposes (see offsite.emulator.methods)."""
-        method = cfg.method_config()
-        if method.name in ("full", "bitfit"):
-            return methods.propose(None, SplitPlan.from_dict(art["plan"]), method, start, update)
+        method, plan = cfg.method_config(), SplitPlan.from_dict(art["plan"])
+        if not method.uses_peft:
+            return methods.propose(None, plan, method, start, update)
         with self._scratch_lock:  # peft merges into one scratch emulator per job
             if job_id not in self._scratch:
                 self._scratch[job_id] = load_bundle(art["bundle_dir"])[0]
-            return methods.propose(self._scratch[job_id], SplitPlan.from_dict(art["plan"]), method, start, update)
+            return methods.propose(self._scratch[job_id], plan, method, start, update)
 
     @staticmethod
     def _check_norm(update: dict[str, torch.Tensor], start: dict[str, torch.Tensor], bound: float) -> None:

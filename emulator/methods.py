@@ -49,6 +49,11 @@ class MethodConfig:
             raise ConfigError(f"adalora needs 1 <= target_r <= r and orth_reg_weight >= 0, got {self.target_r}, {self.orth_reg_weight}")
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
 
+    @property
+    def uses_peft(self) -> bool:
+        """peft modules train, and an update merges into the dense adapter only through a model."""
+        return self.name in ("lora", "adalora", "ia3")
+
     def to_dict(self) -> dict:
         return {"name": self.name, "r": self.r, "alpha": self.alpha, "dropout": self.dropout,
                 "target_modules": list(self.target_modules), "target_r": self.target_r, "orth_reg_weight": self.orth_reg_weight}
@@ -191,7 +196,7 @@ def trainable_state(model: nn.Module, plan: SplitPlan, cfg: MethodConfig, on_emu
 def propose(emulator: nn.Module | None, plan: SplitPlan, cfg: MethodConfig, start: dict[str, torch.Tensor],
             update: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The dense adapter an update proposes: `start` with the update merged in (peft's merge for peft
-    methods). `emulator` is a scratch model: its adapter blocks are overwritten."""
+    methods). `emulator` is a scratch model, needed only when `cfg.uses_peft`: its adapter blocks are overwritten."""
     if cfg.name == "full":
         return update
     if cfg.name == "bitfit":
