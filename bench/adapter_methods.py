@@ -1,7 +1,7 @@
 """Adapter methods side by side on the demo task: trainable parameters, bytes a client uploads per round,
 and the plug-in loss after the federated schedule. One run, same emulator, data, schedule and seeds.
 
-    .venv/bin/python bench/adapter_methods.py [--methods full,lora,adalora,ia3,bitfit] [--rounds 3]
+    .venv/bin/python bench/adapter_methods.py [--methods full,lora,...,bottleneck] [--rounds 3]
 
 Federation is simulated in one process with the system's own pieces (LocalTrainer, the coordinator's
 merge-then-average, plug-in); the wire is left out because it does not change the numbers. Upload bytes
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import tempfile
 import time
@@ -33,12 +34,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from emulator_strategies import federate  # noqa: E402  (one federated schedule for both benches)
 
-LR = {"full": None, "bitfit": 3e-2, "lora": 1e-2, "adalora": 1e-2, "ia3": 3e-2}  # None: the demo's lr
+LR = {"full": None, "bitfit": 3e-2, "lora": 1e-2, "adalora": 1e-2, "ia3": 3e-2,  # None: the demo's lr
+      "prompt": 1e-1, "prefix": 1e-2, "bottleneck": 3e-3}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", default="full,lora,adalora,ia3,bitfit")
+    parser.add_argument("--methods", default="full,lora,adalora,ia3,bitfit,prompt,prefix,bottleneck")
     parser.add_argument("--rounds", type=int, default=DemoSettings.rounds)
     parser.add_argument("--work", default=str(ROOT / "runs" / "bench"))
     args = parser.parse_args()
@@ -54,7 +56,7 @@ def main() -> None:
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         bundle = build(str(base), EmulatorConfig(emulator_layers=2), Path(tmp) / "bundle", show_progress=False).bundle_dir
-        for name in args.methods.split(","):
+        for name in args.methods.split(","):  # a run of some methods updates only their rows
             t = time.perf_counter()
             fed = federate(base, bundle, folders, s, MethodConfig(name), lr=LR.get(name))
             rows[name] = {"lr": LR.get(name) or s.lr, "trainable_params": fed["trainable_params"],
@@ -66,8 +68,9 @@ def main() -> None:
     for name, r in rows.items():
         print(f"{name:<9}{r['lr']:>8.0e}{r['trainable_params']:>12,}{r['upload_bytes']:>12,}{r['emulator_with_adapter']:>18.3f}"
               f"{r['plug_in']:>9.3f}{r['seconds']:>6}")
-    write_json(ROOT / "bench" / "results" / "adapter_methods.json",
-               {"full_zero_shot": round(zero_shot, 4), "rounds": s.rounds, "methods": rows})
+    out = ROOT / "bench" / "results" / "adapter_methods.json"
+    kept = json.loads(out.read_text())["methods"] if out.is_file() else {}
+    write_json(out, {"full_zero_shot": round(zero_shot, 4), "rounds": s.rounds, "methods": {**kept, **rows}})
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from offsite.demo.base import prepare_base
 from offsite.demo.central import central_finetune
 from offsite.demo.corpus import general_corpus
 from offsite.demo.run import DemoSettings
-from offsite.emulator.adapter import extract_adapter, load_adapter
+from offsite.emulator.adapter import extract_adapter
 from offsite.emulator.blocks import find_blocks
 from offsite.emulator.build import build, load_base
 from offsite.emulator.bundle import load_bundle
@@ -61,9 +61,10 @@ def federate(base: Path, bundle: Path, folders: list[Path], s: DemoSettings, met
     trainers = [LocalTrainer(bundle, read_texts(f / "train.jsonl"), None, s.max_length) for f in folders]
     full, tokenizer = load_base(str(base))
     plan = trainers[0].plan
-    global_adapter = extract_adapter(full, plan, on_emulator=False)
-    digest = spec_digest(spec_of(global_adapter))
     scratch = load_bundle(bundle)[0]
+    torch.manual_seed(s.seed)
+    global_adapter = {**extract_adapter(full, plan, on_emulator=False), **methods.fresh_extras(scratch, plan, method)}
+    digest = spec_digest(spec_of(global_adapter))
     for r in range(s.rounds):
         mean = WeightedMean()
         for t in trainers:
@@ -74,8 +75,8 @@ def federate(base: Path, bundle: Path, folders: list[Path], s: DemoSettings, met
         global_adapter, _ = FedAvg().step(global_adapter, mean.result(), {})
     held = [x for f in folders for x in lm.encode(tokenizer, read_texts(f / "heldout.jsonl"), s.max_length)]
     emulator, _, plan = load_bundle(bundle)
-    load_adapter(emulator, plan, global_adapter, on_emulator=True)
-    load_adapter(full, plan, global_adapter, on_emulator=False)
+    emulator = methods.apply(emulator, plan, method, global_adapter)
+    full = methods.apply(full, plan, method, global_adapter, on_emulator=False)
     return {"emulator_with_adapter": lm.mean_token_loss(emulator, held, tokenizer.pad_token_id),
             "plug_in": lm.mean_token_loss(full, held, tokenizer.pad_token_id),
             "trainable_params": out.trainable_params, "upload_bytes": len(to_bytes(out.update))}

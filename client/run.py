@@ -166,8 +166,7 @@ def _train_and_seal(stub, task, trainer: LocalTrainer, me, cfg: ClientConfig, li
             raise RoundClosed()
 
     m = t.method  # the coordinator sends every field; no method at all means whole blocks
-    method = MethodConfig(m.name, r=m.r, alpha=m.alpha, dropout=m.dropout, target_modules=tuple(m.target_modules),
-                          target_r=m.target_r, orth_reg_weight=m.orth_reg_weight) if m.name else MethodConfig()
+    method = MethodConfig(**{f.name: getattr(m, f.name) for f in m.DESCRIPTOR.fields}) if m.name else MethodConfig()
     key = f"{task.job_id}/{task.round}/{task.adapter_sha256}/{method}/{train_cfg}/{sha256_file(cfg.data)}"
     checkpoint = Checkpointer(cfg.workdir / "checkpoints", hashlib.sha256(key.encode()).hexdigest(), cfg.checkpoint_every)
     result = trainer.train_round(from_bytes(adapter_path.read_bytes()), task.skeleton_digest, train_cfg, method,

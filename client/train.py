@@ -9,7 +9,6 @@ import torch
 from offsite import lm
 from offsite.checkpoint import Checkpointer
 from offsite.emulator import methods
-from offsite.emulator.adapter import load_adapter
 from offsite.emulator.bundle import load_bundle
 from offsite.errors import IntegrityError
 from offsite.tensors import spec_digest, spec_of
@@ -61,11 +60,11 @@ class LocalTrainer:
         if spec_digest(spec_of(start)) != skeleton_digest:
             raise IntegrityError("the global adapter does not match the job's skeleton digest")
         model, _, _ = load_bundle(self.bundle_dir, self.device)
-        load_adapter(model, self.plan, start, on_emulator=True)
+        torch.manual_seed(cfg.seed)  # a method's fresh modules (LoRA's A) start the same every time
+        model = methods.apply(model, self.plan, method, start)
         if cfg.gradient_checkpointing:  # non-reentrant: gradients reach the bottom adapter through frozen inputs
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         before = self._heldout_loss(model)
-        torch.manual_seed(cfg.seed)  # a method's fresh modules (LoRA's A) start the same every time
         model, params = methods.attach(model, self.plan, method, total_steps=lm.total_steps(len(self.train_set), cfg))
         self.model = model  # the round's model, for inspection after training
         stats = lm.train(model, self.train_set, params, self.tokenizer.pad_token_id, cfg, desc, show_progress, on_step,

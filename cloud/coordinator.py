@@ -101,11 +101,12 @@ class Coordinator:
         job_dir = self.layout.jobs / cfg.job_id
         result = build(cfg.base_model, cfg.emulator_config(), job_dir / "bundle")
         bundle_files = {p.name: self.blobs.put_file(p) for p in sorted(result.bundle_dir.iterdir()) if p.is_file()}
-        skeleton_bytes = to_bytes(result.skeleton)
-        spec = spec_of(result.skeleton)
         method = cfg.method_config()
         emulator, _, _ = load_bundle(result.bundle_dir)
-        attached, _ = methods.attach(emulator, result.plan, method)
+        torch.manual_seed(cfg.seed)  # the method's fresh tensors (virtual tokens, bottlenecks) are repeatable
+        initial = {**result.skeleton, **methods.fresh_extras(emulator, result.plan, method)}
+        spec = spec_of(initial)
+        attached, _ = methods.attach(methods.apply(emulator, result.plan, method, initial), result.plan, method)
         update_spec = spec_of(methods.trainable_state(attached, result.plan, method))  # what clients upload
         artifacts = {
             "manifest": bundle_files["offsite-manifest.json"],
@@ -115,7 +116,7 @@ class Coordinator:
             "spec": spec,
             "update_spec": update_spec,
             "skeleton_digest": spec_digest(spec),
-            "adapters": [self.blobs.put(skeleton_bytes)],  # adapters[r] = global adapter that round r starts from
+            "adapters": [self.blobs.put(to_bytes(initial))],  # adapters[r] = global adapter that round r starts from
             "params": {"full": result.full_params, "emulator": result.emulator_params, "adapter": result.adapter_params},
         }
         self.state.add_job(cfg.job_id, cfg.to_json(), json.dumps(artifacts))
@@ -324,9 +325,9 @@ class Coordinator:
 
     def _propose(self, job_id: str, cfg: JobConfig, art: dict, start: dict[str, torch.Tensor],
                  update: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The dense adapter an update proposes (see offsite.emulator.methods)."""
+        """The global adapter an update proposes (see offsite.emulator.methods)."""
         method, plan = cfg.method_config(), SplitPlan.from_dict(art["plan"])
-        if not method.uses_peft:
+        if not method.merges:
             return methods.propose(None, plan, method, start, update)
         with self._scratch_lock:  # peft merges into one scratch emulator per job
             if job_id not in self._scratch:

@@ -9,7 +9,7 @@ from offsite import lm
 from offsite.cloud.blobs import BlobStore
 from offsite.cloud.job import JobConfig
 from offsite.cloud.state import State
-from offsite.emulator.adapter import load_adapter
+from offsite.emulator import methods
 from offsite.emulator.bundle import load_bundle, read_manifest
 from offsite.emulator.plan import SplitPlan
 from offsite.emulator.build import load_base
@@ -44,13 +44,13 @@ def finalize(cfg: JobConfig, artifacts: dict, state: State, blobs: BlobStore, jo
     columns = {"full_zero_shot": _evaluate(full, sets, pad), "emulator_zero_shot": _evaluate(emulator, sets, pad)}
     protection = ({"full": round(lm.mean_token_loss(full, general, pad), 4),
                    "emulator": round(lm.mean_token_loss(emulator, general, pad), 4)} if general else None)
-    load_adapter(emulator, plan, adapter, on_emulator=True)
-    columns["emulator_with_adapter"] = _evaluate(emulator, sets, pad)
-    load_adapter(full, plan, adapter, on_emulator=False)
-    columns["plug_in"] = _evaluate(full, sets, pad)
+    method = cfg.method_config()
+    columns["emulator_with_adapter"] = _evaluate(methods.apply(emulator, plan, method, adapter), sets, pad)
+    plugged = methods.apply(full, plan, method, adapter, on_emulator=False)
+    columns["plug_in"] = _evaluate(plugged, sets, pad)
     evaluation = {name: {col: values[name] for col, values in columns.items()} for name in columns["plug_in"]}
     export_dir = Path(cfg.export_dir or job_dir / "export")
-    export(full, tokenizer, export_dir)
+    export(plugged, tokenizer, export_dir)
     updates = state.updates(cfg.job_id)
     names = {c.client_id: c.name for c in state.clients()}
     clients = []
@@ -68,7 +68,7 @@ def finalize(cfg: JobConfig, artifacts: dict, state: State, blobs: BlobStore, jo
                   "adapter_params": params["adapter"], "emulator_params": params["emulator"]},
         "emulator": {"strategy": made["strategy"], "attn_rank": made.get("attn_rank"), "quantized": made["quantized"],
                      "distill_steps": (made.get("distillation") or {}).get("steps", 0)},
-        "adapter_method": {**cfg.method_config().to_dict(),
+        "adapter_method": {**method.to_dict(),
                            "trainable_params": sum(math.prod(shape) for shape, _ in artifacts["update_spec"].values())},
         "rounds": cfg.rounds,
         "clients": clients,

@@ -72,8 +72,7 @@ def task_message(task: Task) -> pb.Task:
     if task.config is not None:
         c = task.config
         m = c.method_config()
-        method = pb.AdapterMethod(name=m.name, r=m.r, alpha=m.alpha, dropout=m.dropout, target_modules=m.target_modules,
-                                  target_r=m.target_r, orth_reg_weight=m.orth_reg_weight)
+        method = pb.AdapterMethod(**m.to_dict())  # the same field names on both sides
         msg.training.CopyFrom(pb.TrainingSettings(epochs=c.epochs, lr=c.lr, batch_size=c.batch_size,
                                                   max_length=c.max_length, seed=c.seed, method=method, pack=c.pack,
                                                   grad_accum=c.grad_accum, gradient_checkpointing=c.gradient_checkpointing))

@@ -122,8 +122,9 @@ def next_token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[tor
 
 
 def token_loss_sum(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy of `model` over real tokens, and how many tokens were scored."""
-    return next_token_loss_sum(model(input_ids=ids, attention_mask=mask).logits, labels)
+    """Summed next-token cross-entropy of `model` over real tokens, and how many tokens were scored.
+    Logits for virtual tokens a model prepends (prompt tuning) are cut off: only the input's are scored."""
+    return next_token_loss_sum(model(input_ids=ids, attention_mask=mask).logits[:, -ids.shape[1]:], labels)
 
 
 @torch.no_grad()

@@ -62,3 +62,26 @@ def keep_blocks(model: nn.Module, indices: list[int] | tuple[int, ...]) -> nn.Mo
         config.layer_types = [layer_types[i] for i in indices]
     config.num_hidden_layers = len(indices)
     return model
+
+
+def attention_module(block: nn.Module) -> nn.Module:
+    """The child named like attention that holds projection matrices (not e.g. `post_attention_layernorm`)."""
+    candidates = [(sum(p.dim() == 2 for p in child.parameters()), child) for name, child in block.named_children()
+                  if "attn" in name.lower() or "attention" in name.lower()]
+    count, module = max(candidates, key=lambda c: c[0], default=(0, None))
+    if not count:
+        raise UnsupportedModelError(f"no attention submodule with projection weights in block {type(block).__name__}")
+    return module
+
+
+def feedforward_module(block: nn.Module) -> nn.Module:
+    """The block's feed-forward part: the child named mlp / feed_forward / ffn, or (OPT keeps fc1 and fc2
+    in the block itself) its last linear child, whose output is the feed-forward output."""
+    children = dict(block.named_children())
+    for name in ("mlp", "feed_forward", "ffn"):
+        if name in children:
+            return children[name]
+    linears = [child for child in children.values() if isinstance(child, nn.Linear)]
+    if not linears:
+        raise UnsupportedModelError(f"no feed-forward submodule in block {type(block).__name__}")
+    return linears[-1]

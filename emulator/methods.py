@@ -1,4 +1,4 @@
-"""How the adapter trains: whole blocks (the paper), or a PEFT method inside the adapter blocks only.
+"""How the adapter trains: whole blocks (the paper), or a PEFT method on top of the adapter.
 
 Every method speaks in canonical names (the full model's block indices, see offsite.emulator.adapter),
 so the client's upload, the coordinator's checks and the plug-in agree whatever the emulator kept.
@@ -11,6 +11,16 @@ so the client's upload, the coordinator's checks and the plug-in agree whatever 
   (mean(B·A) != mean(B)·mean(A)). The global adapter stays dense, so plug-in and export are plain.
 - bitfit: only the adapter blocks' biases train; for bias-free families (LLaMA, Mistral, Qwen...) their
   norm weights, the only per-channel offsets those blocks have.
+- prompt, prefix (peft prompt learning): learned virtual tokens. Prompt tuning prepends embeddings to the
+  input, which the emulator and the full model share, so it plugs in as it is. Prefix tuning (P-tuning
+  v2) learns keys and values for every layer the client has: the adapter blocks' prefixes plug into the
+  same blocks of the full model, and each dropped middle block takes the prefix of the nearest middle
+  block the emulator kept (the layer that stood in for it during training).
+- bottleneck: Houlsby adapters in the adapter blocks (offsite.emulator.bottleneck).
+
+The global adapter is the dense adapter blocks plus the tensors a method keeps beside them (virtual
+tokens, bottleneck modules); methods that change only the blocks add nothing. An update of those
+methods replaces its tensors in the global adapter, and the average over clients is their mean.
 """
 from __future__ import annotations
 
@@ -20,12 +30,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from offsite.emulator import bottleneck
 from offsite.emulator.adapter import adapter_parameters, extract_adapter, freeze_all_but_adapter, load_adapter
 from offsite.emulator.blocks import find_blocks
 from offsite.emulator.plan import SplitPlan
 from offsite.errors import ConfigError, InvalidUpdateError
 
-METHODS = ("full", "lora", "adalora", "ia3", "bitfit")
+METHODS = ("full", "lora", "adalora", "ia3", "bitfit", "prompt", "prefix", "bottleneck")
+VIRTUAL = ("prompt", "prefix")
+PROMPT = "prompt_embeddings"  # the virtual tokens' tensor, named as peft names it
 
 
 @dataclass(frozen=True)
@@ -37,12 +50,16 @@ class MethodConfig:
     alpha: float = 16.0             # lora scaling numerator (scale = alpha / r)
     dropout: float = 0.0            # lora dropout
     target_modules: tuple[str, ...] = field(default=())  # leaf names; default: every linear (lora), peft's family default (ia3)
+    virtual_tokens: int = 16        # prompt, prefix: how many
+    bottleneck_dim: int = 32        # bottleneck: inner width of each adapter
 
     def __post_init__(self) -> None:
         if self.name not in METHODS:
             raise ConfigError(f"adapter method must be one of {', '.join(METHODS)}, got {self.name!r}")
         if self.r < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
             raise ConfigError(f"lora needs r >= 1, alpha > 0 and 0 <= dropout < 1, got {self.r}, {self.alpha}, {self.dropout}")
+        if self.virtual_tokens < 1 or self.bottleneck_dim < 1:
+            raise ConfigError(f"virtual_tokens and bottleneck_dim must be >= 1, got {self.virtual_tokens}, {self.bottleneck_dim}")
         if not self.target_r:
             object.__setattr__(self, "target_r", max(1, self.r // 2))
         if self.name == "adalora" and (not 1 <= self.target_r <= self.r or self.orth_reg_weight < 0):
@@ -50,13 +67,14 @@ class MethodConfig:
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
 
     @property
-    def uses_peft(self) -> bool:
+    def merges(self) -> bool:
         """peft modules train, and an update merges into the dense adapter only through a model."""
         return self.name in ("lora", "adalora", "ia3")
 
     def to_dict(self) -> dict:
         return {"name": self.name, "r": self.r, "alpha": self.alpha, "dropout": self.dropout,
-                "target_modules": list(self.target_modules), "target_r": self.target_r, "orth_reg_weight": self.orth_reg_weight}
+                "target_modules": list(self.target_modules), "target_r": self.target_r, "orth_reg_weight": self.orth_reg_weight,
+                "virtual_tokens": self.virtual_tokens, "bottleneck_dim": self.bottleneck_dim}
 
 
 # --- names -----------------------------------------------------------------------------------------
@@ -138,25 +156,89 @@ def _bitfit_names(model: nn.Module, plan: SplitPlan, on_emulator: bool) -> set[s
     return biases or {n for n, p in params.items() if p.dim() == 1 and "norm" in n.lower()}
 
 
-# --- the three things a method does ------------------------------------------------------------------
+# --- prompt learning -------------------------------------------------------------------------------
+def _prompt_config(cfg: MethodConfig):
+    from peft import PrefixTuningConfig, PromptTuningConfig
+    kind = PromptTuningConfig if cfg.name == "prompt" else PrefixTuningConfig
+    return kind(task_type="CAUSAL_LM", num_virtual_tokens=cfg.virtual_tokens)
+
+
+def _full_depth(prefix: torch.Tensor, plan: SplitPlan) -> torch.Tensor:
+    """An emulator-depth prefix (tokens, layers * 2 * kv width) for every block of the full model: each
+    block the client had keeps its own; a dropped middle block takes the nearest kept middle block's."""
+    per_layer = prefix.reshape(prefix.shape[0], len(plan.emulator_order), -1)
+    slot = {original: i for i, original in enumerate(plan.emulator_order)}
+    kept = plan.kept_middle or plan.emulator_order
+
+    def source(block: int) -> int:
+        return slot[block] if block in slot else slot[min(kept, key=lambda k: (abs(k - block), k))]
+    return per_layer[:, [source(b) for b in range(plan.num_blocks)]].reshape(prefix.shape[0], -1)
+
+
+# --- what a method does ------------------------------------------------------------------------------
+def fresh_extras(model: nn.Module, plan: SplitPlan, cfg: MethodConfig) -> dict[str, torch.Tensor]:
+    """The tensors the method keeps beside the adapter blocks, freshly initialised, for the job's first
+    global adapter (empty for methods that change only the blocks). `model` is the emulator; unchanged.
+    Prompt tuning starts from the embeddings of randomly drawn vocabulary tokens (Lester et al., 2021),
+    prefix tuning from peft's initialisation."""
+    if cfg.name == "bottleneck":
+        return bottleneck.fresh_state(model, plan, cfg.bottleneck_dim)
+    if cfg.name == "prompt":
+        table = model.get_input_embeddings().weight
+        return {PROMPT: table[torch.randint(0, table.shape[0], (cfg.virtual_tokens,))].detach().float().clone()}
+    if cfg.name == "prefix":
+        from peft import get_peft_model_state_dict, get_peft_model
+        return {PROMPT: get_peft_model_state_dict(get_peft_model(model, _prompt_config(cfg)))[PROMPT].float().clone()}
+    return {}
+
+
+def apply(model: nn.Module, plan: SplitPlan, cfg: MethodConfig, adapter: dict[str, torch.Tensor],
+          on_emulator: bool = True) -> nn.Module:
+    """`model` (the emulator, or the full model with `on_emulator=False`) with the global `adapter` in
+    effect: its blocks loaded, and the method's extras installed (bottleneck modules, or a peft wrapper
+    holding the virtual tokens). Returns the model to run, which may be a wrapper of `model`."""
+    if cfg.name == "bottleneck":
+        bottleneck.install(model, plan, cfg.bottleneck_dim, on_emulator)
+    extras = {k: v for k, v in adapter.items() if k == PROMPT}
+    load_adapter(model, plan, {k: v for k, v in adapter.items() if k != PROMPT}, on_emulator)
+    if cfg.name not in VIRTUAL:
+        if extras:
+            raise InvalidUpdateError(f"adapter has virtual tokens, which method {cfg.name} does not use")
+        return model
+    if not extras:
+        raise InvalidUpdateError(f"adapter has no virtual tokens ({PROMPT}), which method {cfg.name} needs")
+    from peft import get_peft_model, set_peft_model_state_dict
+    wrapped = get_peft_model(model, _prompt_config(cfg))
+    tokens = extras[PROMPT] if on_emulator or cfg.name == "prompt" else _full_depth(extras[PROMPT], plan)
+    expected = wrapped.prompt_encoder["default"].embedding.weight.shape
+    if tokens.shape != expected:
+        raise InvalidUpdateError(f"{PROMPT} has shape {list(tokens.shape)}, the model needs {list(expected)}")
+    set_peft_model_state_dict(wrapped, {PROMPT: tokens})
+    return wrapped
+
+
 def attach(model: nn.Module, plan: SplitPlan, cfg: MethodConfig, on_emulator: bool = True,
            total_steps: int = 1) -> tuple[nn.Module, list[nn.Parameter]]:
-    """Make `model` train with the method: returns the (possibly peft-wrapped) model and its trainables.
-    Everything outside the method (embeddings, emulator middle, head) stays frozen. `total_steps` is the
-    round's optimizer steps (AdaLoRA schedules its rank budget over them)."""
+    """Make `model` (as `apply` returned it) train with the method: returns the (possibly peft-wrapped)
+    model and its trainables. Everything outside the method (embeddings, emulator middle, head) stays
+    frozen. `total_steps` is the round's optimizer steps (AdaLoRA schedules its rank budget over them)."""
     if cfg.name == "full":
         return model, freeze_all_but_adapter(model, plan, on_emulator)
     for p in model.parameters():
         p.requires_grad_(False)
-    if cfg.name == "bitfit":
+    if cfg.name in ("bitfit", "bottleneck"):
         params = adapter_parameters(model, plan, on_emulator)
-        trainable = [params[n] for n in sorted(_bitfit_names(model, plan, on_emulator))]
-        for p in trainable:
-            p.requires_grad_(True)
-        return model, trainable
-    from peft import get_peft_model
-    wrapped = get_peft_model(model, _peft_config(cfg, model, plan, on_emulator, total_steps))
-    return wrapped, [p for p in wrapped.parameters() if p.requires_grad]
+        names = _bitfit_names(model, plan, on_emulator) if cfg.name == "bitfit" else filter(bottleneck.is_bottleneck, params)
+        trainable = [params[n] for n in sorted(names)]
+    elif cfg.name in VIRTUAL:
+        trainable = list(model.prompt_encoder.parameters())
+    else:
+        from peft import get_peft_model
+        model = get_peft_model(model, _peft_config(cfg, model, plan, on_emulator, total_steps))
+        return model, [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(True)
+    return model, trainable
 
 
 def training_hooks(model: nn.Module, cfg: MethodConfig) -> dict:
@@ -176,12 +258,15 @@ def training_hooks(model: nn.Module, cfg: MethodConfig) -> dict:
 
 def trainable_state(model: nn.Module, plan: SplitPlan, cfg: MethodConfig, on_emulator: bool = True) -> dict[str, torch.Tensor]:
     """What a client uploads: only the method's trainable tensors, fp32, canonical names."""
-    if cfg.name == "full":
-        return extract_adapter(model, plan, on_emulator)
-    if cfg.name == "bitfit":
+    if cfg.name in ("full", "bitfit", "bottleneck"):
         full = extract_adapter(model, plan, on_emulator)
-        return {n: full[n] for n in sorted(_bitfit_names(model, plan, on_emulator))}
+        if cfg.name == "full":
+            return full
+        names = _bitfit_names(model, plan, on_emulator) if cfg.name == "bitfit" else filter(bottleneck.is_bottleneck, full)
+        return {n: full[n] for n in sorted(names)}
     from peft import get_peft_model_state_dict
+    if cfg.name in VIRTUAL:
+        return {PROMPT: get_peft_model_state_dict(model)[PROMPT].detach().float().clone()}
     config = model.peft_config["default"]
     pattern = getattr(config, "rank_pattern", None)
     if cfg.name == "adalora":  # peft would cut pruned ranks out; fixed shapes (pruned = 0) keep one spec for all
@@ -195,11 +280,10 @@ def trainable_state(model: nn.Module, plan: SplitPlan, cfg: MethodConfig, on_emu
 
 def propose(emulator: nn.Module | None, plan: SplitPlan, cfg: MethodConfig, start: dict[str, torch.Tensor],
             update: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The dense adapter an update proposes: `start` with the update merged in (peft's merge for peft
-    methods). `emulator` is a scratch model, needed only when `cfg.uses_peft`: its adapter blocks are overwritten."""
-    if cfg.name == "full":
-        return update
-    if cfg.name == "bitfit":
+    """The global adapter an update proposes: `start` with the update's tensors replaced, or for the
+    methods that merge, with the update merged in by peft. `emulator` is a scratch model, needed only
+    when `cfg.merges`: its adapter blocks are overwritten."""
+    if not cfg.merges:
         return {**start, **update}
     from peft import get_peft_model, set_peft_model_state_dict
     load_adapter(emulator, plan, start, on_emulator=True)

@@ -1,26 +1,69 @@
-"""Plug a trained adapter back into the full model and export a plain Hugging Face folder."""
+"""Plug a trained adapter back into the full model and export a standard Hugging Face folder.
+
+Methods whose result is plain weights (full, LoRA, AdaLoRA and IA3 merged, BitFit) export a folder that
+`AutoModelForCausalLM.from_pretrained` loads with no offsite code. Methods that add to the model keep
+the base folder plain and put their part beside it: virtual tokens as a standard peft adapter in
+`peft/` (`PeftModel.from_pretrained(model, folder / "peft")`), bottleneck adapters in
+`bottleneck.safetensors`; `load_export` loads any of them.
+"""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from offsite.emulator.adapter import load_adapter
+from offsite.emulator import bottleneck, methods
 from offsite.emulator.build import load_base
+from offsite.emulator.methods import MethodConfig
 from offsite.emulator.plan import SplitPlan
+from offsite.errors import IntegrityError
+
+PEFT_DIR, BOTTLENECK_FILE = "peft", "bottleneck.safetensors"
 
 
-def plug_in(base: str, plan: SplitPlan, adapter: dict[str, torch.Tensor]):
-    """The full base model with its adapter blocks replaced by `adapter`."""
+def plug_in(base: str, plan: SplitPlan, adapter: dict[str, torch.Tensor], method: MethodConfig = MethodConfig()):
+    """The full base model with the global `adapter` in effect (see `methods.apply`), and its tokenizer."""
     model, tokenizer = load_base(base)
-    load_adapter(model, plan, adapter, on_emulator=False)
-    return model, tokenizer
+    return methods.apply(model, plan, method, adapter, on_emulator=False), tokenizer
 
 
 def export(model, tokenizer, out_dir: str | Path) -> Path:
-    """Save as a standard folder that `AutoModelForCausalLM.from_pretrained` loads with no offsite code."""
+    """Save `model` (as `plug_in` returned it) as a standard folder, its method's extras beside it."""
+    from peft import PeftModel
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out_dir), safe_serialization=True)
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    state = base.state_dict()
+    extras = {k: v.detach().contiguous() for k, v in state.items() if bottleneck.is_bottleneck(k)}
+    base.save_pretrained(str(out_dir), safe_serialization=True,
+                         state_dict={k: v for k, v in state.items() if k not in extras})
+    if isinstance(model, PeftModel):
+        model.save_pretrained(str(out_dir / PEFT_DIR), safe_serialization=True)
+    if extras:
+        dim = next(v.shape[0] for k, v in extras.items() if k.endswith("down.weight"))
+        blocks = sorted({int(k.split(f".{bottleneck.NAME}.")[0].rsplit(".", 1)[1]) for k in extras})
+        save_file(extras, str(out_dir / BOTTLENECK_FILE), metadata={"bottleneck_dim": str(dim), "blocks": json.dumps(blocks)})
     tokenizer.save_pretrained(str(out_dir))
     return out_dir
+
+
+def load_export(folder: str | Path):
+    """Load an exported folder with whatever its method added: the model to run, and its tokenizer."""
+    folder = Path(folder)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    if (folder / BOTTLENECK_FILE).is_file():
+        from safetensors import safe_open
+        with safe_open(str(folder / BOTTLENECK_FILE), "pt") as f:
+            meta = f.metadata()
+        blocks = tuple(json.loads(meta["blocks"]))
+        bottleneck.install_at(model, blocks, int(meta["bottleneck_dim"]))
+        missing = model.load_state_dict(load_file(str(folder / BOTTLENECK_FILE)), strict=False)
+        if missing.unexpected_keys:
+            raise IntegrityError(f"{folder / BOTTLENECK_FILE} has tensors the model lacks: {missing.unexpected_keys[:3]}")
+    if (folder / PEFT_DIR).is_dir():
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, str(folder / PEFT_DIR))
+    return model.eval(), AutoTokenizer.from_pretrained(str(folder))

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from offsite import lm
-from offsite.emulator.blocks import find_blocks
+from offsite.emulator.blocks import attention_module, find_blocks
 from offsite.emulator.plan import SplitPlan
-from offsite.errors import ConfigError, UnsupportedModelError
+from offsite.errors import ConfigError
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -86,16 +86,6 @@ def similarity_plan(num_blocks: int, bottom: int, top: int, keep: int, sim: torc
     return SplitPlan(num_blocks, bottom, top, tuple(bottom + p for p in picks))
 
 
-def _attention_module(block: nn.Module) -> nn.Module:
-    """The child named like attention that holds projection matrices (not e.g. `post_attention_layernorm`)."""
-    candidates = [(sum(p.dim() == 2 for p in child.parameters()), child) for name, child in block.named_children()
-                  if "attn" in name.lower() or "attention" in name.lower()]
-    count, module = max(candidates, key=lambda c: c[0], default=(0, None))
-    if not count:
-        raise UnsupportedModelError(f"no attention submodule with projection weights in block {type(block).__name__}")
-    return module
-
-
 @torch.no_grad()
 def low_rank_attention(model, plan: SplitPlan, rank: int) -> int:
     """Replace every attention projection of the kept middle blocks by its best rank-`rank` approximation.
@@ -107,7 +97,7 @@ def low_rank_attention(model, plan: SplitPlan, rank: int) -> int:
     blocks = find_blocks(model).blocks
     changed = 0
     for position in range(plan.bottom, plan.bottom + len(plan.kept_middle)):
-        for module in _attention_module(blocks[position]).modules():
+        for module in attention_module(blocks[position]).modules():
             weight = getattr(module, "weight", None)
             if isinstance(weight, nn.Parameter) and weight.dim() == 2 and min(weight.shape) > rank:
                 u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)

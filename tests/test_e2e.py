@@ -69,11 +69,12 @@ def test_a_client_that_never_comes_does_not_block_the_job(tiny_model, client_dat
     assert [c["rounds_participated"] for c in report["clients"]] == [2, 2]
 
 
-@pytest.mark.parametrize("method", ["lora", "adalora", "ia3", "bitfit"])
+@pytest.mark.parametrize("method", ["lora", "adalora", "ia3", "bitfit", "prompt", "prefix", "bottleneck"])
 def test_each_adapter_method_trains_through_the_real_client_and_plugs_back_in(method, tiny_model, client_data, tmp_path):
-    rank = {"lora": "r = 2\n", "adalora": "r = 2\ntarget_r = 1\n"}.get(method, "")  # at width 32, rank 2 is 1/8 of the weights
+    size = {"lora": "r = 2\n", "adalora": "r = 2\ntarget_r = 1\n",  # at width 32, rank 2 is 1/8 of the weights
+            "bottleneck": "bottleneck_dim = 4\n"}.get(method, "")
     _, report = run_job(tmp_path, tiny_model, client_data[:1], ["client-1"],
-                        f'rounds = 1\nclients_per_round = 1\nlr = 0.03\nepochs = 4.0\n[adapter]\nmethod = "{method}"\n{rank}')
+                        f'rounds = 1\nclients_per_round = 1\nlr = 0.03\nepochs = 4.0\n[adapter]\nmethod = "{method}"\n{size}')
     m, ev = report["adapter_method"], report["eval"]["all"]
     dense_bytes = 4 * report["split"]["adapter_params"]
     assert m["name"] == method and 0 < m["trainable_params"] < report["split"]["adapter_params"] / 4

@@ -9,12 +9,15 @@ from offsite.emulator.adapter import extract_adapter, load_adapter
 from offsite.emulator.build import make_emulator
 from offsite.emulator.methods import MethodConfig
 from offsite.emulator.plan import SplitPlan
+from offsite.emulator.plugin import export, load_export, plug_in
 from offsite.errors import ConfigError
 from tests.test_families import IDS, tiny
 
 PLAN = SplitPlan.uniform(6, 2, 2, 1)
 CASES = [("llama", "lora"), ("gpt2", "lora"), ("opt", "lora"), ("llama", "adalora"), ("llama", "ia3"), ("gpt2", "ia3"),
          ("llama", "bitfit"), ("opt", "bitfit"), ("llama", "full")]
+ADDED = [("llama", "prompt"), ("gpt2", "prompt"), ("llama", "prefix"), ("opt", "prefix"), ("gpt_neox", "prefix"),
+         ("llama", "bottleneck"), ("gpt2", "bottleneck"), ("opt", "bottleneck"), ("bloom", "bottleneck"), ("falcon", "bottleneck")]
 
 
 def emulator(family):
@@ -23,21 +26,36 @@ def emulator(family):
     return model
 
 
+def initial(model, cfg, plan=PLAN):
+    """The job's first global adapter: the base's adapter blocks and the method's fresh extras."""
+    torch.manual_seed(0)
+    return {**extract_adapter(model, plan, on_emulator=True), **methods.fresh_extras(model, plan, cfg)}
+
+
+def attached(family, cfg, plan=PLAN):
+    model = make_emulator(tiny(family), plan)
+    return methods.attach(methods.apply(model, plan, cfg, initial(model, cfg, plan)), plan, cfg)
+
+
 def _randomize(update, seed=0):
     """A trained-looking update: lora_B starts at zero and IA3 at one, which would hide mistakes."""
     g = torch.Generator().manual_seed(seed)
     return {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in update.items()}
 
 
-@pytest.mark.parametrize("family, name", CASES)
+@pytest.mark.parametrize("family, name", CASES + ADDED)
 def test_only_method_tensors_train_and_travel_under_canonical_names(family, name):
-    cfg = MethodConfig(name, r=2)  # at width 32 a rank-8 LoRA would be half the size of the weights
-    attached, params = methods.attach(emulator(family), PLAN, cfg)
-    update = methods.trainable_state(attached, PLAN, cfg)
+    cfg = MethodConfig(name, r=2, virtual_tokens=4, bottleneck_dim=4)  # at width 32 rank 8 is half the weights
+    model, params = attached(family, cfg)
+    update = methods.trainable_state(model, PLAN, cfg)
     assert len(params) == len(update) > 0 and sum(p.numel() for p in params) == sum(v.numel() for v in update.values())
     assert all(p.requires_grad for p in params)
-    assert sum(p.numel() for p in attached.parameters() if p.requires_grad) == sum(p.numel() for p in params)
-    blocks = {int(k.split(".")[k.split(".").index("h" if family == "gpt2" else "layers") + 1]) for k in update}
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == sum(p.numel() for p in params)
+    if name in methods.VIRTUAL:
+        assert list(update) == [methods.PROMPT]
+        return
+    layers = "h" if family in ("gpt2", "bloom", "falcon") else "layers"
+    blocks = {int(k.split(".")[k.split(".").index(layers) + 1]) for k in update}
     assert blocks == set(PLAN.adapter_blocks)  # canonical = the full model's indices: 0, 1, 4, 5
     dense = sum(v.numel() for v in extract_adapter(emulator(family), PLAN, on_emulator=True).values())
     if name == "full":
@@ -49,9 +67,9 @@ def test_only_method_tensors_train_and_travel_under_canonical_names(family, name
 @pytest.mark.parametrize("family, name", CASES)
 def test_an_update_merges_into_the_dense_adapter_exactly(family, name):
     cfg = MethodConfig(name)
-    trained, _ = methods.attach(emulator(family), PLAN, cfg)
+    trained, _ = attached(family, cfg)
     update = _randomize(methods.trainable_state(trained, PLAN, cfg))
-    trained, _ = methods.attach(emulator(family), PLAN, cfg)  # a fresh one, loaded with the update
+    trained, _ = attached(family, cfg)  # a fresh one, loaded with the update
     if name in ("lora", "adalora", "ia3"):
         from peft import set_peft_model_state_dict
         set_peft_model_state_dict(trained, methods._emulator_names(update, trained.get_base_model(), PLAN))
@@ -69,8 +87,8 @@ def test_an_update_merges_into_the_dense_adapter_exactly(family, name):
 def test_lora_average_is_of_merged_weights_not_of_factors():
     cfg = MethodConfig("lora", r=2, alpha=2.0)
     base = emulator("llama")
-    attached, _ = methods.attach(emulator("llama"), PLAN, cfg)
-    u1, u2 = (_randomize(methods.trainable_state(attached, PLAN, cfg), seed) for seed in (1, 2))
+    model, _ = attached("llama", cfg)
+    u1, u2 = (_randomize(methods.trainable_state(model, PLAN, cfg), seed) for seed in (1, 2))
     start = extract_adapter(base, PLAN, on_emulator=True)
     exact = {k: (methods.propose(emulator("llama"), PLAN, cfg, start, u1)[k] +
                  methods.propose(emulator("llama"), PLAN, cfg, start, u2)[k]) / 2 for k in start}
@@ -83,7 +101,8 @@ def test_lora_average_is_of_merged_weights_not_of_factors():
     assert (mean_of_products - product_of_means).abs().max() > 1e-4  # the naive average would be wrong
 
 
-@pytest.mark.parametrize("kwargs", [dict(name="prefix-magic"), dict(name="lora", r=0), dict(name="lora", dropout=1.0)])
+@pytest.mark.parametrize("kwargs", [dict(name="prefix-magic"), dict(name="lora", r=0), dict(name="lora", dropout=1.0),
+                                    dict(name="prompt", virtual_tokens=0), dict(name="bottleneck", bottleneck_dim=0)])
 def test_bad_method_settings(kwargs):
     with pytest.raises(ConfigError):
         MethodConfig(**kwargs)
@@ -91,4 +110,62 @@ def test_bad_method_settings(kwargs):
 
 def test_targets_that_do_not_exist_are_named():
     with pytest.raises(ConfigError, match="no linear layer named"):
-        methods.attach(emulator("llama"), PLAN, MethodConfig("lora", target_modules=("c_attn",)))
+        attached("llama", MethodConfig("lora", target_modules=("c_attn",)))
+
+
+NO_DROP = SplitPlan.uniform(6, 2, 2, 2)  # the emulator is the whole model: plug-in must change nothing
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "bloom", "falcon", "gpt_neox"])
+def test_a_fresh_bottleneck_is_the_identity(family):
+    cfg = MethodConfig("bottleneck", bottleneck_dim=4)
+    model = emulator(family)
+    with torch.no_grad():
+        reference = model(IDS).logits
+        got = methods.apply(model, PLAN, cfg, initial(model, cfg))(IDS).logits
+    torch.testing.assert_close(got, reference)
+
+
+@pytest.mark.parametrize("family, name", [("llama", "prompt"), ("gpt2", "prompt"), ("llama", "prefix"), ("opt", "prefix"),
+                                          ("llama", "bottleneck"), ("gpt2", "bottleneck"), ("llama", "lora")])
+def test_a_trained_method_plugs_into_the_full_model(family, name):
+    """With nothing dropped, the full model with the global adapter must equal the emulator with it."""
+    cfg = MethodConfig(name, r=2, virtual_tokens=4, bottleneck_dim=4)
+    model, _ = attached(family, cfg, NO_DROP)
+    start = initial(make_emulator(tiny(family), NO_DROP), cfg, NO_DROP)
+    scratch = make_emulator(tiny(family), NO_DROP)
+    adapter = methods.propose(scratch, NO_DROP, cfg, start, _randomize(methods.trainable_state(model, NO_DROP, cfg)))
+    on_emulator = methods.apply(make_emulator(tiny(family), NO_DROP), NO_DROP, cfg, adapter)
+    on_full = methods.apply(tiny(family), NO_DROP, cfg, adapter, on_emulator=False)
+    with torch.no_grad():
+        expected, got = on_emulator(input_ids=IDS).logits, on_full(input_ids=IDS).logits
+        assert not torch.allclose(got[:, -IDS.shape[1]:], tiny(family)(IDS).logits, atol=1e-4)
+    torch.testing.assert_close(got, expected)
+
+
+def test_prefix_of_a_dropped_block_is_the_nearest_kept_blocks():
+    plan = SplitPlan.uniform(8, 2, 2, 2)  # the emulator runs blocks 0 1 2 5 6 7
+    assert plan.emulator_order == (0, 1, 2, 5, 6, 7)
+    slots = torch.arange(6.0).repeat_interleave(3).repeat(4, 1)  # 4 tokens, 6 layers of width 3, each = its slot
+    full = methods._full_depth(slots, plan).reshape(4, 8, 3)
+    assert full[0, :, 0].tolist() == [0, 1, 2, 2, 3, 3, 4, 5]  # block 3 <- 2, block 4 <- 5
+    assert torch.equal(full[1], full[0])
+
+
+@pytest.mark.parametrize("name", ["prompt", "prefix", "bottleneck", "lora"])
+def test_export_loads_back_to_the_same_model(tiny_model, tmp_path, name):
+    from transformers import AutoModelForCausalLM
+    cfg = MethodConfig(name, r=2, virtual_tokens=4, bottleneck_dim=4)
+    plan = SplitPlan.uniform(6, 2, 2, 1)
+    def emu():
+        return make_emulator(AutoModelForCausalLM.from_pretrained(str(tiny_model)), plan)
+    start = initial(emu(), cfg, plan)
+    trained, _ = methods.attach(methods.apply(emu(), plan, cfg, start), plan, cfg)
+    adapter = methods.propose(emu(), plan, cfg, start, _randomize(methods.trainable_state(trained, plan, cfg)))
+    plugged, tokenizer = plug_in(str(tiny_model), plan, adapter, cfg)
+    loaded, _ = load_export(export(plugged, tokenizer, tmp_path / "export"))
+    ids = IDS % plugged.config.vocab_size
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, plugged.eval()(input_ids=ids).logits)
+    plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export"))  # the folder itself is a plain model
+    assert not any("bottleneck" in k for k in plain.state_dict())

@@ -58,7 +58,7 @@ class TrainingSettings(_message.Message):
     def __init__(self, epochs: _Optional[float] = ..., lr: _Optional[float] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., seed: _Optional[int] = ..., method: _Optional[_Union[AdapterMethod, _Mapping]] = ..., pack: _Optional[bool] = ..., grad_accum: _Optional[int] = ..., gradient_checkpointing: _Optional[bool] = ...) -> None: ...
 
 class AdapterMethod(_message.Message):
-    __slots__ = ("name", "r", "alpha", "dropout", "target_modules", "target_r", "orth_reg_weight")
+    __slots__ = ("name", "r", "alpha", "dropout", "target_modules", "target_r", "orth_reg_weight", "virtual_tokens", "bottleneck_dim")
     NAME_FIELD_NUMBER: _ClassVar[int]
     R_FIELD_NUMBER: _ClassVar[int]
     ALPHA_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +66,8 @@ class AdapterMethod(_message.Message):
     TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
     TARGET_R_FIELD_NUMBER: _ClassVar[int]
     ORTH_REG_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    VIRTUAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BOTTLENECK_DIM_FIELD_NUMBER: _ClassVar[int]
     name: str
     r: int
     alpha: float
@@ -73,7 +75,9 @@ class AdapterMethod(_message.Message):
     target_modules: _containers.RepeatedScalarFieldContainer[str]
     target_r: int
     orth_reg_weight: float
-    def __init__(self, name: _Optional[str] = ..., r: _Optional[int] = ..., alpha: _Optional[float] = ..., dropout: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., target_r: _Optional[int] = ..., orth_reg_weight: _Optional[float] = ...) -> None: ...
+    virtual_tokens: int
+    bottleneck_dim: int
+    def __init__(self, name: _Optional[str] = ..., r: _Optional[int] = ..., alpha: _Optional[float] = ..., dropout: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., target_r: _Optional[int] = ..., orth_reg_weight: _Optional[float] = ..., virtual_tokens: _Optional[int] = ..., bottleneck_dim: _Optional[int] = ...) -> None: ...
 
 class Task(_message.Message):
     __slots__ = ("kind", "job_id", "round", "total_rounds", "bundle_manifest_sha256", "adapter_sha256", "skeleton_digest", "training", "retry_after_s", "heartbeat_s")
