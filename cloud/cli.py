@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+from offsite.cloud import privacy
 from offsite.cloud.blobs import BlobStore
 from offsite.cloud.coordinator import Coordinator
 from offsite.cloud.finalize import finalize_job
@@ -104,6 +105,7 @@ def cmd_status(args) -> int:
         cfg = JobConfig.from_json(job.config_json)
         out["jobs"].append({"job_id": job.job_id, "status": job.status, "round": job.round, "rounds": cfg.rounds,
                             "aggregator": cfg.aggregator, "uploads_in_progress": len(state.uploads(job.job_id, job.round)),
+                            "privacy": privacy.summary(cfg.dp_config(), job.round),
                             "updates": [u.__dict__ for u in state.updates(job.job_id)],
                             "rejected": [{"round": r, "client_id": c, "reason": why} for r, c, why in state.rejections(job.job_id)]})
     if args.json:
@@ -112,6 +114,10 @@ def cmd_status(args) -> int:
     for j in out["jobs"]:
         print(f"job {j['job_id']}: {j['status']}, round {min(j['round'] + 1, j['rounds'])}/{j['rounds']}, "
               f"{len(j['updates'])} updates accepted, {len(j['rejected'])} rejected")
+        if j["privacy"]:
+            dp = j["privacy"]
+            spent = "no guarantee (no noise)" if dp["noise_multiplier"] == 0 else f"epsilon {dp['epsilon']:.3g} at delta {dp['delta']:g}"
+            print(f"  DP-FedAvg: clip {dp['clip']:g}, noise multiplier {dp['noise_multiplier']:g}: {spent}")
     now = time.time()
     for c in out["clients"]:
         print(f"  client {c['id']}: {c['activity'] or 'enrolled'}, last seen {now - c['last_seen']:.0f} s ago, "

@@ -24,6 +24,7 @@ from offsite.cloud.aggregate import WeightedMean, make_strategy
 from offsite.cloud.blobs import BlobStore
 from offsite.cloud.identity import CertificateAuthority, StateLayout, hash_secret
 from offsite.cloud.job import JobConfig
+from offsite.cloud.privacy import ClippedNoisedMean
 from offsite.cloud.state import ClientRecord, JobRecord, State, UpdateRecord, UploadRecord
 from offsite.cloud.uploads import UploadSpool
 from offsite.emulator import methods
@@ -348,9 +349,13 @@ class Coordinator:
         rec, cfg, art = self.job(job_id)
         updates = self.state.updates(job_id, rec.round)
         start = load_blob(self.blobs.open_path(art["adapters"][rec.round]))
-        mean = WeightedMean()
+        dp = cfg.dp_config()
+        mean = (ClippedNoisedMean(start, dp, methods.touched(cfg.method_config(), art["update_spec"])) if dp.enabled
+                else WeightedMean())
         for u in updates:  # each update as the dense adapter it proposes: exact for LoRA and IA3 too
             mean.add(self._propose(job_id, cfg, art, start, load_blob(self.blobs.open_path(u.blob_sha256))), float(u.num_examples))
+        if dp.enabled:
+            art.setdefault("dp_norms", []).append([round(n, 6) for n in mean.norms])  # before clipping, per update
         strategy = make_strategy(cfg.aggregator, **cfg.aggregator_params)
         state = load_blob(self.blobs.open_path(art["strategy_state"])) if art.get("strategy_state") else {}
         new_global, new_state = strategy.step(start, mean.result(), state)

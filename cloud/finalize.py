@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from offsite import lm
+from offsite.cloud import privacy
 from offsite.cloud.blobs import BlobStore
 from offsite.cloud.job import JobConfig
 from offsite.cloud.state import State
@@ -75,6 +76,8 @@ def finalize(cfg: JobConfig, artifacts: dict, state: State, blobs: BlobStore, jo
         "rejected_updates": [{"round": r, "client_id": c, "reason": why} for r, c, why in state.rejections(cfg.job_id)],
         "eval": evaluation,
         "protection": protection,
+        "privacy": ({**privacy.summary(cfg.dp_config(), cfg.rounds), "update_norms_before_clipping": artifacts.get("dp_norms")}
+                    if cfg.dp_config().enabled else None),
         "export_dir": str(export_dir),
         "transport": {"tls": True, "sealed_updates": True},
         "finalize_seconds": round(time.perf_counter() - started, 1),

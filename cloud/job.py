@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from offsite.cloud.aggregate import make_strategy
+from offsite.cloud.privacy import DPConfig
 from offsite.emulator.config import EmulatorConfig
 from offsite.emulator.methods import MethodConfig
 from offsite.errors import ConfigError
@@ -43,6 +44,9 @@ class JobConfig:
     aggregator: str = "fedavg"            # server strategy: fedavg | fedavgm | fedadam
     aggregator_params: dict[str, float] = field(default_factory=dict)   # e.g. server_lr, momentum
     heartbeat_s: float = 10.0             # how often a working client reports liveness
+    dp_clip: float = 0.0                  # [privacy] clip: DP-FedAvg's L2 bound C on each client's change; 0: off
+    dp_noise: float = 0.0                 # [privacy] noise: Gaussian noise multiplier z (std z*C on the sum)
+    dp_delta: float = 1e-5                # [privacy] delta: epsilon is reported for it
     method: str = "full"                  # how the adapter trains: full | lora | ia3 | bitfit
     method_params: dict = field(default_factory=dict)   # e.g. r, alpha, dropout, target_modules
     eval_sets: dict[str, str] = field(default_factory=dict)   # name -> JSONL the model owner may evaluate on
@@ -65,6 +69,7 @@ class JobConfig:
             raise ConfigError(f"max_update_norm must be >= 0 and heartbeat_s > 0, got {self.max_update_norm} and {self.heartbeat_s}")
         make_strategy(self.aggregator, **self.aggregator_params)  # validates the strategy and its parameters
         self.method_config()
+        self.dp_config()
         self.emulator_config()  # validates the split and distillation settings
 
     def method_config(self) -> MethodConfig:
@@ -72,6 +77,9 @@ class JobConfig:
             return MethodConfig(self.method, **self.method_params)
         except TypeError as e:
             raise ConfigError(f"adapter method {self.method}: {e}") from None
+
+    def dp_config(self) -> DPConfig:
+        return DPConfig(clip=self.dp_clip, noise=self.dp_noise, delta=self.dp_delta)
 
     def emulator_config(self) -> EmulatorConfig:
         return EmulatorConfig(bottom=self.bottom, top=self.top, emulator_layers=self.emulator_layers,
@@ -95,6 +103,8 @@ class JobConfig:
             params = dict(raw["adapter"])
             flat["method"] = params.pop("method", "full")
             flat["method_params"] = params
+        for key, value in raw.get("privacy", {}).items():  # [privacy] clip, noise, delta
+            flat[f"dp_{key}"] = value
         if "id" in flat:
             flat["job_id"] = flat.pop("id")
         base = path.parent

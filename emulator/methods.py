@@ -278,6 +278,14 @@ def trainable_state(model: nn.Module, plan: SplitPlan, cfg: MethodConfig, on_emu
             config.rank_pattern = pattern
 
 
+def touched(cfg: MethodConfig, update_names) -> set[str]:
+    """The names of the global adapter's tensors that updates with these names can change: the update's
+    own, or for the methods that merge, the weight of every layer their modules sit on."""
+    if not cfg.merges:
+        return set(update_names)
+    return {re.sub(r"\.(lora_[ABE]|ia3_l)(\.weight)?$", "", n) + ".weight" for n in update_names}
+
+
 def propose(emulator: nn.Module | None, plan: SplitPlan, cfg: MethodConfig, start: dict[str, torch.Tensor],
             update: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The global adapter an update proposes: `start` with the update's tensors replaced, or for the

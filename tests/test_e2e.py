@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from offsite.cloud.privacy import DPConfig, epsilon
 from tests.procs import offsite
 
 
@@ -81,3 +82,13 @@ def test_each_adapter_method_trains_through_the_real_client_and_plugs_back_in(me
     assert report["clients"][0]["upload_bytes"] < dense_bytes / 3  # only the method's tensors travel
     assert ev["plug_in"] < ev["full_zero_shot"] - 0.01  # it learned, and the merged adapter carries it to the full model
     assert abs(ev["plug_in"] - ev["emulator_with_adapter"]) < 0.5
+
+
+def test_a_dp_fedavg_job_reports_the_epsilon_it_spent(tiny_model, client_data, tmp_path):
+    state, report = run_job(tmp_path, tiny_model, client_data, ["client-1", "client-2"],
+                            "rounds = 2\nclients_per_round = 2\n[privacy]\nclip = 0.5\nnoise = 0.8\n")
+    dp = report["privacy"]
+    assert dp["epsilon"] == pytest.approx(epsilon(DPConfig(clip=0.5, noise=0.8), 2)) and 0 < dp["epsilon"] < 100
+    assert [len(r) for r in dp["update_norms_before_clipping"]] == [2, 2]
+    status = subprocess.run(offsite("cloud", "status", "--state", str(state), "--json"), capture_output=True, text=True, check=True)
+    assert json.loads(status.stdout)["jobs"][0]["privacy"]["epsilon_by_round"] == dp["epsilon_by_round"]
