@@ -51,3 +51,7 @@ class TooLargeError(OffsiteError):
 
 class OutOfRangeError(OffsiteError):
     """A position past the end of what exists (a chunk index beyond the last chunk)."""
+
+
+class AbortedError(OffsiteError):
+    """A protocol run could not finish (secure aggregation left with fewer clients than its threshold)."""
