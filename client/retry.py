@@ -14,14 +14,14 @@ TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXC
 
 
 def with_retry(fn: Callable[[], T], what: str, budget_s: float, first_delay_s: float = 0.5, max_delay_s: float = 30.0,
-               sleep: Callable[[float], None] = time.sleep) -> T:
+               sleep: Callable[[float], None] = time.sleep, transient: frozenset = TRANSIENT) -> T:
     """Call `fn` until it succeeds, a non-transient error comes, or `budget_s` of retrying has passed."""
     deadline, delay = time.monotonic() + budget_s, first_delay_s
     while True:
         try:
             return fn()
         except grpc.RpcError as e:
-            if e.code() not in TRANSIENT or time.monotonic() + delay > deadline:
+            if e.code() not in transient or time.monotonic() + delay > deadline:
                 raise
             log.warning("%s: %s (%s); retrying in %.1f s", what, e.code().name, e.details(), delay)
             sleep(delay)

@@ -17,6 +17,7 @@ from offsite.client.identity import enroll, load_identity
 from offsite.client.train import LocalTrainer
 from offsite.emulator.methods import MethodConfig
 from offsite.client.retry import with_retry
+from offsite.client.secure import SecAggLost, masked_input, secure_submit
 from offsite.client.transfer import download_blob, download_bundle, upload
 from offsite.errors import ConfigError, DataError
 from offsite.files import atomic_write, sha256_file
@@ -123,7 +124,8 @@ def run(cfg: ClientConfig) -> dict:
             if task.kind == pb.Task.WAIT:
                 time.sleep(max(task.retry_after_s, 0.2))
                 continue
-            outbox = cfg.workdir / "outbox" / f"{task.job_id}-round-{task.round}.sealed"
+            privacy = task.training.privacy
+            outbox = cfg.workdir / "outbox" / f"{task.job_id}-round-{task.round}.{'update' if privacy.secure_aggregation else 'sealed'}"
             with Liveness(stub, task.job_id, task.round, task.heartbeat_s) as live:
                 if not outbox.is_file():  # else: sealed before a restart; send those bytes, do not train again
                     live.report("downloading")
@@ -132,27 +134,53 @@ def run(cfg: ClientConfig) -> dict:
                                          "download bundle")
                         trainer = LocalTrainer(bundle, texts, heldout, task.training.max_length, task.training.pack, cfg.device)
                     try:
-                        envelope = _train_and_seal(stub, task, trainer, me, cfg, live, retried)
+                        update = _train(stub, task, trainer, me, cfg, live, retried)
                     except RoundClosed:
                         log.warning("client %s: round %d closed while training; asking for a new task", me.client_id, task.round + 1)
                         continue
-                    atomic_write(outbox, envelope, mode=0o600)  # a crash from here on resumes the upload, not the training
-                live.report("uploading")
-                envelope = outbox.read_bytes()
-                accepted = _upload_once(stub, task, len(texts), envelope, retried)
+                    ctx = SealContext(task.job_id, task.round, me.client_id, task.skeleton_digest)
+                    payload = (to_bytes(update) if privacy.secure_aggregation  # masked later; kept on this machine only
+                               else seal(to_bytes(update), ctx, me.coordinator_key, me.signing_key))
+                    atomic_write(outbox, payload, mode=0o600)  # a crash from here on resumes the upload, not the training
+                if privacy.secure_aggregation:
+                    live.report("secure aggregation")
+                    start = from_bytes(_global_adapter(cfg, task).read_bytes())
+                    x, norm = masked_input(cfg.workdir / "bundle", start, from_bytes(outbox.read_bytes()), _method(task),
+                                           privacy, len(texts))
+                    try:
+                        accepted, sent = secure_submit(stub, task, me, x, cfg.retry_s)
+                    except SecAggLost as e:
+                        log.warning("client %s: round %d: not in the secure aggregation run (%s); the update waits", me.client_id,
+                                    task.round + 1, e)
+                        time.sleep(2.0)
+                        continue
+                    accepted += f", change norm {norm:.4g} before clipping"
+                else:
+                    live.report("uploading")
+                    envelope = outbox.read_bytes()
+                    accepted, sent = _upload_once(stub, task, len(texts), envelope, retried), len(envelope)
             outbox.unlink()
-            upload_bytes += len(envelope)
+            upload_bytes += sent
             rounds_done.append(task.round)
-            log.info("client %s: round %d: sealed %d bytes, %s", me.client_id, task.round + 1, len(envelope), accepted)
+            log.info("client %s: round %d: sent %d bytes, %s", me.client_id, task.round + 1, sent, accepted)
             if task.round + 1 >= task.total_rounds:  # the last round: nothing more to ask the coordinator
                 log.info("client %s: took part in the last round of job %s", me.client_id, task.job_id)
                 break
     return {"client_id": me.client_id, "rounds": rounds_done, "upload_bytes": upload_bytes}
 
 
-def _train_and_seal(stub, task, trainer: LocalTrainer, me, cfg: ClientConfig, live: Liveness, retried) -> bytearray:
-    adapter_path = retried(lambda: download_blob(stub, task.adapter_sha256, cfg.workdir / "adapters" / f"global-{task.round}.safetensors"),
-                           "download adapter")
+def _global_adapter(cfg: ClientConfig, task) -> Path:
+    return cfg.workdir / "adapters" / f"global-{task.round}.safetensors"
+
+
+def _method(task) -> MethodConfig:
+    m = task.training.method  # the coordinator sends every field; no method at all means whole blocks
+    return MethodConfig(**{f.name: getattr(m, f.name) for f in m.DESCRIPTOR.fields}) if m.name else MethodConfig()
+
+
+def _train(stub, task, trainer: LocalTrainer, me, cfg: ClientConfig, live: Liveness, retried) -> dict[str, torch.Tensor]:
+    """Train the round; returns the update (the method's trainable tensors)."""
+    adapter_path = retried(lambda: download_blob(stub, task.adapter_sha256, _global_adapter(cfg, task)), "download adapter")
     t = task.training
     cuda = cfg.device.startswith("cuda")
     train_cfg = lm.TrainConfig(epochs=t.epochs, lr=t.lr, batch_size=t.batch_size, seed=t.seed + 1000 * task.round,
@@ -165,8 +193,7 @@ def _train_and_seal(stub, task, trainer: LocalTrainer, me, cfg: ClientConfig, li
         if not live.round_open:
             raise RoundClosed()
 
-    m = t.method  # the coordinator sends every field; no method at all means whole blocks
-    method = MethodConfig(**{f.name: getattr(m, f.name) for f in m.DESCRIPTOR.fields}) if m.name else MethodConfig()
+    method = _method(task)
     key = f"{task.job_id}/{task.round}/{task.adapter_sha256}/{method}/{train_cfg}/{sha256_file(cfg.data)}"
     checkpoint = Checkpointer(cfg.workdir / "checkpoints", hashlib.sha256(key.encode()).hexdigest(), cfg.checkpoint_every)
     result = trainer.train_round(from_bytes(adapter_path.read_bytes()), task.skeleton_digest, train_cfg, method,
@@ -176,8 +203,7 @@ def _train_and_seal(stub, task, trainer: LocalTrainer, me, cfg: ClientConfig, li
              "local held-out %s -> %s)", me.client_id, task.round + 1, method.name, result.trainable_params,
              result.stats.steps, result.stats.tokens_per_s, result.stats.peak_memory_bytes / 2**20,
              _fmt(result.heldout_before), _fmt(result.heldout_after))
-    ctx = SealContext(task.job_id, task.round, me.client_id, task.skeleton_digest)
-    return seal(to_bytes(result.update), ctx, me.coordinator_key, me.signing_key)
+    return result.update
 
 
 def _upload_once(stub, task, num_examples: int, envelope: bytes, retried) -> str:

@@ -24,7 +24,8 @@ from offsite.cloud.aggregate import WeightedMean, make_strategy
 from offsite.cloud.blobs import BlobStore
 from offsite.cloud.identity import CertificateAuthority, StateLayout, hash_secret
 from offsite.cloud.job import JobConfig
-from offsite.cloud.privacy import ClippedNoisedMean
+from offsite.cloud.privacy import ClippedNoisedMean, add_noise
+from offsite.cloud.secure_round import SecureRound
 from offsite.cloud.state import ClientRecord, JobRecord, State, UpdateRecord, UploadRecord
 from offsite.cloud.uploads import UploadSpool
 from offsite.emulator import methods
@@ -34,6 +35,8 @@ from offsite.emulator.plan import SplitPlan
 from offsite.errors import (AlreadyExistsError, AuthError, InvalidRequestError, InvalidUpdateError, NotFoundError,
                             OutOfRangeError, PreconditionError, TooLargeError)
 from offsite.files import sha256_bytes
+from offsite.secagg import vector
+from offsite.secagg.protocol import Advert, Reveal, SealedShares
 from offsite.sealing import SealContext, open_sealed, raw_public
 from offsite.tensors import check_matches, from_bytes, load_blob, spec_digest, spec_of, to_bytes
 from offsite.transport import CHUNK_BYTES
@@ -91,6 +94,7 @@ class Coordinator:
         self.spool = UploadSpool(layout.uploads)
         self._scratch: dict[str, torch.nn.Module] = {}  # job id -> emulator that peft merges updates into
         self._scratch_lock = threading.Lock()
+        self._runs: dict[str, SecureRound] = {}  # job id -> the current round's secure-aggregation run (memory only)
         self.on_training_done = on_training_done  # called with the job id when its last round closes
         self._lock = threading.RLock()
 
@@ -120,6 +124,8 @@ class Coordinator:
             "adapters": [self.blobs.put(to_bytes(initial))],  # adapters[r] = global adapter that round r starts from
             "params": {"full": result.full_params, "emulator": result.emulator_params, "adapter": result.adapter_params},
         }
+        if cfg.secure_aggregation:  # the tensors a masked input covers: those the method can change
+            artifacts["secagg_shapes"] = {k: spec[k][0] for k in sorted(methods.touched(method, update_spec))}
         self.state.add_job(cfg.job_id, cfg.to_json(), json.dumps(artifacts))
         return self.state.job(cfg.job_id)
 
@@ -175,6 +181,16 @@ class Coordinator:
         with self._lock:
             rec, cfg, _ = self.job(job_id)
             if rec.status != "running":
+                return
+            if cfg.secure_aggregation:
+                run = self._runs.get(job_id)
+                if run is None or run.round != rec.round:
+                    if self.state.updates(job_id, rec.round):  # masked inputs of a run this process never held
+                        self._close_secure_round(job_id, None)
+                    return
+                run.advance(self._now())
+                if run.aborted or run.result is not None:
+                    self._close_secure_round(job_id, run)
                 return
             updates = self.state.updates(job_id, rec.round)
             if len(updates) >= cfg.clients_per_round:
@@ -305,8 +321,11 @@ class Coordinator:
             ctx = SealContext(header.job_id, header.round, client.client_id, art["skeleton_digest"])
             plaintext = open_sealed(envelope, ctx, self._sealing_key, Ed25519PublicKey.from_public_bytes(client.signing_key))
             tensors = from_bytes(plaintext)
-            check_matches(tensors, {k: (s, d) for k, (s, d) in art["update_spec"].items()})
-            if cfg.max_update_norm:
+            if cfg.secure_aggregation:  # a masked input: its checks are the protocol's; norms are the client's
+                check_matches(tensors, {vector.MASKED: ([vector.length(art["secagg_shapes"])], "uint64")})
+            else:
+                check_matches(tensors, {k: (s, d) for k, (s, d) in art["update_spec"].items()})
+            if cfg.max_update_norm and not cfg.secure_aggregation:
                 start = load_blob(self.blobs.open_path(art["adapters"][header.round]))
                 self._check_norm(self._propose(header.job_id, cfg, art, start, tensors), start, cfg.max_update_norm)
         except InvalidUpdateError as e:
@@ -314,6 +333,8 @@ class Coordinator:
             raise
         with self._lock:
             self.check_upload_header(client, header)  # the round may have moved while we decrypted
+            if cfg.secure_aggregation:
+                self._secure_run(header.job_id).masked(client.client_id, tensors[vector.MASKED].numpy())
             digest = self.blobs.put(plaintext)
             count = self.state.add_update(UpdateRecord(header.job_id, header.round, client.client_id,
                                                        header.num_examples, digest, len(envelope), self._now()))
@@ -342,6 +363,71 @@ class Coordinator:
         if norm > bound:
             raise InvalidUpdateError(f"update moves the adapter by L2 norm {norm:.4g}, above the job's bound {bound:g}")
 
+    # --- secure aggregation -------------------------------------------------------------------------
+    def _secure_run(self, job_id: str) -> SecureRound:
+        """The current round's run, opened on first use."""
+        rec, cfg, art = self.job(job_id)
+        if not cfg.secure_aggregation:
+            raise PreconditionError(f"job {job_id} does not use secure aggregation")
+        run = self._runs.get(job_id)
+        if run is None or run.round != rec.round:
+            run = self._runs[job_id] = SecureRound(
+                job_id, rec.round, cfg.clients_per_round, max(2, cfg.min_clients or cfg.clients_per_round),
+                cfg.secagg_threshold, vector.length(art["secagg_shapes"]), cfg.secagg_timeout_s, self._now())
+        return run
+
+    def secagg(self, client: ClientRecord, job_id: str, round_: int, advert: tuple[bytes, bytes, bytes] | None = None,
+               shares: list[SealedShares] | None = None, reveal: Reveal | None = None) -> dict:
+        """Take one client's message for the run's current stage (or none), close what is due, and return
+        what the client's next stage needs: stage, roster (with enrolled identity keys), threshold, inbox,
+        survivors, length and max_clients."""
+        with self._lock:
+            rec, cfg, _ = self.job(job_id)
+            if rec.status != "running" or round_ != rec.round:
+                raise PreconditionError(f"round {round_ + 1} of job {job_id} is not open")
+            run, me, now = self._secure_run(job_id), client.client_id, self._now()
+            if advert is not None:
+                run.advert(Advert(me, *advert), now)
+                self.state.touch_client(me, f"secure aggregation, round {round_ + 1}")
+            if shares is not None:
+                run.shares(me, shares)
+            if reveal is not None:
+                run.reveal(Reveal(me, reveal.seed_shares, reveal.key_shares))
+            run.advance(now)
+            s = run.server
+            view = {"stage": run.stage, "threshold": s.threshold, "length": run.length, "max_clients": run.expected,
+                    "roster": [], "inbox": [], "survivors": sorted(s.masked) if run.stage >= 4 else []}
+            if run.stage >= 2 and not run.aborted:
+                keys = {c.client_id: c.signing_key for c in self.state.clients()}
+                view["roster"] = [(a, keys[a.client_id]) for a in (s.adverts[k] for k in sorted(s.adverts))]
+            if run.stage == 3 and me in s.shares:
+                view["inbox"] = s.inbox(me)
+            if run.aborted or run.result is not None:
+                self._close_secure_round(job_id, run)
+            run.raise_if_aborted()
+            return view
+
+    def _close_secure_round(self, job_id: str, run: SecureRound | None) -> None:
+        """Close the round from the run's unmasked sum (noised under DP), or without an update when the run
+        aborted or was lost to a restart."""
+        rec, cfg, art = self.job(job_id)
+        start = load_blob(self.blobs.open_path(art["adapters"][rec.round]))
+        if run is None or run.aborted:
+            why = run.aborted if run else "the coordinator restarted during secure aggregation"
+            self.state.add_rejection(job_id, rec.round, "(round)", f"secure aggregation: {why}")
+            self._advance(job_id, rec, cfg, art, start, None, f"without an update ({why})")
+            return
+        sums, weight = vector.read_sum(run.result, art["secagg_shapes"])
+        change = {k: v / weight for k, v in add_noise(sums, cfg.dp_config()).items()}
+        norm = sum(float(v.pow(2).sum()) for v in change.values()) ** 0.5
+        if cfg.max_update_norm and norm > cfg.max_update_norm:
+            why = f"the aggregate moves the adapter by L2 norm {norm:.4g}, above the job's bound {cfg.max_update_norm:g}"
+            self.state.add_rejection(job_id, rec.round, "(round)", why)
+            self._advance(job_id, rec, cfg, art, start, None, f"without an update ({why})")
+            return
+        mean = {k: v.double() + change[k] if k in change else v.double() for k, v in start.items()}
+        self._advance(job_id, rec, cfg, art, start, mean, f"secure aggregation of {len(run.server.masked)} masked inputs")
+
     def _close_round(self, job_id: str, why: str) -> None:
         """Streamed aggregation: a running weighted sum, one update in memory at a time; then the job's
         server strategy turns the mean into the next global adapter. Safe to repeat after a crash: blobs
@@ -356,15 +442,24 @@ class Coordinator:
             mean.add(self._propose(job_id, cfg, art, start, load_blob(self.blobs.open_path(u.blob_sha256))), float(u.num_examples))
         if dp.enabled:
             art.setdefault("dp_norms", []).append([round(n, 6) for n in mean.norms])  # before clipping, per update
+        self._advance(job_id, rec, cfg, art, start, mean.result(), f"{why}; {len(updates)} updates aggregated")
+
+    def _advance(self, job_id: str, rec: JobRecord, cfg: JobConfig, art: dict, start: dict[str, torch.Tensor],
+                 mean: dict[str, torch.Tensor] | None, why: str) -> None:
+        """Store the next global adapter (the server strategy's step from the round's `mean`, or `start`
+        again without one) and move the job, with `art`, to the next round in one transaction."""
         strategy = make_strategy(cfg.aggregator, **cfg.aggregator_params)
-        state = load_blob(self.blobs.open_path(art["strategy_state"])) if art.get("strategy_state") else {}
-        new_global, new_state = strategy.step(start, mean.result(), state)
+        if mean is None:
+            new_global = start
+        else:
+            state = load_blob(self.blobs.open_path(art["strategy_state"])) if art.get("strategy_state") else {}
+            new_global, new_state = strategy.step(start, mean, state)
+            art["strategy_state"] = self.blobs.put(to_bytes(new_state)) if new_state else None
         art["adapters"].append(self.blobs.put(to_bytes(new_global)))
-        art["strategy_state"] = self.blobs.put(to_bytes(new_state)) if new_state else None
         failpoints.hit("cloud.round.closing")  # the new adapter is stored; the job row has not moved yet
         done = rec.round + 1 >= cfg.rounds
-        log.info("job %s: round %d/%d closed (%s), %d updates aggregated with %s", job_id, rec.round + 1, cfg.rounds,
-                 why, len(updates), strategy.name)
+        log.info("job %s: round %d/%d closed (%s) with %s", job_id, rec.round + 1, cfg.rounds, why, strategy.name)
+        self._runs.pop(job_id, None)
         self.state.update_job(job_id, round=rec.round + 1, artifacts_json=json.dumps(art),
                               status="finalizing" if done else "running")
         for up in self.state.uploads(job_id, rec.round):  # uploads that never completed are moot now

@@ -47,6 +47,9 @@ class JobConfig:
     dp_clip: float = 0.0                  # [privacy] clip: DP-FedAvg's L2 bound C on each client's change; 0: off
     dp_noise: float = 0.0                 # [privacy] noise: Gaussian noise multiplier z (std z*C on the sum)
     dp_delta: float = 1e-5                # [privacy] delta: epsilon is reported for it
+    secure_aggregation: bool = False      # [privacy] secure_aggregation: the coordinator learns only the sum
+    secagg_threshold: int = 0             # [privacy] threshold: t of n shares rebuild a secret; 0: n // 2 + 1
+    secagg_timeout_s: float = 30.0        # [privacy] stage_timeout_s: a stage closes then with >= t clients
     method: str = "full"                  # how the adapter trains: full | lora | ia3 | bitfit
     method_params: dict = field(default_factory=dict)   # e.g. r, alpha, dropout, target_modules
     eval_sets: dict[str, str] = field(default_factory=dict)   # name -> JSONL the model owner may evaluate on
@@ -67,6 +70,11 @@ class JobConfig:
             raise ConfigError(f"job epochs and lr must be positive, got {self.epochs} and {self.lr}")
         if self.max_update_norm < 0 or self.heartbeat_s <= 0:
             raise ConfigError(f"max_update_norm must be >= 0 and heartbeat_s > 0, got {self.max_update_norm} and {self.heartbeat_s}")
+        if self.secure_aggregation and (self.clients_per_round < 2 or self.secagg_timeout_s <= 0
+                                        or self.secagg_threshold and not 2 <= self.secagg_threshold <= self.clients_per_round):
+            raise ConfigError("secure aggregation needs clients_per_round >= 2, stage_timeout_s > 0 and, if set, "
+                              f"2 <= threshold <= clients_per_round; got {self.clients_per_round}, "
+                              f"{self.secagg_timeout_s}, {self.secagg_threshold}")
         make_strategy(self.aggregator, **self.aggregator_params)  # validates the strategy and its parameters
         self.method_config()
         self.dp_config()
@@ -103,8 +111,10 @@ class JobConfig:
             params = dict(raw["adapter"])
             flat["method"] = params.pop("method", "full")
             flat["method_params"] = params
-        for key, value in raw.get("privacy", {}).items():  # [privacy] clip, noise, delta
-            flat[f"dp_{key}"] = value
+        names = {"clip": "dp_clip", "noise": "dp_noise", "delta": "dp_delta", "threshold": "secagg_threshold",
+                 "stage_timeout_s": "secagg_timeout_s", "secure_aggregation": "secure_aggregation"}
+        for key, value in raw.get("privacy", {}).items():
+            flat[names.get(key, f"privacy.{key}")] = value
         if "id" in flat:
             flat["job_id"] = flat.pop("id")
         base = path.parent

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from offsite import csprng
+from offsite.tensors import clip
 from offsite.errors import ConfigError, InvalidUpdateError
 
 Tensors = dict[str, torch.Tensor]
@@ -62,13 +63,6 @@ def summary(cfg: DPConfig, rounds: int) -> dict | None:
             "epsilon": (spent[-1] if spent else 0.0) if cfg.noise else None, "epsilon_by_round": spent}
 
 
-def clip(change: Tensors, bound: float) -> tuple[Tensors, float]:
-    """`change` scaled down to L2 norm `bound` if it is longer; returns it and its norm before clipping."""
-    norm = sum(float(v.double().pow(2).sum()) for v in change.values()) ** 0.5
-    scale = min(1.0, bound / norm) if norm > 0 else 1.0
-    return {k: v.double() * scale for k, v in change.items()}, norm
-
-
 class ClippedNoisedMean:
     """The round's DP-FedAvg aggregate, streamed like WeightedMean: one update in memory at a time."""
 
@@ -93,12 +87,14 @@ class ClippedNoisedMean:
         """start + (sum of clipped changes + N(0, (zC)^2)) / count, float64, over every tensor of start."""
         if not self.count:
             raise InvalidUpdateError("no updates to aggregate")
-        seed = seed or csprng.new_seed()
-        out = {k: v.double() for k, v in self.start.items()}
-        for stream, k in enumerate(self.touched):
-            noisy = self._sum[k]
-            if self.cfg.noise:
-                noise = csprng.gaussian(seed, noisy.numel(), stream).reshape(noisy.shape)
-                noisy = noisy + self.cfg.noise * self.cfg.clip * noise
-            out[k] = out[k] + noisy / self.count
-        return out
+        noisy = add_noise(self._sum, self.cfg, seed)
+        return {k: v.double() + noisy[k] / self.count if k in noisy else v.double() for k, v in self.start.items()}
+
+
+def add_noise(sums: Tensors, cfg: DPConfig, seed: bytes | None = None) -> Tensors:
+    """`sums` (float64) with N(0, (zC)^2) added to every entry, from a fresh keystream unless `seed` is given."""
+    if not cfg.noise:
+        return sums
+    seed = seed or csprng.new_seed()
+    return {k: v + cfg.noise * cfg.clip * csprng.gaussian(seed, v.numel(), stream).reshape(v.shape)
+            for stream, (k, v) in enumerate(sorted(sums.items()))}

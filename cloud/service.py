@@ -6,13 +6,15 @@ import functools
 import grpc
 
 from offsite.cloud.coordinator import Coordinator, Task, UploadHeader
-from offsite.errors import (AlreadyExistsError, AuthError, ConfigError, DataError, IntegrityError, InvalidRequestError,
+from offsite.errors import (AbortedError, AlreadyExistsError, AuthError, ConfigError, DataError, IntegrityError, InvalidRequestError,
                             InvalidUpdateError, NotFoundError, OffsiteError, OutOfRangeError, PreconditionError,
                             TooLargeError)
 from offsite.protos.offsite.v1 import coordinator_pb2 as pb
+from offsite.secagg.protocol import Reveal, SealedShares
 from offsite.protos.offsite.v1 import coordinator_pb2_grpc as pb_grpc
 
 STATUS = {
+    AbortedError: grpc.StatusCode.ABORTED,
     AuthError: grpc.StatusCode.UNAUTHENTICATED,
     NotFoundError: grpc.StatusCode.NOT_FOUND,
     PreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
@@ -75,8 +77,22 @@ def task_message(task: Task) -> pb.Task:
         method = pb.AdapterMethod(**m.to_dict())  # the same field names on both sides
         msg.training.CopyFrom(pb.TrainingSettings(epochs=c.epochs, lr=c.lr, batch_size=c.batch_size,
                                                   max_length=c.max_length, seed=c.seed, method=method, pack=c.pack,
-                                                  grad_accum=c.grad_accum, gradient_checkpointing=c.gradient_checkpointing))
+                                                  grad_accum=c.grad_accum, gradient_checkpointing=c.gradient_checkpointing,
+                                                  privacy=privacy_message(c)))
     return msg
+
+
+def privacy_message(c) -> pb.Privacy:
+    """Under secure aggregation the coordinator cannot clip or bound single updates: the client clips to
+    the DP bound, or to the job's norm bound."""
+    dp = c.dp_config()
+    clip = (c.dp_clip or c.max_update_norm) if c.secure_aggregation else 0.0
+    return pb.Privacy(secure_aggregation=c.secure_aggregation, clip=clip, equal_weights=dp.enabled)
+
+
+def _roster_entry(advert, identity_key: bytes) -> pb.RosterEntry:
+    return pb.RosterEntry(client_id=advert.client_id, cipher_public_key=advert.cipher_pk, mask_public_key=advert.mask_pk,
+                          signature=advert.signature, identity_public_key=identity_key)
 
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
@@ -129,6 +145,28 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         if done is None:
             return pb.UploadResult(upload_id=upload_id, offset=offset)
         return pb.UploadResult(upload_id=upload_id, offset=offset, accepted=True, round=done[0], updates_in_round=done[1])
+
+    @_edge
+    def SecAgg(self, request, context):
+        client, which = self._client(context), request.WhichOneof("message")
+        kwargs = {}
+        if which == "advert":
+            a = request.advert
+            if len(a.cipher_public_key) != 32 or len(a.mask_public_key) != 32 or len(a.signature) != 64:
+                raise InvalidRequestError("an advert needs two 32-byte X25519 keys and a 64-byte Ed25519 signature")
+            kwargs["advert"] = (bytes(a.cipher_public_key), bytes(a.mask_public_key), bytes(a.signature))
+        elif which == "shares":
+            kwargs["shares"] = [SealedShares(s.sender, s.recipient, bytes(s.ciphertext)) for s in request.shares.sealed]
+        elif which == "reveal":
+            r = request.reveal
+            kwargs["reveal"] = Reveal(client.client_id, {k: (v.index, bytes(v.value)) for k, v in r.seed_shares.items()},
+                                      {k: (v.index, bytes(v.value)) for k, v in r.key_shares.items()})
+        view = self.coordinator.secagg(client, request.job_id or self.coordinator.active_job_id(), request.round, **kwargs)
+        return pb.SecAggState(stage=view["stage"], retry_after_s=0.0 if view["stage"] == 5 else 0.5,
+                              roster=[_roster_entry(a, key) for a, key in view["roster"]], threshold=view["threshold"],
+                              inbox=[pb.SealedShares(sender=s.sender, recipient=s.recipient, ciphertext=s.ciphertext)
+                                     for s in view["inbox"]],
+                              survivors=view["survivors"], length=view["length"], max_clients=view["max_clients"])
 
     @_edge
     def Heartbeat(self, request, context):

@@ -54,3 +54,10 @@ def check_matches(tensors: dict[str, torch.Tensor], spec: TensorSpec) -> None:
             raise InvalidUpdateError(f"tensor {name} has dtype {t.dtype}, expected {dtype}")
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise InvalidUpdateError(f"tensor {name} has non-finite values")
+
+
+def clip(change: dict[str, torch.Tensor], bound: float) -> tuple[dict[str, torch.Tensor], float]:
+    """`change` scaled down to L2 norm `bound` if it is longer; returns it and its norm before clipping."""
+    norm = sum(float(v.double().pow(2).sum()) for v in change.values()) ** 0.5
+    scale = min(1.0, bound / norm) if norm > 0 else 1.0
+    return {k: v.double() * scale for k, v in change.items()}, norm

@@ -17,10 +17,16 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=DemoSettings.rounds)
     parser.add_argument("--distill-steps", type=int, default=DemoSettings.distill_steps,
                         help="emulator distillation steps on the general corpus (0: plain uniform drop)")
+    parser.add_argument("--secure-aggregation", action="store_true",
+                        help="mask each client's change so the coordinator learns only the sum (Bonawitz et al. 2017)")
+    parser.add_argument("--dp-noise", type=float, default=0.0, help="DP-FedAvg noise multiplier z (0: no DP)")
+    parser.add_argument("--dp-clip", type=float, default=DemoSettings.dp_clip, help="DP-FedAvg clip bound C")
     args = parser.parse_args()
     hf_logging.disable_progress_bar()
     started = time.perf_counter()
-    ok = run_demo(Path(args.out), DemoSettings(rounds=args.rounds, distill_steps=args.distill_steps))
+    ok = run_demo(Path(args.out), DemoSettings(rounds=args.rounds, distill_steps=args.distill_steps,
+                                               secure_aggregation=args.secure_aggregation, dp_noise=args.dp_noise,
+                                               dp_clip=args.dp_clip))
     print(f"demo finished in {time.perf_counter() - started:.0f} s: {'all checks passed' if ok else 'CHECKS FAILED'}")
     return 0 if ok else 1
 

@@ -36,6 +36,9 @@ class DemoSettings:
     central_lr: float = 1e-3
     distill_steps: int = 200   # emulator distillation on the general corpus (0: none); see bench/emulator_strategies.py
     seed: int = 0
+    secure_aggregation: bool = False   # the coordinator learns only the sum of the clients' changes
+    dp_noise: float = 0.0      # DP-FedAvg noise multiplier (0: no DP)
+    dp_clip: float = 1.0       # DP-FedAvg clip bound on each client's change (used when dp_noise > 0)
     base: BaseConfig = field(default_factory=BaseConfig)
 
 
@@ -69,12 +72,20 @@ batch_size = {s.batch_size}
 max_length = {s.max_length}
 seed = {s.seed}
 
-[eval]
+{_privacy_toml(s)}[eval]
 # Held-out sets the model owner evaluates the plug-in on (in this demo the data owners lend them).
 sets = {{ {sets} }}
 protection_data = "{data / 'general_heldout.jsonl'}"
 export_dir = "{export_dir}"
 """
+
+
+def _privacy_toml(s: DemoSettings) -> str:
+    if not (s.secure_aggregation or s.dp_noise):
+        return ""
+    lines = ["[privacy]"] + (["secure_aggregation = true"] if s.secure_aggregation else [])
+    lines += [f"clip = {s.dp_clip}", f"noise = {s.dp_noise}"] if s.dp_noise else []
+    return "\n".join(lines) + "\n\n"
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:

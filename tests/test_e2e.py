@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from offsite.cloud.privacy import DPConfig, epsilon
+from offsite.demo import domain
 from tests.procs import offsite
 
 
@@ -92,3 +93,18 @@ def test_a_dp_fedavg_job_reports_the_epsilon_it_spent(tiny_model, client_data, t
     assert [len(r) for r in dp["update_norms_before_clipping"]] == [2, 2]
     status = subprocess.run(offsite("cloud", "status", "--state", str(state), "--json"), capture_output=True, text=True, check=True)
     assert json.loads(status.stdout)["jobs"][0]["privacy"]["epsilon_by_round"] == dp["epsilon_by_round"]
+
+
+def test_a_secure_aggregation_job_with_dp_runs_over_real_processes(tiny_model, client_data, tmp_path):
+    """Three clients mask their changes; the coordinator only ever holds masked inputs and the sum."""
+    names = ["client-1", "client-2", "client-3"]
+    data = domain.write_clients(tmp_path / "data", n_clients=3, n_train=30, n_heldout=10)
+    state, report = run_job(tmp_path, tiny_model, data, names, "rounds = 2\nclients_per_round = 3\nlr = 0.03\n"
+                            "[privacy]\nsecure_aggregation = true\nclip = 5.0\nnoise = 0.01\n")
+    ev = report["eval"]["all"]
+    assert ev["plug_in"] < ev["full_zero_shot"] - 0.01  # the unmasked, noised sum still trains the adapter
+    assert [c["rounds_participated"] for c in report["clients"]] == [2, 2, 2]
+    assert report["privacy"]["epsilon"] == pytest.approx(epsilon(DPConfig(clip=5.0, noise=0.01), 2))
+    assert report["rejected_updates"] == []
+    masked = 8 * (report["split"]["adapter_params"] + 1)  # one uint64 per adapter value, and the weight
+    assert all(2 * masked < c["upload_bytes"] < 2 * masked + 4096 for c in report["clients"])

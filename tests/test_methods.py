@@ -90,8 +90,8 @@ def test_lora_average_is_of_merged_weights_not_of_factors():
     model, _ = attached("llama", cfg)
     u1, u2 = (_randomize(methods.trainable_state(model, PLAN, cfg), seed) for seed in (1, 2))
     start = extract_adapter(base, PLAN, on_emulator=True)
-    exact = {k: (methods.propose(emulator("llama"), PLAN, cfg, start, u1)[k] +
-                 methods.propose(emulator("llama"), PLAN, cfg, start, u2)[k]) / 2 for k in start}
+    p1, p2 = (methods.propose(emulator("llama"), PLAN, cfg, start, u) for u in (u1, u2))
+    exact = {k: (p1[k] + p2[k]) / 2 for k in start}
     name = "model.layers.0.self_attn.q_proj"
     a = [u[f"{name}.lora_A.weight"] for u in (u1, u2)]
     b = [u[f"{name}.lora_B.weight"] for u in (u1, u2)]

@@ -7,11 +7,11 @@ import torch
 
 from offsite import csprng
 from offsite.cloud.job import JobConfig
-from offsite.cloud.privacy import ClippedNoisedMean, DPConfig, clip, epsilon, summary
+from offsite.cloud.privacy import ClippedNoisedMean, DPConfig, epsilon, summary
 from offsite.emulator import methods
 from offsite.emulator.methods import MethodConfig
 from offsite.errors import ConfigError, InvalidUpdateError
-from offsite.tensors import from_bytes
+from offsite.tensors import clip, from_bytes
 from tests.test_rounds import _upload, make_world
 
 

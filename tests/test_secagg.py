@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from offsite.errors import AbortedError, AuthError, InvalidRequestError, InvalidUpdateError
+from offsite.errors import AbortedError, AuthError, InvalidRequestError, InvalidUpdateError, PreconditionError
 from offsite.secagg import encoding, shamir
 from offsite.secagg.protocol import Advert, SecAggClient, SecAggServer, context
 from offsite.sealing import raw_public
@@ -16,7 +16,7 @@ LENGTH = 1000
 
 def make(n, t):
     signers = {f"c{i:02d}": Ed25519PrivateKey.generate() for i in range(n)}
-    clients = {cid: SecAggClient(cid, key, CTX, t) for cid, key in signers.items()}
+    clients = {cid: SecAggClient(cid, key, CTX) for cid, key in signers.items()}
     identity = {cid: raw_public(key.public_key()) for cid, key in signers.items()}
     values = {cid: np.random.default_rng(i).normal(0, 3, LENGTH) for i, cid in enumerate(clients)}
     return clients, identity, values, SecAggServer(CTX, t, LENGTH, max_clients=n)
@@ -30,7 +30,7 @@ def run(n, t, drop_before_shares=(), drop_before_mask=(), drop_before_reveal=())
     roster = server.close_adverts()
     for cid, c in clients.items():
         if cid not in drop_before_shares:
-            server.add_shares(cid, c.share_keys(roster, identity))
+            server.add_shares(cid, c.share_keys(roster, identity, server.threshold))
     u2 = server.close_shares()
     for cid in u2:
         if cid not in drop_before_mask:
@@ -70,7 +70,7 @@ def test_a_masked_input_is_unrelated_to_the_input():
         server.add_advert(c.advertise())
     roster = server.close_adverts()
     for cid, c in clients.items():
-        server.add_shares(cid, c.share_keys(roster, identity))
+        server.add_shares(cid, c.share_keys(roster, identity, server.threshold))
     server.close_shares()
     x = np.linspace(-100, 100, 200_000)  # a strongly structured input
     c = clients["c00"]
@@ -87,7 +87,7 @@ def test_a_forged_roster_entry_is_refused():
     adverts = [c.advertise() for c in clients.values()]
     forged = Advert("c01", adverts[1].cipher_pk, adverts[0].mask_pk, adverts[1].signature)  # key swapped in
     with pytest.raises(AuthError, match="c01"):
-        clients["c00"].share_keys([adverts[0], forged, adverts[2]], identity)
+        clients["c00"].share_keys([adverts[0], forged, adverts[2]], identity, 2)
 
 
 def test_a_client_reveals_for_one_set_of_survivors_only():
@@ -96,7 +96,7 @@ def test_a_client_reveals_for_one_set_of_survivors_only():
         server.add_advert(c.advertise())
     roster = server.close_adverts()
     for cid, c in clients.items():
-        server.add_shares(cid, c.share_keys(roster, identity))
+        server.add_shares(cid, c.share_keys(roster, identity, server.threshold))
     server.close_shares()
     for cid, c in clients.items():
         c.mask(server.inbox(cid), values[cid], 4)
@@ -109,16 +109,16 @@ def test_a_client_reveals_for_one_set_of_survivors_only():
 
 def test_server_refuses_out_of_stage_and_malformed_messages():
     clients, identity, values, server = make(3, 2)
-    with pytest.raises(InvalidRequestError, match="stage 1"):
+    with pytest.raises(PreconditionError, match="stage 1"):
         server.add_masked("c00", np.zeros(LENGTH, dtype=np.uint64))
     for c in clients.values():
         server.add_advert(c.advertise())
     roster = server.close_adverts()
-    sealed = clients["c00"].share_keys(roster, identity)
+    sealed = clients["c00"].share_keys(roster, identity, server.threshold)
     with pytest.raises(InvalidRequestError, match="every other client"):
         server.add_shares("c00", sealed[:1])
     for cid, c in clients.items():
-        server.add_shares(cid, c.share_keys(roster, identity) if cid != "c00" else sealed)
+        server.add_shares(cid, c.share_keys(roster, identity, server.threshold) if cid != "c00" else sealed)
     server.close_shares()
     with pytest.raises(InvalidRequestError, match="uint64"):
         server.add_masked("c00", np.zeros(LENGTH, dtype=np.float64))
@@ -149,7 +149,7 @@ def test_altered_shares_do_not_open():
         server.add_advert(c.advertise())
     roster = server.close_adverts()
     for cid, c in clients.items():
-        sealed = c.share_keys(roster, identity)
+        sealed = c.share_keys(roster, identity, server.threshold)
         if cid == "c01":
             s = next(s for s in sealed if s.recipient == "c00")
             sealed = [x if x is not s else type(s)(s.sender, s.recipient, s.ciphertext[:-1] + bytes([s.ciphertext[-1] ^ 1]))

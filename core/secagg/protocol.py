@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
 from offsite import csprng
-from offsite.errors import AbortedError, AuthError, InvalidRequestError
+from offsite.errors import AbortedError, AlreadyExistsError, AuthError, InvalidRequestError, PreconditionError
 from offsite.secagg import encoding, shamir
 
 RAW = dict(encoding=Encoding.Raw, format=PublicFormat.Raw)
@@ -91,8 +91,8 @@ class Reveal:
 class SecAggClient:
     """One client's side of one run. Holds its secrets in memory only."""
 
-    def __init__(self, client_id: str, signer: Ed25519PrivateKey, ctx: bytes, threshold: int):
-        self.id, self.ctx, self.t = client_id, ctx, threshold
+    def __init__(self, client_id: str, signer: Ed25519PrivateKey, ctx: bytes):
+        self.id, self.ctx, self.t = client_id, ctx, 0
         self._signer = signer
         self._cipher, self._mask = X25519PrivateKey.generate(), X25519PrivateKey.generate()
         self._seed = csprng.new_seed()
@@ -105,13 +105,14 @@ class SecAggClient:
         cipher_pk, mask_pk = self._cipher.public_key().public_bytes(**RAW), self._mask.public_key().public_bytes(**RAW)
         return Advert(self.id, cipher_pk, mask_pk, self._signer.sign(_sign_bytes(self.ctx, self.id, cipher_pk, mask_pk)))
 
-    def share_keys(self, roster: list[Advert], identity_keys: dict[str, bytes]) -> list[SealedShares]:
-        """Check the roster's signatures, then share b_u and the mask key among it."""
+    def share_keys(self, roster: list[Advert], identity_keys: dict[str, bytes], threshold: int) -> list[SealedShares]:
+        """Check the roster's signatures, then share b_u and the mask key among it, `threshold` of n."""
+        self.t = threshold
         ids = [a.client_id for a in roster]
         if len(set(ids)) != len(ids) or self.id not in ids:
             raise InvalidRequestError("the roster repeats a client or leaves this one out")
-        if len(ids) < self.t:
-            raise AbortedError(f"roster of {len(ids)} is below the threshold {self.t}")
+        if not 2 <= self.t <= len(ids):
+            raise AbortedError(f"a roster of {len(ids)} cannot share secrets {self.t} of n (needs 2 <= t <= n)")
         for a in roster:
             try:
                 Ed25519PublicKey.from_public_bytes(identity_keys[a.client_id]).verify(
@@ -183,7 +184,8 @@ class SecAggServer:
     max_clients: int       # the bound `encoding` was told: the most inputs that will be summed
     adverts: dict[str, Advert] = field(default_factory=dict)
     shares: dict[str, list[SealedShares]] = field(default_factory=dict)
-    masked: dict[str, np.ndarray] = field(default_factory=dict)
+    masked: set[str] = field(default_factory=set)   # U3 so far; their inputs are summed as they come
+    total: np.ndarray | None = None
     reveals: dict[str, Reveal] = field(default_factory=dict)
     stage: int = 1
 
@@ -193,9 +195,9 @@ class SecAggServer:
 
     def _expect(self, stage: int, client_id: str, among) -> None:
         if self.stage != stage:
-            raise InvalidRequestError(f"secure aggregation is at stage {self.stage}, not {stage}")
+            raise PreconditionError(f"secure aggregation is at stage {self.stage}, not {stage}")
         if among is not None and client_id not in among:
-            raise InvalidRequestError(f"{client_id} is not part of this stage")
+            raise PreconditionError(f"{client_id} is not part of this stage of secure aggregation")
 
     def add_advert(self, a: Advert) -> None:
         self._expect(1, a.client_id, None)
@@ -229,7 +231,10 @@ class SecAggServer:
         self._expect(3, client_id, self.shares)
         if y.dtype != np.uint64 or y.shape != (self.length,):
             raise InvalidRequestError(f"masked input must be {self.length} uint64 values")
-        self.masked[client_id] = y
+        if client_id in self.masked:
+            raise AlreadyExistsError(f"{client_id} already sent its masked input")
+        self.total = y.copy() if self.total is None else self.total + y
+        self.masked.add(client_id)
 
     def close_masked(self) -> list[str]:
         self._expect(3, "", None)
@@ -247,10 +252,8 @@ class SecAggServer:
         """The float64 sum of the survivors' inputs."""
         self._expect(4, "", None)
         self._need(len(self.reveals), "clients revealed shares")
-        total = np.zeros(self.length, dtype=np.uint64)
-        for y in self.masked.values():
-            total = total + y
-        for u in self.masked:  # self-masks of the survivors
+        total = self.total
+        for u in sorted(self.masked):  # self-masks of the survivors
             seed = shamir.combine([r.seed_shares[u] for r in self.reveals.values()], self.threshold)
             total = total - csprng.uint64s(seed, self.length)
         for v in sorted(set(self.shares) - set(self.masked)):  # pair masks the dropped clients left in

@@ -36,7 +36,7 @@ class GetTaskRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class TrainingSettings(_message.Message):
-    __slots__ = ("epochs", "lr", "batch_size", "max_length", "seed", "method", "pack", "grad_accum", "gradient_checkpointing")
+    __slots__ = ("epochs", "lr", "batch_size", "max_length", "seed", "method", "pack", "grad_accum", "gradient_checkpointing", "privacy")
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +46,7 @@ class TrainingSettings(_message.Message):
     PACK_FIELD_NUMBER: _ClassVar[int]
     GRAD_ACCUM_FIELD_NUMBER: _ClassVar[int]
     GRADIENT_CHECKPOINTING_FIELD_NUMBER: _ClassVar[int]
+    PRIVACY_FIELD_NUMBER: _ClassVar[int]
     epochs: float
     lr: float
     batch_size: int
@@ -55,7 +56,8 @@ class TrainingSettings(_message.Message):
     pack: bool
     grad_accum: int
     gradient_checkpointing: bool
-    def __init__(self, epochs: _Optional[float] = ..., lr: _Optional[float] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., seed: _Optional[int] = ..., method: _Optional[_Union[AdapterMethod, _Mapping]] = ..., pack: _Optional[bool] = ..., grad_accum: _Optional[int] = ..., gradient_checkpointing: _Optional[bool] = ...) -> None: ...
+    privacy: Privacy
+    def __init__(self, epochs: _Optional[float] = ..., lr: _Optional[float] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., seed: _Optional[int] = ..., method: _Optional[_Union[AdapterMethod, _Mapping]] = ..., pack: _Optional[bool] = ..., grad_accum: _Optional[int] = ..., gradient_checkpointing: _Optional[bool] = ..., privacy: _Optional[_Union[Privacy, _Mapping]] = ...) -> None: ...
 
 class AdapterMethod(_message.Message):
     __slots__ = ("name", "r", "alpha", "dropout", "target_modules", "target_r", "orth_reg_weight", "virtual_tokens", "bottleneck_dim")
@@ -112,6 +114,16 @@ class Task(_message.Message):
     retry_after_s: float
     heartbeat_s: float
     def __init__(self, kind: _Optional[_Union[Task.Kind, str]] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., bundle_manifest_sha256: _Optional[str] = ..., adapter_sha256: _Optional[str] = ..., skeleton_digest: _Optional[str] = ..., training: _Optional[_Union[TrainingSettings, _Mapping]] = ..., retry_after_s: _Optional[float] = ..., heartbeat_s: _Optional[float] = ...) -> None: ...
+
+class Privacy(_message.Message):
+    __slots__ = ("secure_aggregation", "clip", "equal_weights")
+    SECURE_AGGREGATION_FIELD_NUMBER: _ClassVar[int]
+    CLIP_FIELD_NUMBER: _ClassVar[int]
+    EQUAL_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    secure_aggregation: bool
+    clip: float
+    equal_weights: bool
+    def __init__(self, secure_aggregation: _Optional[bool] = ..., clip: _Optional[float] = ..., equal_weights: _Optional[bool] = ...) -> None: ...
 
 class BlobInfoRequest(_message.Message):
     __slots__ = ("sha256",)
@@ -212,3 +224,121 @@ class HeartbeatResponse(_message.Message):
     ROUND_OPEN_FIELD_NUMBER: _ClassVar[int]
     round_open: bool
     def __init__(self, round_open: _Optional[bool] = ...) -> None: ...
+
+class SecAggRequest(_message.Message):
+    __slots__ = ("job_id", "round", "advert", "shares", "reveal")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    ADVERT_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    REVEAL_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    round: int
+    advert: SecAggAdvert
+    shares: SecAggShares
+    reveal: SecAggReveal
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., advert: _Optional[_Union[SecAggAdvert, _Mapping]] = ..., shares: _Optional[_Union[SecAggShares, _Mapping]] = ..., reveal: _Optional[_Union[SecAggReveal, _Mapping]] = ...) -> None: ...
+
+class SecAggAdvert(_message.Message):
+    __slots__ = ("cipher_public_key", "mask_public_key", "signature")
+    CIPHER_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    MASK_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    cipher_public_key: bytes
+    mask_public_key: bytes
+    signature: bytes
+    def __init__(self, cipher_public_key: _Optional[bytes] = ..., mask_public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class SealedShares(_message.Message):
+    __slots__ = ("sender", "recipient", "ciphertext")
+    SENDER_FIELD_NUMBER: _ClassVar[int]
+    RECIPIENT_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
+    sender: str
+    recipient: str
+    ciphertext: bytes
+    def __init__(self, sender: _Optional[str] = ..., recipient: _Optional[str] = ..., ciphertext: _Optional[bytes] = ...) -> None: ...
+
+class SecAggShares(_message.Message):
+    __slots__ = ("sealed",)
+    SEALED_FIELD_NUMBER: _ClassVar[int]
+    sealed: _containers.RepeatedCompositeFieldContainer[SealedShares]
+    def __init__(self, sealed: _Optional[_Iterable[_Union[SealedShares, _Mapping]]] = ...) -> None: ...
+
+class ShamirShare(_message.Message):
+    __slots__ = ("index", "value")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    value: bytes
+    def __init__(self, index: _Optional[int] = ..., value: _Optional[bytes] = ...) -> None: ...
+
+class SecAggReveal(_message.Message):
+    __slots__ = ("seed_shares", "key_shares")
+    class SeedSharesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: ShamirShare
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[ShamirShare, _Mapping]] = ...) -> None: ...
+    class KeySharesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: ShamirShare
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[ShamirShare, _Mapping]] = ...) -> None: ...
+    SEED_SHARES_FIELD_NUMBER: _ClassVar[int]
+    KEY_SHARES_FIELD_NUMBER: _ClassVar[int]
+    seed_shares: _containers.MessageMap[str, ShamirShare]
+    key_shares: _containers.MessageMap[str, ShamirShare]
+    def __init__(self, seed_shares: _Optional[_Mapping[str, ShamirShare]] = ..., key_shares: _Optional[_Mapping[str, ShamirShare]] = ...) -> None: ...
+
+class RosterEntry(_message.Message):
+    __slots__ = ("client_id", "cipher_public_key", "mask_public_key", "signature", "identity_public_key")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    CIPHER_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    MASK_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    cipher_public_key: bytes
+    mask_public_key: bytes
+    signature: bytes
+    identity_public_key: bytes
+    def __init__(self, client_id: _Optional[str] = ..., cipher_public_key: _Optional[bytes] = ..., mask_public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., identity_public_key: _Optional[bytes] = ...) -> None: ...
+
+class SecAggState(_message.Message):
+    __slots__ = ("stage", "retry_after_s", "roster", "threshold", "inbox", "survivors", "length", "max_clients")
+    class Stage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        STAGE_UNSPECIFIED: _ClassVar[SecAggState.Stage]
+        ADVERTISE: _ClassVar[SecAggState.Stage]
+        SHARE_KEYS: _ClassVar[SecAggState.Stage]
+        MASK: _ClassVar[SecAggState.Stage]
+        UNMASK: _ClassVar[SecAggState.Stage]
+        DONE: _ClassVar[SecAggState.Stage]
+    STAGE_UNSPECIFIED: SecAggState.Stage
+    ADVERTISE: SecAggState.Stage
+    SHARE_KEYS: SecAggState.Stage
+    MASK: SecAggState.Stage
+    UNMASK: SecAggState.Stage
+    DONE: SecAggState.Stage
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_S_FIELD_NUMBER: _ClassVar[int]
+    ROSTER_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    INBOX_FIELD_NUMBER: _ClassVar[int]
+    SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    MAX_CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    stage: SecAggState.Stage
+    retry_after_s: float
+    roster: _containers.RepeatedCompositeFieldContainer[RosterEntry]
+    threshold: int
+    inbox: _containers.RepeatedCompositeFieldContainer[SealedShares]
+    survivors: _containers.RepeatedScalarFieldContainer[str]
+    length: int
+    max_clients: int
+    def __init__(self, stage: _Optional[_Union[SecAggState.Stage, str]] = ..., retry_after_s: _Optional[float] = ..., roster: _Optional[_Iterable[_Union[RosterEntry, _Mapping]]] = ..., threshold: _Optional[int] = ..., inbox: _Optional[_Iterable[_Union[SealedShares, _Mapping]]] = ..., survivors: _Optional[_Iterable[str]] = ..., length: _Optional[int] = ..., max_clients: _Optional[int] = ...) -> None: ...

@@ -69,6 +69,11 @@ class CoordinatorStub:
                 request_serializer=offsite_dot_v1_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=offsite_dot_v1_dot_coordinator__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
+        self.SecAgg = channel.unary_unary(
+                '/offsite.v1.Coordinator/SecAgg',
+                request_serializer=offsite_dot_v1_dot_coordinator__pb2.SecAggRequest.SerializeToString,
+                response_deserializer=offsite_dot_v1_dot_coordinator__pb2.SecAggState.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -154,6 +159,22 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SecAgg(self, request, context):
+        """One step of a round's secure aggregation (jobs with secure_aggregation; see offsite.secagg). The
+        client sends its message for the current stage, or none to ask where the run stands, and gets what
+        its next stage needs; retry_after_s > 0 means the stage is still collecting. The masked input
+        itself travels as a sealed update through BeginUpload/UploadChunks.
+        UNAUTHENTICATED      no valid client certificate, or the client is unknown or revoked
+        FAILED_PRECONDITION  the job has no secure aggregation, the round is not open, or the client or
+        its message is not part of the run's current stage
+        INVALID_ARGUMENT     a malformed message (key sizes, share lists)
+        ABORTED              the run ended with fewer clients than its threshold: the round closed
+        without an update
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -191,6 +212,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=offsite_dot_v1_dot_coordinator__pb2.HeartbeatRequest.FromString,
                     response_serializer=offsite_dot_v1_dot_coordinator__pb2.HeartbeatResponse.SerializeToString,
+            ),
+            'SecAgg': grpc.unary_unary_rpc_method_handler(
+                    servicer.SecAgg,
+                    request_deserializer=offsite_dot_v1_dot_coordinator__pb2.SecAggRequest.FromString,
+                    response_serializer=offsite_dot_v1_dot_coordinator__pb2.SecAggState.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -382,6 +408,33 @@ class Coordinator:
             '/offsite.v1.Coordinator/Heartbeat',
             offsite_dot_v1_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
             offsite_dot_v1_dot_coordinator__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SecAgg(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/offsite.v1.Coordinator/SecAgg',
+            offsite_dot_v1_dot_coordinator__pb2.SecAggRequest.SerializeToString,
+            offsite_dot_v1_dot_coordinator__pb2.SecAggState.FromString,
             options,
             channel_credentials,
             insecure,
