@@ -144,17 +144,16 @@ def run(cfg: ClientConfig) -> dict:
                     atomic_write(outbox, payload, mode=0o600)  # a crash from here on resumes the upload, not the training
                 if privacy.secure_aggregation:
                     live.report("secure aggregation")
-                    start = from_bytes(_global_adapter(cfg, task).read_bytes())
-                    x, norm = masked_input(cfg.workdir / "bundle", start, from_bytes(outbox.read_bytes()), _method(task),
-                                           privacy, len(texts))
+                    def make_input():  # called only once this client is in the run's roster
+                        return masked_input(cfg.workdir / "bundle", from_bytes(_global_adapter(cfg, task).read_bytes()),
+                                            from_bytes(outbox.read_bytes()), _method(task), privacy, len(texts))
                     try:
-                        accepted, sent = secure_submit(stub, task, me, x, cfg.retry_s)
+                        accepted, sent = secure_submit(stub, task, me, make_input, cfg.retry_s)
                     except SecAggLost as e:
                         log.warning("client %s: round %d: not in the secure aggregation run (%s); the update waits", me.client_id,
                                     task.round + 1, e)
                         time.sleep(2.0)
                         continue
-                    accepted += f", change norm {norm:.4g} before clipping"
                 else:
                     live.report("uploading")
                     envelope = outbox.read_bytes()

@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 import torch
 
+from offsite import failpoints
 from offsite.client.retry import TRANSIENT, with_retry
 from offsite.client.transfer import upload
 from offsite.emulator import methods
@@ -41,8 +42,9 @@ def masked_input(bundle_dir: Path, start: dict[str, torch.Tensor], update: dict[
     return vector.client_input(change, 1.0 if privacy.equal_weights else float(num_examples), privacy.clip)
 
 
-def secure_submit(stub, task, me, x, retry_s: float) -> tuple[str, int]:
-    """Run the protocol for `x`; returns what happened and the bytes of the masked upload."""
+def secure_submit(stub, task, me, make_input, retry_s: float) -> tuple[str, int]:
+    """Run the protocol for the input `make_input()` gives (with its norm before clipping), made once
+    this client is in the run; returns what happened and the bytes of the masked upload."""
     agent = SecAggClient(me.client_id, me.signing_key, context(task.job_id, task.round))
 
     def call(**message) -> pb.SecAggState:
@@ -68,6 +70,8 @@ def secure_submit(stub, task, me, x, retry_s: float) -> tuple[str, int]:
     sealed = agent.share_keys(roster, {e.client_id: e.identity_public_key for e in state.roster}, state.threshold)
     state = past(Stage.SHARE_KEYS, call(shares=pb.SecAggShares(sealed=[
         pb.SealedShares(sender=s.sender, recipient=s.recipient, ciphertext=s.ciphertext) for s in sealed])))
+    failpoints.hit("client.secagg.shared")  # tests: a client that dies after sharing its keys
+    x, norm = make_input()
     y = agent.mask([SealedShares(s.sender, s.recipient, s.ciphertext) for s in state.inbox], x, state.max_clients)
     ctx = SealContext(task.job_id, task.round, me.client_id, task.skeleton_digest)
     envelope = seal(to_bytes({vector.MASKED: torch.from_numpy(y)}), ctx, me.coordinator_key, me.signing_key)
@@ -78,5 +82,5 @@ def secure_submit(stub, task, me, x, retry_s: float) -> tuple[str, int]:
         call(reveal=pb.SecAggReveal(seed_shares={k: pb.ShamirShare(index=i, value=v) for k, (i, v) in r.seed_shares.items()},
                                     key_shares={k: pb.ShamirShare(index=i, value=v) for k, (i, v) in r.key_shares.items()}))
     except SecAggLost as e:  # the sum may already hold this input: enough others revealed in time
-        return f"masked input sent ({len(y)} values); the run went on without this client's reveal: {e}", len(envelope)
-    return f"masked input of {len(y)} values in a sum of {len(state.survivors)}", len(envelope)
+        return f"masked input sent (change norm {norm:.4g}); the run went on without this client's reveal: {e}", len(envelope)
+    return f"masked input of {len(y)} values in a sum of {len(state.survivors)} (change norm {norm:.4g})", len(envelope)

@@ -18,6 +18,7 @@ from offsite.protos.offsite.v1 import coordinator_pb2 as pb
 from offsite.protos.offsite.v1 import coordinator_pb2_grpc as pb_grpc
 from offsite.sealing import SealContext, seal
 from offsite.transport import secure_channel
+from offsite.demo import domain
 from tests.procs import client, free_port, offsite, serve, wait_serving
 
 CHUNK_KIB = ("--chunk-kib", "4")  # small chunks: the tiny model's blobs span many, so a kill lands mid-transfer
@@ -127,3 +128,30 @@ def _upload_across_sigterm(state, port, enroll_port, coordinator, tmp_path):
     assert terminated.is_set()
     return result, me
 
+
+
+def test_kill_9_of_a_client_mid_secure_aggregation_leaves_the_round_to_the_others(tiny_model, client_data, tmp_path):
+    """Three clients; one dies after sharing its keys, before masking. The two others still finish the
+    run (t = 2): the coordinator rebuilds the dead one's mask key from their shares."""
+    data = domain.write_clients(tmp_path / "data", n_clients=3, n_train=20, n_heldout=5)
+    state = make_job(tmp_path, tiny_model, ["client-1", "client-2", "client-3"], rounds=1, clients_per_round=3,
+                     secure_aggregation=True, secagg_timeout_s=5)
+    port, enroll_port = free_port(), free_port()
+    server, procs = serve(state, port, enroll_port, "", ("--exit-when-done",)), {}
+    try:
+        wait_serving(state, enroll_port, server)
+        procs = {f.name: client(state, port, enroll_port, f, tmp_path / f.name, f.name,
+                                "client.secagg.shared=1" if f.name == "client-2" else "") for f in data}
+        assert procs["client-2"].wait(timeout=240) == -signal.SIGKILL
+        for name in ("client-1", "client-3"):
+            _, err = procs[name].communicate(timeout=240)
+            assert procs[name].returncode == 0, err
+        assert server.wait(timeout=120) == 0
+    finally:
+        server.kill()
+        for p in procs.values():
+            p.kill()
+    report = json.loads((state / "jobs" / "faults" / "report.json").read_text())
+    assert [c["id"] for c in report["clients"]] == ["client-1", "client-3"] and report["rejected_updates"] == []
+    adapters = json.loads(SqliteState(StateLayout(state).db).job("faults").artifacts_json)["adapters"]
+    assert len(adapters) == 2 and adapters[1] != adapters[0]  # closed with the two survivors' sum, not aborted
