@@ -32,7 +32,7 @@ from offsite.emulator import methods
 from offsite.emulator.build import build
 from offsite.emulator.bundle import load_bundle
 from offsite.emulator.plan import SplitPlan
-from offsite.errors import (AlreadyExistsError, AuthError, InvalidRequestError, InvalidUpdateError, NotFoundError,
+from offsite.errors import (AlreadyExistsError, AuthError, ConfigError, InvalidRequestError, InvalidUpdateError, NotFoundError,
                             OutOfRangeError, PreconditionError, TooLargeError)
 from offsite.files import sha256_bytes
 from offsite.secagg import vector
@@ -112,6 +112,12 @@ class Coordinator:
         initial = {**result.skeleton, **methods.fresh_extras(emulator, result.plan, method)}
         spec = spec_of(initial)
         attached, _ = methods.attach(methods.apply(emulator, result.plan, method, initial), result.plan, method)
+        try:  # one token through the emulator: a method this model cannot run fails here, not on every client
+            with torch.no_grad():
+                attached(input_ids=torch.ones(1, 2, dtype=torch.long))
+        except Exception as e:
+            raise ConfigError(f"adapter method {method.name} does not run on model type "
+                              f"{emulator.config.model_type!r}: {type(e).__name__}: {e}") from None
         update_spec = spec_of(methods.trainable_state(attached, result.plan, method))  # what clients upload
         artifacts = {
             "manifest": bundle_files["offsite-manifest.json"],

@@ -149,3 +149,16 @@ def test_fedavgm_keeps_momentum_between_rounds(tiny_model, tmp_path):
     assert torch.allclose(after1, start[name] + 1.0)  # v = 1; global + 1
     assert torch.allclose(after2, start[name] + 1.5)  # delta = (start + 1) - (start + 1) = 0; v = 0.5; global + 0.5
     assert art["strategy_state"] is not None
+
+
+def test_a_method_the_model_cannot_run_is_refused_when_the_job_is_made(tiny_model, tmp_path):
+    """peft's prefix tuning fails on Falcon's fused multi-query attention: the job is refused, naming both."""
+    import shutil
+    from tests.test_families import tiny
+    folder = tmp_path / "falcon"
+    tiny("falcon").save_pretrained(str(folder))
+    for f in tiny_model.iterdir():
+        if "token" in f.name or f.name == "special_tokens_map.json":
+            shutil.copy(f, folder / f.name)
+    with pytest.raises(ConfigError, match="prefix does not run on model type 'falcon'"):
+        make_world(folder, tmp_path / "w", method="prefix")
