@@ -38,7 +38,7 @@ from offsite.files import sha256_bytes
 from offsite.secagg import vector
 from offsite.secagg.protocol import Advert, Reveal, SealedShares
 from offsite.sealing import SealContext, open_sealed, raw_public
-from offsite.tensors import check_matches, from_bytes, load_blob, spec_digest, spec_of, to_bytes
+from offsite.tensors import check_matches, from_bytes, l2_norm, load_blob, spec_digest, spec_of, to_bytes
 from offsite.transport import CHUNK_BYTES
 
 WAIT_S = 2.0
@@ -365,7 +365,7 @@ class Coordinator:
     @staticmethod
     def _check_norm(update: dict[str, torch.Tensor], start: dict[str, torch.Tensor], bound: float) -> None:
         """The L2 norm of the change a client proposes, over every tensor, must stay within the job's bound."""
-        norm = sum(float((update[k].double() - start[k].double()).pow(2).sum()) for k in update) ** 0.5
+        norm = l2_norm(update[k].double() - start[k].double() for k in update)
         if norm > bound:
             raise InvalidUpdateError(f"update moves the adapter by L2 norm {norm:.4g}, above the job's bound {bound:g}")
 
@@ -419,20 +419,18 @@ class Coordinator:
         rec, cfg, art = self.job(job_id)
         start = load_blob(self.blobs.open_path(art["adapters"][rec.round]))
         if run is None or run.aborted:
-            why = run.aborted if run else "the coordinator restarted during secure aggregation"
-            self.state.add_rejection(job_id, rec.round, "(round)", f"secure aggregation: {why}")
-            self._advance(job_id, rec, cfg, art, start, None, f"without an update ({why})")
-            return
-        sums, weight = vector.read_sum(run.result, art["secagg_shapes"])
-        change = {k: v / weight for k, v in add_noise(sums, cfg.dp_config()).items()}
-        norm = sum(float(v.pow(2).sum()) for v in change.values()) ** 0.5
-        if cfg.max_update_norm and norm > cfg.max_update_norm:
+            why = f"secure aggregation: {run.aborted if run else 'the coordinator restarted during secure aggregation'}"
+        else:
+            sums, weight = vector.read_sum(run.result, art["secagg_shapes"])
+            change = {k: v / weight for k, v in add_noise(sums, cfg.dp_config()).items()}
+            norm = l2_norm(change.values())
+            if not cfg.max_update_norm or norm <= cfg.max_update_norm:
+                mean = {k: v.double() + change[k] if k in change else v.double() for k, v in start.items()}
+                self._advance(job_id, rec, cfg, art, start, mean, f"secure aggregation of {len(run.server.masked)} masked inputs")
+                return
             why = f"the aggregate moves the adapter by L2 norm {norm:.4g}, above the job's bound {cfg.max_update_norm:g}"
-            self.state.add_rejection(job_id, rec.round, "(round)", why)
-            self._advance(job_id, rec, cfg, art, start, None, f"without an update ({why})")
-            return
-        mean = {k: v.double() + change[k] if k in change else v.double() for k, v in start.items()}
-        self._advance(job_id, rec, cfg, art, start, mean, f"secure aggregation of {len(run.server.masked)} masked inputs")
+        self.state.add_rejection(job_id, rec.round, "(round)", why)
+        self._advance(job_id, rec, cfg, art, start, None, f"without an update ({why})")
 
     def _close_round(self, job_id: str, why: str) -> None:
         """Streamed aggregation: a running weighted sum, one update in memory at a time; then the job's

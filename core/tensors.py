@@ -56,8 +56,13 @@ def check_matches(tensors: dict[str, torch.Tensor], spec: TensorSpec) -> None:
             raise InvalidUpdateError(f"tensor {name} has non-finite values")
 
 
+def l2_norm(tensors) -> float:
+    """The L2 norm over every value of every tensor in `tensors` (an iterable), in float64."""
+    return sum(float(v.double().pow(2).sum()) for v in tensors) ** 0.5
+
+
 def clip(change: dict[str, torch.Tensor], bound: float) -> tuple[dict[str, torch.Tensor], float]:
     """`change` scaled down to L2 norm `bound` if it is longer; returns it and its norm before clipping."""
-    norm = sum(float(v.double().pow(2).sum()) for v in change.values()) ** 0.5
+    norm = l2_norm(change.values())
     scale = min(1.0, bound / norm) if norm > 0 else 1.0
     return {k: v.double() * scale for k, v in change.items()}, norm

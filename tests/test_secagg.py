@@ -22,6 +22,16 @@ def make(n, t):
     return clients, identity, values, SecAggServer(CTX, t, LENGTH, max_clients=n)
 
 
+def through_shares(clients, identity, server):
+    """Every client advertises and shares its keys; the server closes both stages."""
+    for c in clients.values():
+        server.add_advert(c.advertise())
+    roster = server.close_adverts()
+    for cid, c in clients.items():
+        server.add_shares(cid, c.share_keys(roster, identity, server.threshold))
+    server.close_shares()
+
+
 def run(n, t, drop_before_shares=(), drop_before_mask=(), drop_before_reveal=()):
     """One run; clients in each drop set vanish right before that stage. Returns (sum, survivors, values)."""
     clients, identity, values, server = make(n, t)
@@ -66,12 +76,7 @@ def test_fewer_survivors_than_the_threshold_abort_cleanly(drops):
 
 def test_a_masked_input_is_unrelated_to_the_input():
     clients, identity, _, server = make(3, 2)
-    for c in clients.values():
-        server.add_advert(c.advertise())
-    roster = server.close_adverts()
-    for cid, c in clients.items():
-        server.add_shares(cid, c.share_keys(roster, identity, server.threshold))
-    server.close_shares()
+    through_shares(clients, identity, server)
     x = np.linspace(-100, 100, 200_000)  # a strongly structured input
     c = clients["c00"]
     y = c.mask(server.inbox("c00"), x, 3)
@@ -92,12 +97,7 @@ def test_a_forged_roster_entry_is_refused():
 
 def test_a_client_reveals_for_one_set_of_survivors_only():
     clients, identity, values, server = make(4, 2)
-    for c in clients.values():
-        server.add_advert(c.advertise())
-    roster = server.close_adverts()
-    for cid, c in clients.items():
-        server.add_shares(cid, c.share_keys(roster, identity, server.threshold))
-    server.close_shares()
+    through_shares(clients, identity, server)
     for cid, c in clients.items():
         c.mask(server.inbox(cid), values[cid], 4)
     c = clients["c00"]
