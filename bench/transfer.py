@@ -98,7 +98,7 @@ def bench_download(args, tmp: Path) -> dict:
 
     size = args.mib << 20
     layout = StateLayout(tmp / "state")
-    tokens = init_state(layout.root, ["bench"], ["localhost", "127.0.0.1"], 3600, SqliteState)
+    tokens = init_state(layout.root, ["bench"], ["localhost", "127.0.0.1"], 3600)
     coordinator = Coordinator(layout, SqliteState(layout.db), BlobStore(layout.blobs), load_sealing_key(layout),
                               CertificateAuthority.load(layout))
     coordinator.create_job(JobConfig(job_id="bench", base_model=str(make_tiny_model(tmp / "tiny-model")), emulator_layers=1))

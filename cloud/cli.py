@@ -17,7 +17,7 @@ from offsite.cloud.finalize import finalize_job
 from offsite.cloud.identity import CertificateAuthority, StateLayout, init_state, load_sealing_key
 from offsite.cloud.job import JobConfig
 from offsite.cloud.server import start_server
-from offsite.cloud.state import SqliteState
+from offsite.cloud.state import open_state
 from offsite.errors import ConfigError
 from offsite.files import atomic_write
 from offsite.transport import CHUNK_BYTES, MAX_MESSAGE_BYTES, enroll_target
@@ -27,16 +27,16 @@ log = logging.getLogger("offsite.cloud")
 
 def open_coordinator(state_dir: str, chunk_bytes: int = CHUNK_BYTES) -> Coordinator:
     layout = StateLayout(Path(state_dir))
-    if not layout.db.is_file():
+    if not layout.ca_cert.is_file():
         raise ConfigError(f"{state_dir} is not a coordinator state folder; run `offsite cloud init` first")
-    return Coordinator(layout, SqliteState(layout.db), BlobStore(layout.blobs), load_sealing_key(layout),
+    return Coordinator(layout, open_state(layout.state_url()), BlobStore(layout.blobs), load_sealing_key(layout),
                        CertificateAuthority.load(layout), chunk_bytes=chunk_bytes)
 
 
 def cmd_init(args) -> int:
     names = [n.strip() for n in args.clients.split(",") if n.strip()]
     hosts = args.host or ["localhost", "127.0.0.1"]
-    tokens = init_state(args.state, names, hosts, args.token_ttl_hours * 3600, SqliteState)
+    tokens = init_state(args.state, names, hosts, args.token_ttl_hours * 3600, args.db)
     print(f"coordinator state created in {args.state}; CA certificate: {StateLayout(Path(args.state)).ca_cert}")
     for name, path in tokens.items():
         print(f"  enrollment token for {name}: {path}")
@@ -139,6 +139,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--clients", required=True, help="comma-separated client names, one token each")
     p.add_argument("--host", action="append", default=None, help="server certificate host name or IP (repeatable)")
     p.add_argument("--token-ttl-hours", type=float, default=72.0)
+    p.add_argument("--db", help="state database URL: postgresql://user@host/dbname (password in PGPASSWORD or "
+                                "~/.pgpass) or sqlite:///path; default: SQLite inside the state folder. "
+                                "$OFFSITE_DB_URL overrides it for every command")
     p.set_defaults(func=cmd_init)
     jobs = sub.add_parser("jobs", help="manage jobs").add_subparsers(dest="jobs_command", required=True)
     p = jobs.add_parser("create", help="build the emulator and open a job from a TOML file")

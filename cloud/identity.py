@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from offsite.cloud.state import State
+from offsite.cloud.state import State, db_url, open_state
 from offsite.errors import ConfigError, InvalidRequestError
 from offsite.files import atomic_write
 
@@ -40,6 +40,13 @@ class StateLayout:
     def sealing_key(self) -> Path: return self.root / "keys" / "coordinator.x25519"
     @property
     def db(self) -> Path: return self.root / "state.sqlite"
+    @property
+    def database_url(self) -> Path: return self.root / "database.url"   # only when `init --db` chose another database
+
+    def state_url(self) -> str:
+        """Where this folder's state database is (see offsite.cloud.state.db_url)."""
+        configured = self.database_url.read_text().strip() if self.database_url.is_file() else None
+        return db_url(self.db, configured)
     @property
     def blobs(self) -> Path: return self.root / "blobs"
     @property
@@ -80,13 +87,17 @@ def _cert(subject: str, public_key, issuer_key, issuer_name: x509.Name | None, c
     return builder.sign(issuer_key, hashes.SHA256())
 
 
-def init_state(root: str | Path, client_names: list[str], hosts: list[str], token_ttl_s: float, state_factory) -> dict[str, Path]:
-    """Create a new state folder. Returns {client name: path of its enrollment token file}."""
+def init_state(root: str | Path, client_names: list[str], hosts: list[str], token_ttl_s: float,
+               database: str | None = None) -> dict[str, Path]:
+    """Create a new state folder, its database at `database` (a URL; default SQLite in the folder).
+    Returns {client name: path of its enrollment token file}."""
     layout = StateLayout(Path(root))
-    if layout.db.exists():
+    if layout.db.exists() or layout.ca_cert.exists():
         raise ConfigError(f"{layout.root} already holds a coordinator state; refusing to overwrite it")
     if len(set(client_names)) != len(client_names) or not client_names:
         raise ConfigError(f"client names must be unique and non-empty: {client_names}")
+    if database:
+        open_state(database)  # an unreachable database fails here, before anything is written
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_cert = _cert("offsite coordinator CA", ca_key.public_key(), ca_key, None, True, [], 3650)
     server_key = ec.generate_private_key(ec.SECP256R1())
@@ -97,7 +108,9 @@ def init_state(root: str | Path, client_names: list[str], hosts: list[str], toke
     atomic_write(layout.server_key, _pem_key(server_key), mode=0o600)
     atomic_write(layout.server_cert, server_cert.public_bytes(serialization.Encoding.PEM))
     atomic_write(layout.sealing_key, _pem_key(X25519PrivateKey.generate()), mode=0o600)
-    state: State = state_factory(layout.db)
+    if database:
+        atomic_write(layout.database_url, (database + "\n").encode(), mode=0o600)
+    state: State = open_state(layout.state_url())
     token_files = {}
     for name in client_names:
         token = secrets.token_urlsafe(32)

@@ -1,18 +1,21 @@
-"""The coordinator's durable state behind one interface; SQLite is the implementation.
+"""The coordinator's durable state behind one interface, in SQLite (default) or PostgreSQL.
 
-Every method is a small transaction, so a crash leaves either the old or the new state. The contract
+Every method is a small transaction, so a crash leaves either the old or the new state. Both databases
+run the same SQL through `SqlState`; a `Dialect` holds the few places where they differ. The contract
 test (tests/test_state.py) runs against every implementation.
 """
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
+from urllib.parse import urlsplit
 
-from offsite.errors import AlreadyExistsError, NotFoundError
+from offsite.errors import AlreadyExistsError, ConfigError, NotFoundError
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ class UpdateRecord:
     blob_sha256: str
     upload_bytes: int
     accepted_at: float = 0.0
+    train_loss: float | None = None   # the client's own report of its mean training loss this round
 
 
 @dataclass(frozen=True)
@@ -85,47 +89,60 @@ class State(Protocol):
 
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS tokens (token_hash TEXT PRIMARY KEY, name TEXT NOT NULL, expires_at REAL NOT NULL, used_at REAL);
-CREATE TABLE IF NOT EXISTS clients (client_id TEXT PRIMARY KEY, name TEXT NOT NULL, signing_key BLOB NOT NULL,
-    enrolled_at REAL NOT NULL, last_seen REAL NOT NULL, revoked_at REAL, activity TEXT NOT NULL DEFAULT '',
-    bytes_in INTEGER NOT NULL DEFAULT 0, bytes_out INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS tokens (token_hash TEXT PRIMARY KEY, name TEXT NOT NULL, expires_at DOUBLE PRECISION NOT NULL,
+    used_at DOUBLE PRECISION);
+CREATE TABLE IF NOT EXISTS clients (client_id TEXT PRIMARY KEY, name TEXT NOT NULL, signing_key {blob} NOT NULL,
+    enrolled_at DOUBLE PRECISION NOT NULL, last_seen DOUBLE PRECISION NOT NULL, revoked_at DOUBLE PRECISION,
+    activity TEXT NOT NULL DEFAULT '', bytes_in BIGINT NOT NULL DEFAULT 0, bytes_out BIGINT NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS jobs (job_id TEXT PRIMARY KEY, config_json TEXT NOT NULL, status TEXT NOT NULL,
-    round INTEGER NOT NULL, artifacts_json TEXT NOT NULL, created_at REAL NOT NULL);
+    round INTEGER NOT NULL, artifacts_json TEXT NOT NULL, created_at DOUBLE PRECISION NOT NULL);
 CREATE TABLE IF NOT EXISTS updates (job_id TEXT NOT NULL, round INTEGER NOT NULL, client_id TEXT NOT NULL,
-    num_examples INTEGER NOT NULL, blob_sha256 TEXT NOT NULL, upload_bytes INTEGER NOT NULL, accepted_at REAL NOT NULL,
-    PRIMARY KEY (job_id, round, client_id));
+    num_examples INTEGER NOT NULL, blob_sha256 TEXT NOT NULL, upload_bytes BIGINT NOT NULL,
+    accepted_at DOUBLE PRECISION NOT NULL, train_loss DOUBLE PRECISION, PRIMARY KEY (job_id, round, client_id));
 CREATE TABLE IF NOT EXISTS rejections (job_id TEXT NOT NULL, round INTEGER NOT NULL, client_id TEXT NOT NULL,
-    reason TEXT NOT NULL, at REAL NOT NULL);
+    reason TEXT NOT NULL, at DOUBLE PRECISION NOT NULL);
 CREATE TABLE IF NOT EXISTS uploads (upload_id TEXT PRIMARY KEY, job_id TEXT NOT NULL, round INTEGER NOT NULL,
-    client_id TEXT NOT NULL, num_examples INTEGER NOT NULL, size INTEGER NOT NULL, sha256 TEXT NOT NULL);
+    client_id TEXT NOT NULL, num_examples INTEGER NOT NULL, size BIGINT NOT NULL, sha256 TEXT NOT NULL)
 """
 
 
-class SqliteState:
-    """State in one SQLite file (WAL mode); safe to share between the server's threads."""
+@dataclass(frozen=True)
+class Dialect:
+    """What differs between the databases: the connection, the parameter mark, one type, one error."""
+    connect: Callable[[], object]     # an autocommit DB-API connection
+    param: str                        # "?" (sqlite3) or "%s" (psycopg)
+    blob: str                         # column type for bytes
+    integrity_error: type[Exception]
+    setup: tuple[str, ...] = ()       # statements run once per connection
 
-    def __init__(self, path: str | Path):
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+
+class SqlState:
+    """State in one SQL database; safe to share between the server's threads (one connection, one lock)."""
+
+    def __init__(self, dialect: Dialect):
+        self._dialect = dialect
+        self._db = dialect.connect()
         self._lock = threading.Lock()
+        for statement in dialect.setup + tuple(_SCHEMA.format(blob=dialect.blob).split(";")):
+            self._db.execute(statement)
+
+    def _execute(self, sql: str, args: tuple = ()):
+        """Run one statement; the caller holds the lock."""
+        return self._db.execute(sql.replace("?", self._dialect.param), args)
 
     def _run(self, sql: str, args: tuple = ()) -> list[tuple]:
         with self._lock:
-            return self._db.execute(sql, args).fetchall()
+            cur = self._execute(sql, args)
+            return cur.fetchall() if cur.description else []
 
     def add_token(self, token_hash: str, name: str, expires_at: float) -> None:
         self._run("INSERT INTO tokens VALUES (?, ?, ?, NULL)", (token_hash, name, expires_at))
 
     def consume_token(self, token_hash: str, now: float) -> str | None:
         """Mark the token used and return its client name, or None if unknown, used or expired."""
-        with self._lock:
-            cur = self._db.execute(
-                "UPDATE tokens SET used_at = ? WHERE token_hash = ? AND used_at IS NULL AND expires_at > ? RETURNING name",
-                (now, token_hash, now))
-            row = cur.fetchone()
-            return row[0] if row else None
+        rows = self._run("UPDATE tokens SET used_at = ? WHERE token_hash = ? AND used_at IS NULL AND expires_at > ? RETURNING name",
+                         (now, token_hash, now))
+        return rows[0][0] if rows else None
 
     def add_client(self, client_id: str, name: str, signing_key: bytes) -> None:
         now = time.time()
@@ -162,17 +179,19 @@ class SqliteState:
     def add_job(self, job_id: str, config_json: str, artifacts_json: str) -> None:
         try:
             self._run("INSERT INTO jobs VALUES (?, ?, 'running', 0, ?, ?)", (job_id, config_json, artifacts_json, time.time()))
-        except sqlite3.IntegrityError:
+        except self._dialect.integrity_error:
             raise AlreadyExistsError(f"job {job_id} already exists") from None
 
+    _JOB = "SELECT job_id, config_json, status, round, artifacts_json FROM jobs"
+
     def job(self, job_id: str) -> JobRecord:
-        rows = self._run("SELECT job_id, config_json, status, round, artifacts_json FROM jobs WHERE job_id = ?", (job_id,))
+        rows = self._run(self._JOB + " WHERE job_id = ?", (job_id,))
         if not rows:
             raise NotFoundError(f"no job {job_id!r}")
         return JobRecord(*rows[0])
 
     def jobs(self) -> list[JobRecord]:
-        return [JobRecord(*r) for r in self._run("SELECT job_id, config_json, status, round, artifacts_json FROM jobs ORDER BY created_at")]
+        return [JobRecord(*r) for r in self._run(self._JOB + " ORDER BY created_at")]
 
     def update_job(self, job_id: str, *, status: str | None = None, round: int | None = None,
                    artifacts_json: str | None = None) -> None:
@@ -184,15 +203,16 @@ class SqliteState:
         """Record an accepted update once; return how many the round now has."""
         with self._lock:
             try:
-                self._db.execute("INSERT INTO updates VALUES (?, ?, ?, ?, ?, ?, ?)",
-                                 (update.job_id, update.round, update.client_id, update.num_examples,
-                                  update.blob_sha256, update.upload_bytes, update.accepted_at))
-            except sqlite3.IntegrityError:
+                self._execute("INSERT INTO updates VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                              (update.job_id, update.round, update.client_id, update.num_examples,
+                               update.blob_sha256, update.upload_bytes, update.accepted_at, update.train_loss))
+            except self._dialect.integrity_error:
                 raise AlreadyExistsError(f"client {update.client_id} already has an accepted update for round {update.round}") from None
-            return self._db.execute("SELECT COUNT(*) FROM updates WHERE job_id = ? AND round = ?", (update.job_id, update.round)).fetchone()[0]
+            return self._execute("SELECT COUNT(*) FROM updates WHERE job_id = ? AND round = ?",
+                                 (update.job_id, update.round)).fetchone()[0]
 
     def updates(self, job_id: str, round: int | None = None) -> list[UpdateRecord]:
-        sql = "SELECT job_id, round, client_id, num_examples, blob_sha256, upload_bytes, accepted_at FROM updates WHERE job_id = ?"
+        sql = "SELECT * FROM updates WHERE job_id = ?"
         args: tuple = (job_id,)
         if round is not None:
             sql, args = sql + " AND round = ?", (job_id, round)
@@ -202,11 +222,11 @@ class SqliteState:
         self._run("INSERT INTO rejections VALUES (?, ?, ?, ?, ?)", (job_id, round, client_id, reason, time.time()))
 
     def rejections(self, job_id: str) -> list[tuple[int, str, str]]:
-        return self._run("SELECT round, client_id, reason FROM rejections WHERE job_id = ? ORDER BY at", (job_id,))
+        return [tuple(r) for r in self._run("SELECT round, client_id, reason FROM rejections WHERE job_id = ? ORDER BY at", (job_id,))]
 
     def open_upload(self, upload: UploadRecord) -> None:
         """Record an upload once; opening the same upload id again keeps the first record."""
-        self._run("INSERT OR IGNORE INTO uploads VALUES (?, ?, ?, ?, ?, ?, ?)",
+        self._run("INSERT INTO uploads VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                   (upload.upload_id, upload.job_id, upload.round, upload.client_id, upload.num_examples, upload.size, upload.sha256))
 
     def upload(self, upload_id: str) -> UploadRecord:
@@ -220,3 +240,50 @@ class SqliteState:
 
     def close_upload(self, upload_id: str) -> None:
         self._run("DELETE FROM uploads WHERE upload_id = ?", (upload_id,))
+
+
+class SqliteState(SqlState):
+    """State in one SQLite file (WAL mode), or in memory for ":memory:"."""
+
+    def __init__(self, path: str | Path):
+        super().__init__(Dialect(lambda: sqlite3.connect(str(path), check_same_thread=False, isolation_level=None),
+                                 "?", "BLOB", sqlite3.IntegrityError, ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=FULL")))
+
+
+class PostgresState(SqlState):
+    """State in PostgreSQL through psycopg 3; a password belongs in PGPASSWORD or ~/.pgpass, not in the URL."""
+
+    def __init__(self, url: str):
+        try:
+            import psycopg
+        except ImportError:
+            raise ConfigError("a postgresql:// state database needs psycopg: pip install 'psycopg[binary]'") from None
+        try:
+            super().__init__(Dialect(lambda: psycopg.connect(url, autocommit=True), "%s", "BYTEA", psycopg.IntegrityError))
+        except psycopg.OperationalError as e:
+            raise ConfigError(f"cannot open the state database {redact(url)}: {e}") from None
+
+
+DB_URL_ENV = "OFFSITE_DB_URL"
+
+
+def db_url(default_sqlite: Path, configured: str | None = None) -> str:
+    """The state database's URL: $OFFSITE_DB_URL, else the one `cloud init --db` recorded, else SQLite in the folder."""
+    return os.environ.get(DB_URL_ENV) or configured or f"sqlite:///{default_sqlite}"
+
+
+def open_state(url: str) -> SqlState:
+    """`sqlite:///path` (three slashes, then the path: four for an absolute one) or `postgresql://...`."""
+    if url.startswith("sqlite:///"):
+        return SqliteState(url[len("sqlite:///"):])
+    if urlsplit(url).scheme in ("postgresql", "postgres"):
+        return PostgresState(url)
+    raise ConfigError(f"state database URL must start with sqlite:/// or postgresql://, got {redact(url)!r}")
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return url.replace(f":{parts.password}@", ":***@", 1)

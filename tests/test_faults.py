@@ -26,7 +26,7 @@ CHUNK_KIB = ("--chunk-kib", "4")  # small chunks: the tiny model's blobs span ma
 
 def make_job(tmp_path, tiny_model, names, **job):
     state = tmp_path / "state"
-    init_state(state, names, ["localhost", "127.0.0.1"], 3600, SqliteState)
+    init_state(state, names, ["localhost", "127.0.0.1"], 3600)
     layout = StateLayout(state)
     coordinator = Coordinator(layout, SqliteState(layout.db), BlobStore(layout.blobs), load_sealing_key(layout),
                               CertificateAuthority.load(layout))

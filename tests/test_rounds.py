@@ -33,7 +33,7 @@ class Clock:
 
 def make_world(tiny_model, tmp_path, **job):
     layout = StateLayout(tmp_path / "state")
-    tokens = init_state(layout.root, NAMES, ["localhost"], 3600, SqliteState)
+    tokens = init_state(layout.root, NAMES, ["localhost"], 3600)
     clock, done = Clock(), []
     c = Coordinator(layout, SqliteState(layout.db), BlobStore(layout.blobs), load_sealing_key(layout),
                     CertificateAuthority.load(layout), on_training_done=done.append, clock=clock)

@@ -55,7 +55,7 @@ class Env:
 @pytest.fixture
 def env(tiny_model, tmp_path):
     layout = StateLayout(tmp_path / "state")
-    tokens = init_state(layout.root, CLIENTS, ["localhost", "127.0.0.1"], 3600, SqliteState)
+    tokens = init_state(layout.root, CLIENTS, ["localhost", "127.0.0.1"], 3600)
     coordinator = Coordinator(layout, SqliteState(layout.db), BlobStore(layout.blobs), load_sealing_key(layout),
                               CertificateAuthority.load(layout), chunk_bytes=CHUNK)  # small chunks: many per blob
     coordinator.create_job(JobConfig(job_id="job1", base_model=str(tiny_model), rounds=2, clients_per_round=2,

@@ -3,18 +3,32 @@ import time
 
 import pytest
 
-from offsite.cloud.state import SqliteState, UpdateRecord
-from offsite.errors import AlreadyExistsError, NotFoundError
+from offsite.cloud.state import SqliteState, UpdateRecord, open_state, redact
+from offsite.errors import AlreadyExistsError, ConfigError, NotFoundError
+from tests import postgres
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    why = postgres.unavailable()
+    if why:
+        pytest.skip(why)
+    server = postgres.Server()
+    yield server
+    server.stop()
+
 
 IMPLEMENTATIONS = {
-    "sqlite-file": lambda tmp: SqliteState(tmp / "state.sqlite"),
-    "sqlite-memory": lambda tmp: SqliteState(":memory:"),
+    "sqlite-file": lambda request, tmp: SqliteState(tmp / "state.sqlite"),
+    "sqlite-memory": lambda request, tmp: SqliteState(":memory:"),
+    "sqlite-url": lambda request, tmp: open_state(f"sqlite:///{tmp / 'state.sqlite'}"),
+    "postgresql": lambda request, tmp: open_state(request.getfixturevalue("postgres_server").new_database()),
 }
 
 
 @pytest.fixture(params=sorted(IMPLEMENTATIONS))
 def state(request, tmp_path):
-    return IMPLEMENTATIONS[request.param](tmp_path)
+    return IMPLEMENTATIONS[request.param](request, tmp_path)
 
 
 def test_tokens_are_single_use_and_expire(state):
@@ -88,3 +102,47 @@ def test_client_activity_and_traffic_accumulate(state):
     state.add_traffic("c1", bytes_in=5, bytes_out=7)
     c = state.client("c1")
     assert (c.activity, c.bytes_in, c.bytes_out) == ("training round 1 (50%)", 105, 7)
+
+
+def test_train_loss_and_bytes_round_trip(state):
+    state.add_job("j", "{}", "{}")
+    state.add_update(UpdateRecord("j", 0, "c1", 10, "d1", 5 * 2**30, 1.5, train_loss=2.25))
+    state.add_update(UpdateRecord("j", 0, "c2", 10, "d2", 1))
+    assert [(u.upload_bytes, u.accepted_at, u.train_loss) for u in state.updates("j")] == [(5 * 2**30, 1.5, 2.25), (1, 0.0, None)]
+    state.add_client("c1", "client-1", bytes(range(256)))
+    assert state.client("c1").signing_key == bytes(range(256))
+
+
+@pytest.mark.parametrize("url, message", [
+    ("mysql://u@h/db", "sqlite:/// or postgresql://"),
+    ("sqlite://relative.db", "sqlite:/// or postgresql://"),
+    ("postgresql://u:hunter2@127.0.0.1:1/db", "cannot open the state database postgresql://u:***@127.0.0.1:1/db"),
+])
+def test_bad_database_urls_name_the_problem_without_the_password(url, message):
+    with pytest.raises(ConfigError, match=message.replace("*", r"\*")) as e:
+        open_state(url)
+    assert "hunter2" not in str(e.value)
+
+
+def test_redact_hides_only_the_password():
+    assert redact("postgresql://u:pw@h/db") == "postgresql://u:***@h/db"
+    assert redact("postgresql://u@h/db") == "postgresql://u@h/db"
+
+
+def test_a_state_folder_can_keep_its_database_in_postgresql(postgres_server, tmp_path, monkeypatch):
+    from offsite.cloud.identity import StateLayout, hash_secret, init_state
+    url = postgres_server.new_database()
+    tokens = init_state(tmp_path / "s", ["client-1"], ["localhost"], 3600, url)
+    layout = StateLayout(tmp_path / "s")
+    assert layout.state_url() == url and not layout.db.exists()
+    token = tokens["client-1"].read_text().strip()
+    assert open_state(layout.state_url()).consume_token(hash_secret(token), time.time()) == "client-1"
+    monkeypatch.setenv("OFFSITE_DB_URL", f"sqlite:///{tmp_path / 'other.sqlite'}")  # the environment wins
+    assert open_state(layout.state_url()).consume_token(hash_secret(token), time.time()) is None
+
+
+def test_init_refuses_an_unreachable_database_before_writing_anything(tmp_path):
+    from offsite.cloud.identity import init_state
+    with pytest.raises(ConfigError, match="cannot open the state database"):
+        init_state(tmp_path / "s", ["client-1"], ["localhost"], 3600, "postgresql://u@127.0.0.1:1/db")
+    assert not (tmp_path / "s").exists()
