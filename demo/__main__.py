@@ -8,7 +8,7 @@ from pathlib import Path
 
 from transformers.utils import logging as hf_logging
 
-from offsite.demo.run import DemoSettings, run_demo
+from offsite.demo.run import DemoSettings, prepare, run_demo
 
 
 def main() -> int:
@@ -21,12 +21,18 @@ def main() -> int:
                         help="mask each client's change so the coordinator learns only the sum (Bonawitz et al. 2017)")
     parser.add_argument("--dp-noise", type=float, default=0.0, help="DP-FedAvg noise multiplier z (0: no DP)")
     parser.add_argument("--dp-clip", type=float, default=DemoSettings.dp_clip, help="DP-FedAvg clip bound C")
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="only write the base model, the data and OUT/job.toml (what deploy/compose.yaml starts from)")
     args = parser.parse_args()
     hf_logging.disable_progress_bar()
     started = time.perf_counter()
-    ok = run_demo(Path(args.out), DemoSettings(rounds=args.rounds, distill_steps=args.distill_steps,
-                                               secure_aggregation=args.secure_aggregation, dp_noise=args.dp_noise,
-                                               dp_clip=args.dp_clip))
+    settings = DemoSettings(rounds=args.rounds, distill_steps=args.distill_steps, secure_aggregation=args.secure_aggregation,
+                            dp_noise=args.dp_noise, dp_clip=args.dp_clip)
+    if args.prepare_only:
+        prepare(Path(args.out).resolve(), settings)
+        print(f"demo inputs ready in {args.out} ({time.perf_counter() - started:.0f} s); job: {Path(args.out) / 'job.toml'}")
+        return 0
+    ok = run_demo(Path(args.out), settings)
     print(f"demo finished in {time.perf_counter() - started:.0f} s: {'all checks passed' if ok else 'CHECKS FAILED'}")
     return 0 if ok else 1
 

@@ -96,8 +96,9 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
         time.sleep(0.2)
 
 
-def run_demo(out: Path, s: DemoSettings) -> bool:
-    out = out.resolve()
+def prepare(out: Path, s: DemoSettings) -> tuple[Path, list[Path]]:
+    """Everything a run starts from: the base model (cached), each client's data, the general corpus and
+    out/job.toml. Returns the base folder and the client data folders."""
     base_dir = prepare_base(out / "base", s.base)
     for sub in ("cloud", "clients", "data", "logs", "export"):
         shutil.rmtree(out / sub, ignore_errors=True)
@@ -107,6 +108,12 @@ def run_demo(out: Path, s: DemoSettings) -> bool:
     domain.write_jsonl(data / "general_train.jsonl", general_train)
     domain.write_jsonl(data / "general_heldout.jsonl", general_held)
     atomic_write(out / "job.toml", _job_toml(s, base_dir, data, out / "export").encode())
+    return base_dir, folders
+
+
+def run_demo(out: Path, s: DemoSettings) -> bool:
+    out = out.resolve()
+    base_dir, folders = prepare(out, s)
     state, logs = out / "cloud", out / "logs"
     logs.mkdir(parents=True)
     names = [f.name for f in folders]
