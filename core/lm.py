@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from offsite.checkpoint import Checkpointer
+from offsite.errors import ConfigError
 
 IGNORE = -100
 log = logging.getLogger("offsite")
@@ -127,22 +128,55 @@ def token_loss_sum(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.T
     return next_token_loss_sum(model(input_ids=ids, attention_mask=mask).logits[:, -ids.shape[1]:], labels)
 
 
+def launched_state():
+    """accelerate's `PartialState` when this process is one of several (`accelerate launch`, torchrun),
+    else None: a plain run never touches torch.distributed. ACCELERATE_USE_CPU=1 runs them on CPU (gloo)."""
+    from accelerate import PartialState
+    from accelerate.utils import get_int_from_env, parse_flag_from_env
+
+    world = get_int_from_env(["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"], 1)
+    if world <= 1:
+        return None
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    if state.num_processes != world:  # accelerate found no GPU backend: each process would think it is alone
+        raise ConfigError(f"started as {world} processes but found no GPUs for them; set ACCELERATE_USE_CPU=1 to run them on CPU")
+    return state
+
+
 @torch.no_grad()
 def loss_sum_count(model, encoded: list[list[int]], pad_id: int, batch_size: int = 32, bf16: bool = False) -> tuple[float, int]:
     """Summed token loss and token count; examples are batched by length so little is padding."""
     model.eval()
+    device = next(model.parameters()).device
     by_length = sorted(encoded, key=lambda r: len(_ids(r)))
     total, count = 0.0, 0
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         for ids, mask, labels in batches(by_length, batch_size, pad_id):
-            loss, n = token_loss_sum(model, ids, mask, labels)
+            loss, n = token_loss_sum(model, ids.to(device), mask.to(device), labels.to(device))
             total, count = total + float(loss), count + n
     return total, count
 
 
-def mean_token_loss(model, encoded: list[list[int]], pad_id: int, batch_size: int = 32, bf16: bool = False) -> float:
-    """Held-out mean token loss (nats per token) of `model` on encoded examples."""
-    total, count = loss_sum_count(model, encoded, pad_id, batch_size, bf16)
+def sharded_loss_sum_count(model, encoded: list[Row], pad_id: int, state, batch_size: int = 32,
+                           bf16: bool = False) -> tuple[float, int]:
+    """loss_sum_count over all of `state`'s processes: each scores every N-th example by length (an even
+    share of the work) and the sums are added up, so every process returns the total."""
+    from accelerate.utils import reduce
+
+    shard = sorted(encoded, key=lambda r: len(_ids(r)))[state.process_index :: state.num_processes]
+    total, count = loss_sum_count(model, shard, pad_id, batch_size, bf16)
+    summed = reduce(torch.tensor([total, count], dtype=torch.float64, device=next(model.parameters()).device), "sum")
+    return float(summed[0]), int(summed[1])
+
+
+def mean_token_loss(model, encoded: list[list[int]], pad_id: int, batch_size: int = 32, bf16: bool = False,
+                    state=None) -> float:
+    """Held-out mean token loss (nats per token) of `model` on encoded examples; with a `launched_state()`,
+    data-parallel over its processes."""
+    if state is None:
+        total, count = loss_sum_count(model, encoded, pad_id, batch_size, bf16)
+    else:
+        total, count = sharded_loss_sum_count(model, encoded, pad_id, state, batch_size, bf16)
     return total / max(count, 1)
 
 

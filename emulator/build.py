@@ -55,14 +55,28 @@ def choose_plan(model, tokenizer, cfg: EmulatorConfig) -> tuple[SplitPlan, list[
     return similarity_plan(n, cfg.bottom, cfg.top, cfg.emulator_layers, sim), [[round(float(v), 4) for v in row] for row in sim]
 
 
+def _distill_bf16(state) -> bool:
+    """bf16 autocast where it pays on the device distillation runs on. Several CPU processes all take the
+    main process's answer: a timing can come out differently in each, and they must run the same config."""
+    if state is None:
+        return lm.cpu_has_fast_bf16()
+    if state.device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    from accelerate.utils import broadcast_object_list
+
+    return bool(broadcast_object_list([lm.cpu_has_fast_bf16()])[0])
+
+
 def build(base: str, cfg: EmulatorConfig, out_dir: str | Path, show_progress: bool = True) -> BuildResult:
     """Write the emulator bundle to `out_dir` and return the adapter skeleton (the base's adapter blocks).
 
     Without distillation the base is loaded once and cut in place: one copy of the model in memory.
     Distillation needs the full model as teacher, so it holds the full model and the emulator.
     Order: choose blocks, cut, low-rank attention, then distill (which can make up for the SVD).
+    Under `accelerate launch` every process builds and distills its share; only the main one writes.
     """
     out_dir = Path(out_dir)
+    state = lm.launched_state()
     full, tokenizer = load_base(base)
     plan, similarity = choose_plan(full, tokenizer, cfg)
     full_params = sum(p.numel() for p in full.parameters())
@@ -74,23 +88,20 @@ def build(base: str, cfg: EmulatorConfig, out_dir: str | Path, show_progress: bo
     distill_info = None
     if teacher is not None:
         dcfg = DistillConfig(steps=cfg.distill_steps, lr=cfg.distill_lr, batch_size=cfg.distill_batch_size,
-                             seed=cfg.seed, bf16=lm.cpu_has_fast_bf16())
+                             seed=cfg.seed, bf16=_distill_bf16(state))
         windows = lm.pack(lm.encode(tokenizer, read_texts(cfg.distill_data), max_len=10**9), dcfg.seq_len)
         stats = distill(teacher, emulator, plan, windows, tokenizer.pad_token_id, dcfg,
                         checkpoint_dir=out_dir.parent / f".{out_dir.name}.distill", show_progress=show_progress)
         del teacher
-        distill_info = {"data_sha256": sha256_file(cfg.distill_data), **asdict(dcfg), "last_nmse": stats.last_nmse}
-    out_dir.mkdir(parents=True, exist_ok=True)
+        distill_info = {"data_sha256": sha256_file(cfg.distill_data), **asdict(dcfg), "processes": stats.processes,
+                        "last_nmse": stats.last_nmse}
     emulator_params = sum(p.numel() for p in emulator.parameters())
-    if cfg.quantize:
-        quantize_emulator(emulator, tokenizer, plan, block_path, cfg.quantize, out_dir)
-    else:
-        emulator.save_pretrained(str(out_dir), safe_serialization=True)
-        tokenizer.save_pretrained(str(out_dir))
-    base_hashes = {p.name: sha256_file(p) for p in sorted(Path(base).glob("*.safetensors"))} if Path(base).is_dir() else {"hub_id": base}
-    write_manifest(out_dir, plan, block_path, {"base": base_hashes, "strategy": cfg.strategy, "similarity": similarity,
-                                               "attn_rank": cfg.attn_rank or None, "distillation": distill_info,
-                                               "quantized": cfg.quantize})
+    if state is None or state.is_main_process:
+        provenance = {"strategy": cfg.strategy, "similarity": similarity, "attn_rank": cfg.attn_rank or None,
+                      "distillation": distill_info, "quantized": cfg.quantize}
+        _write_bundle(out_dir, emulator, tokenizer, plan, block_path, base, cfg.quantize, provenance)
+    if state is not None:
+        state.wait_for_everyone()  # no process returns before the bundle is there
     return BuildResult(
         bundle_dir=out_dir,
         skeleton=skeleton,
@@ -99,3 +110,16 @@ def build(base: str, cfg: EmulatorConfig, out_dir: str | Path, show_progress: bo
         emulator_params=emulator_params,
         adapter_params=sum(t.numel() for t in skeleton.values()),
     )
+
+
+def _write_bundle(out_dir: Path, emulator, tokenizer, plan: SplitPlan, block_path: str, base: str,
+                  quantize: str | None, provenance: dict) -> None:
+    """The emulator's weights (quantized or not), tokenizer and manifest, with the base's hashes."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if quantize:
+        quantize_emulator(emulator, tokenizer, plan, block_path, quantize, out_dir)
+    else:
+        emulator.save_pretrained(str(out_dir), safe_serialization=True)
+        tokenizer.save_pretrained(str(out_dir))
+    base_hashes = {p.name: sha256_file(p) for p in sorted(Path(base).glob("*.safetensors"))} if Path(base).is_dir() else {"hub_id": base}
+    write_manifest(out_dir, plan, block_path, {"base": base_hashes, **provenance})

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from offsite import lm
 from offsite.emulator.build import build
 from offsite.emulator.config import STRATEGIES, EmulatorConfig
 from offsite.emulator.evaluate import compare_full_and_emulator
@@ -14,6 +15,8 @@ def cmd_build(args) -> int:
                          strategy=args.strategy, quantize=args.quantize, attn_rank=args.attn_rank, calibration_data=args.calibration_data,
                          distill_data=args.distill_data, distill_steps=args.distill_steps, distill_lr=args.distill_lr)
     result = build(args.model, cfg, args.out)
+    if not _reports():
+        return 0
     print(f"emulator bundle in {result.bundle_dir}: blocks {list(result.plan.emulator_order)} of {result.plan.num_blocks}; "
           f"params full {result.full_params:,}, emulator {result.emulator_params:,}, adapter {result.adapter_params:,}")
     return 0
@@ -21,6 +24,8 @@ def cmd_build(args) -> int:
 
 def cmd_eval(args) -> int:
     out = compare_full_and_emulator(args.model, args.emulator, args.data, args.max_length)
+    if not _reports():
+        return 0
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
@@ -30,6 +35,12 @@ def cmd_eval(args) -> int:
         print(f"{name:<10}{r['loss']:>9.4f}{r['ppl']:>11.3f}{r['params']:>14,}{r['bytes']:>15,}")
     print(f"emulator bundle on disk: {out['emulator']['bundle_bytes']:,} bytes; {out['examples']} held-out examples")
     return 0
+
+
+def _reports() -> bool:
+    """Under `accelerate launch` every process runs the command; only the main one prints the result."""
+    state = lm.launched_state()
+    return state is None or state.is_main_process
 
 
 def register(parser: argparse.ArgumentParser) -> None:

@@ -25,14 +25,17 @@ def count_params(model) -> int:
 
 
 def compare_full_and_emulator(model: str, emulator_dir: str | Path, data: str | Path, max_length: int = 512) -> dict:
-    """Loss, perplexity, parameters and bytes of the full model and of the emulator alone."""
+    """Loss, perplexity, parameters and bytes of the full model and of the emulator alone.
+    Under `accelerate launch` each process scores its share of the examples on its own device."""
+    state = lm.launched_state()
+    device = "cpu" if state is None or state.device.type == "cpu" else str(state.device)
     full, tokenizer = load_base(model)
-    emulator, _, plan = load_bundle(emulator_dir)
+    emulator, _, plan = load_bundle(emulator_dir, device)
     encoded = lm.encode(tokenizer, read_texts(data), max_length)
     manifest = read_manifest(emulator_dir)
     out = {}
-    for name, m in (("full", full), ("emulator", emulator)):
-        loss = lm.mean_token_loss(m, encoded, tokenizer.pad_token_id)
+    for name, m in (("full", full.to(device)), ("emulator", emulator)):
+        loss = lm.mean_token_loss(m, encoded, tokenizer.pad_token_id, state=state)
         out[name] = {"loss": round(loss, 4), "ppl": round(math.exp(loss), 3), "params": count_params(m),
                      "bytes": sum(p.numel() * p.element_size() for p in m.parameters())}
     out["emulator"]["bundle_bytes"] = sum(f["size"] for f in manifest["files"].values())
