@@ -26,7 +26,6 @@ from offsite.demo.base import prepare_base
 from offsite.demo.central import central_finetune
 from offsite.demo.corpus import general_corpus
 from offsite.demo.run import DemoSettings
-from offsite.cloud.privacy import ClippedNoisedMean, DPConfig
 from offsite.emulator.adapter import extract_adapter
 from offsite.emulator.blocks import find_blocks
 from offsite.emulator.build import build, load_base
@@ -56,10 +55,9 @@ def variants(distill_data: Path, steps: int) -> dict[str, EmulatorConfig]:
 
 
 def federate(base: Path, bundle: Path, folders: list[Path], s: DemoSettings, method: MethodConfig = MethodConfig(),
-             lr: float | None = None, dp: DPConfig | None = None) -> dict[str, float]:
+             lr: float | None = None) -> dict[str, float]:
     """The demo's schedule: rounds x clients, each from the global adapter; each update merged into the
-    dense adapter it proposes and averaged by examples (or, with `dp`, clipped, averaged with equal
-    weights and noised), as the coordinator does."""
+    dense adapter it proposes and averaged by examples, as the coordinator does."""
     trainers = [LocalTrainer(bundle, read_texts(f / "train.jsonl"), None, s.max_length) for f in folders]
     full, tokenizer = load_base(str(base))
     plan = trainers[0].plan
@@ -68,13 +66,11 @@ def federate(base: Path, bundle: Path, folders: list[Path], s: DemoSettings, met
     global_adapter = {**extract_adapter(full, plan, on_emulator=False), **methods.fresh_extras(scratch, plan, method)}
     digest = spec_digest(spec_of(global_adapter))
     for r in range(s.rounds):
-        mean = None
+        mean = WeightedMean()
         for t in trainers:
             cfg = lm.TrainConfig(epochs=s.epochs, lr=lr or s.lr, batch_size=s.batch_size, seed=s.seed + 1000 * r,
                                  bf16=lm.cpu_has_fast_bf16())
             out = t.train_round(global_adapter, digest, cfg, method, show_progress=False)
-            if mean is None:  # the tensors an update can change are known from the first one
-                mean = ClippedNoisedMean(global_adapter, dp, methods.touched(method, out.update)) if dp else WeightedMean()
             mean.add(methods.propose(scratch, plan, method, global_adapter, out.update), float(len(t.train_set)))
         global_adapter, _ = FedAvg().step(global_adapter, mean.result(), {})
     held = [x for f in folders for x in lm.encode(tokenizer, read_texts(f / "heldout.jsonl"), s.max_length)]

@@ -11,6 +11,13 @@ from transformers.utils import logging as hf_logging
 from offsite.demo.run import DemoSettings, prepare, run_demo
 
 
+def _noises(text: str) -> list[float]:
+    levels = [float(z) for z in text.split(",") if z.strip()]
+    if not levels or any(z <= 0 for z in levels):
+        raise argparse.ArgumentTypeError(f"noise multipliers must be positive, got {text!r}")
+    return levels
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m offsite.demo", description=__doc__)
     parser.add_argument("--out", default="runs/demo", help="run folder (the base model is cached in it)")
@@ -21,6 +28,9 @@ def main() -> int:
                         help="mask each client's change so the coordinator learns only the sum (Bonawitz et al. 2017)")
     parser.add_argument("--dp-noise", type=float, default=0.0, help="DP-FedAvg noise multiplier z (0: no DP)")
     parser.add_argument("--dp-clip", type=float, default=DemoSettings.dp_clip, help="DP-FedAvg clip bound C")
+    parser.add_argument("--dp-sweep", type=_noises, default=[], metavar="Z1,Z2,...",
+                        help="after the run, the same job again under DP-FedAvg at each noise multiplier (> 0); "
+                             "the report gains epsilon and plug-in loss per level (each level costs one more job)")
     parser.add_argument("--prepare-only", action="store_true",
                         help="only write the base model, the data and OUT/job.toml (what deploy/compose.yaml starts from)")
     args = parser.parse_args()
@@ -32,7 +42,7 @@ def main() -> int:
         prepare(Path(args.out).resolve(), settings)
         print(f"demo inputs ready in {args.out} ({time.perf_counter() - started:.0f} s); job: {Path(args.out) / 'job.toml'}")
         return 0
-    ok = run_demo(Path(args.out), settings)
+    ok = run_demo(Path(args.out), settings, args.dp_sweep)
     print(f"demo finished in {time.perf_counter() - started:.0f} s: {'all checks passed' if ok else 'CHECKS FAILED'}")
     return 0 if ok else 1
 

@@ -17,6 +17,9 @@ def format_table(report: dict) -> str:
         "clients: " + ", ".join(f"{c['id']} {c['train_examples']} ex, {c['rounds_participated']} rounds, "
                                 f"{c['upload_bytes']:,} B up" for c in report["clients"]),
     ]
+    for row in report.get("dp_sweep") or []:
+        lines.append(f"DP-FedAvg noise {row['noise']:g} (clip {row['clip']:g}): plug-in {row['plug_in']:.3f}, "
+                     f"epsilon {row['epsilon']:.3g} at delta {row['delta']:g}")
     return "\n".join(lines)
 
 

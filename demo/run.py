@@ -7,7 +7,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -26,7 +26,7 @@ from offsite.textdata import read_texts
 class DemoSettings:
     clients: int = 3
     rounds: int = 3
-    n_train: int = 1500        # records per client
+    n_train: int = 1000        # records per client
     n_heldout: int = 200
     main_share: float = 0.8    # non-IID: share of each client's data from its main kind of bulletin
     epochs: float = 1.0        # local epochs per round
@@ -34,7 +34,7 @@ class DemoSettings:
     batch_size: int = 16
     max_length: int = 256
     central_lr: float = 1e-3
-    distill_steps: int = 200   # emulator distillation on the general corpus (0: none); see bench/emulator_strategies.py
+    distill_steps: int = 100   # emulator distillation on the general corpus (0: none); see bench/emulator_strategies.py
     seed: int = 0
     secure_aggregation: bool = False   # the coordinator learns only the sum of the clients' changes
     dp_noise: float = 0.0      # DP-FedAvg noise multiplier (0: no DP)
@@ -100,7 +100,7 @@ def prepare(out: Path, s: DemoSettings) -> tuple[Path, list[Path]]:
     """Everything a run starts from: the base model (cached), each client's data, the general corpus and
     out/job.toml. Returns the base folder and the client data folders."""
     base_dir = prepare_base(out / "base", s.base)
-    for sub in ("cloud", "clients", "data", "logs", "export"):
+    for sub in ("cloud", "clients", "data", "logs", "export", "dp-sweep"):
         shutil.rmtree(out / sub, ignore_errors=True)
     data = out / "data"
     folders = domain.write_clients(data, s.clients, s.n_train, s.n_heldout, s.main_share, s.seed)
@@ -111,14 +111,14 @@ def prepare(out: Path, s: DemoSettings) -> tuple[Path, list[Path]]:
     return base_dir, folders
 
 
-def run_demo(out: Path, s: DemoSettings) -> bool:
-    out = out.resolve()
-    base_dir, folders = prepare(out, s)
+def federate(out: Path, job_toml: Path, folders: list[Path]) -> tuple[dict, float] | None:
+    """The system itself: a coordinator (state in out/cloud) and one process per client over mutual TLS.
+    Returns the job's report and the seconds from serving to done, or None if a process failed."""
     state, logs = out / "cloud", out / "logs"
     logs.mkdir(parents=True)
     names = [f.name for f in folders]
     subprocess.run(_offsite("cloud", "init", "--state", str(state), "--clients", ",".join(names)), check=True)
-    subprocess.run(_offsite("cloud", "jobs", "create", "--state", str(state), "--config", str(out / "job.toml")), check=True)
+    subprocess.run(_offsite("cloud", "jobs", "create", "--state", str(state), "--config", str(job_toml)), check=True)
     started = time.perf_counter()
     server = subprocess.Popen(_offsite("cloud", "serve", "--state", str(state), "--address", "127.0.0.1:0",
                                        "--port-file", str(state / "port"), "--exit-when-done"))
@@ -142,9 +142,35 @@ def run_demo(out: Path, s: DemoSettings) -> bool:
         log.close()
     if server.wait(timeout=900) != 0 or failed:
         print(f"demo: a process failed (clients {failed}, coordinator exit {server.returncode}); see {logs}")
+        return None
+    return json.loads((state / "jobs" / "demo" / "report.json").read_text()), time.perf_counter() - started
+
+
+def dp_sweep(out: Path, s: DemoSettings, base_dir: Path, folders: list[Path], noises: list[float]) -> list[dict] | None:
+    """The same job again under DP-FedAvg at each noise multiplier: what each epsilon costs in plug-in loss."""
+    rows = []
+    for z in noises:
+        run = out / "dp-sweep" / f"noise-{z:g}"
+        run.mkdir(parents=True)
+        job = run / "job.toml"
+        atomic_write(job, _job_toml(replace(s, dp_noise=z), base_dir, out / "data", run / "export").encode())
+        done = federate(run, job, folders)
+        if done is None:
+            return None
+        dp = done[0]["privacy"]
+        rows.append({"noise": z, "clip": dp["clip"], "epsilon": dp["epsilon"], "delta": dp["delta"],
+                     "plug_in": done[0]["eval"]["all"]["plug_in"]})
+        print(f"demo: DP-FedAvg noise {z:g}: plug-in {rows[-1]['plug_in']:.3f}, epsilon {dp['epsilon']:.3g}")
+    return rows
+
+
+def run_demo(out: Path, s: DemoSettings, dp_noises: list[float] = ()) -> bool:
+    out = out.resolve()
+    base_dir, folders = prepare(out, s)
+    done = federate(out, out / "job.toml", folders)
+    if done is None:
         return False
-    federated_s = time.perf_counter() - started
-    report = json.loads((state / "jobs" / "demo" / "report.json").read_text())
+    report, federated_s = done
     central = central_finetune(str(base_dir), [f / "train.jsonl" for f in folders],
                                {f.name: f / "heldout.jsonl" for f in folders},
                                epochs=s.epochs * s.rounds, lr=s.central_lr, batch_size=s.batch_size,
@@ -156,6 +182,10 @@ def run_demo(out: Path, s: DemoSettings) -> bool:
     report["central_epochs"] = s.epochs * s.rounds
     report["federated_seconds"] = round(federated_s, 1)
     report["export_reload_plug_in"] = _reload_check(Path(report["export_dir"]), folders, s.max_length)
+    if dp_noises:
+        report["dp_sweep"] = dp_sweep(out, s, base_dir, folders, list(dp_noises))
+        if report["dp_sweep"] is None:
+            return False
     write_json(out / "report.json", report)
     print(format_table(report))
     problems = checks(report)

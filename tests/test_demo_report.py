@@ -39,3 +39,9 @@ def test_each_broken_invariant_is_reported(path, value, message):
         target = target[key]
     target[path[-1]] = value
     assert any(message in p for p in checks(report))
+
+
+def test_dp_sweep_rows_are_printed():
+    report = copy.deepcopy(GOOD)
+    report["dp_sweep"] = [{"noise": 0.01, "clip": 1.0, "epsilon": 1234.5, "delta": 1e-5, "plug_in": 3.25}]
+    assert "DP-FedAvg noise 0.01 (clip 1): plug-in 3.250, epsilon 1.23e+03 at delta 1e-05" in format_table(report)
