@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ import torch
 from offsite import failpoints, lm
 from offsite.checkpoint import Checkpointer
 from offsite.client.identity import enroll, load_identity
-from offsite.client.train import LocalTrainer
+from offsite.client.train import LocalTrainer, RoundResult
 from offsite.emulator.methods import MethodConfig
 from offsite.client.retry import with_retry
 from offsite.client.secure import SecAggLost, masked_input, secure_submit
@@ -127,6 +128,7 @@ def run(cfg: ClientConfig) -> dict:
             privacy = task.training.privacy
             outbox = cfg.workdir / "outbox" / f"{task.job_id}-round-{task.round}.{'update' if privacy.secure_aggregation else 'sealed'}"
             with Liveness(stub, task.job_id, task.round, task.heartbeat_s) as live:
+                train_loss = None  # unknown when the update was sealed before a restart
                 if not outbox.is_file():  # else: sealed before a restart; send those bytes, do not train again
                     live.report("downloading")
                     if trainer is None:
@@ -134,13 +136,14 @@ def run(cfg: ClientConfig) -> dict:
                                          "download bundle")
                         trainer = LocalTrainer(bundle, texts, heldout, task.training.max_length, task.training.pack, cfg.device)
                     try:
-                        update = _train(stub, task, trainer, me, cfg, live, retried)
+                        result = _train(stub, task, trainer, me, cfg, live, retried)
                     except RoundClosed:
                         log.warning("client %s: round %d closed while training; asking for a new task", me.client_id, task.round + 1)
                         continue
+                    train_loss = _reportable_loss(result.stats.mean_loss, privacy)
                     ctx = SealContext(task.job_id, task.round, me.client_id, task.skeleton_digest)
-                    payload = (to_bytes(update) if privacy.secure_aggregation  # masked later; kept on this machine only
-                               else seal(to_bytes(update), ctx, me.coordinator_key, me.signing_key))
+                    payload = (to_bytes(result.update) if privacy.secure_aggregation  # masked later; kept on this machine only
+                               else seal(to_bytes(result.update), ctx, me.coordinator_key, me.signing_key))
                     atomic_write(outbox, payload, mode=0o600)  # a crash from here on resumes the upload, not the training
                 if privacy.secure_aggregation:
                     live.report("secure aggregation")
@@ -157,7 +160,7 @@ def run(cfg: ClientConfig) -> dict:
                 else:
                     live.report("uploading")
                     envelope = outbox.read_bytes()
-                    accepted, sent = _upload_once(stub, task, len(texts), envelope, retried), len(envelope)
+                    accepted, sent = _upload_once(stub, task, len(texts), envelope, retried, train_loss), len(envelope)
             outbox.unlink()
             upload_bytes += sent
             rounds_done.append(task.round)
@@ -177,8 +180,8 @@ def _method(task) -> MethodConfig:
     return MethodConfig(**{f.name: getattr(m, f.name) for f in m.DESCRIPTOR.fields}) if m.name else MethodConfig()
 
 
-def _train(stub, task, trainer: LocalTrainer, me, cfg: ClientConfig, live: Liveness, retried) -> dict[str, torch.Tensor]:
-    """Train the round; returns the update (the method's trainable tensors)."""
+def _train(stub, task, trainer: LocalTrainer, me, cfg: ClientConfig, live: Liveness, retried) -> RoundResult:
+    """Train the round; the result holds the update (the method's trainable tensors) and the training stats."""
     adapter_path = retried(lambda: download_blob(stub, task.adapter_sha256, _global_adapter(cfg, task)), "download adapter")
     t = task.training
     cuda = cfg.device.startswith("cuda")
@@ -202,14 +205,22 @@ def _train(stub, task, trainer: LocalTrainer, me, cfg: ClientConfig, live: Liven
              "local held-out %s -> %s)", me.client_id, task.round + 1, method.name, result.trainable_params,
              result.stats.steps, result.stats.tokens_per_s, result.stats.peak_memory_bytes / 2**20,
              _fmt(result.heldout_before), _fmt(result.heldout_after))
-    return result.update
+    return result
 
 
-def _upload_once(stub, task, num_examples: int, envelope: bytes, retried) -> str:
+def _reportable_loss(mean_loss: float, privacy: pb.Privacy) -> float | None:
+    """The training loss to show the coordinator, or None. Never under secure aggregation or DP: a client's own
+    loss is a statistic of its data that neither the masks nor the privacy accountant covers."""
+    if privacy.secure_aggregation or privacy.equal_weights or not math.isfinite(mean_loss):
+        return None
+    return mean_loss
+
+
+def _upload_once(stub, task, num_examples: int, envelope: bytes, retried, train_loss: float | None) -> str:
     """Upload until accepted. ALREADY_EXISTS means the coordinator counted this client's update for the round
     before a crash or a lost reply (only this client's certificate can have sent it): that is success."""
     try:
-        receipt = retried(lambda: upload(stub, task.job_id, task.round, num_examples, envelope), "upload")
+        receipt = retried(lambda: upload(stub, task.job_id, task.round, num_examples, envelope, train_loss), "upload")
         return f"accepted as update {receipt.updates_in_round} of the round"
     except grpc.RpcError as e:
         if e.code() != grpc.StatusCode.ALREADY_EXISTS:

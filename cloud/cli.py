@@ -10,7 +10,7 @@ import threading
 import time
 from pathlib import Path
 
-from offsite.cloud import privacy
+from offsite.cloud import probe as health_probe
 from offsite.cloud.blobs import BlobStore
 from offsite.cloud.coordinator import Coordinator
 from offsite.cloud.finalize import finalize_job
@@ -18,6 +18,8 @@ from offsite.cloud.identity import CertificateAuthority, StateLayout, init_state
 from offsite.cloud.job import JobConfig
 from offsite.cloud.server import start_server
 from offsite.cloud.state import open_state
+from offsite.cloud.status import read_status
+from offsite.cloud.web import start_web
 from offsite.errors import ConfigError
 from offsite.files import atomic_write
 from offsite.transport import CHUNK_BYTES, MAX_MESSAGE_BYTES, enroll_target
@@ -74,9 +76,13 @@ def cmd_serve(args) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):  # before serving: a SIGTERM must always mean a drain
         signal.signal(sig, lambda *_: stop.set())
     running = start_server(coordinator, coordinator.layout, args.address, enroll_address)
+    web = start_web(coordinator, args.http_address) if args.http_address else None
     if args.port_file:
-        atomic_write(Path(args.port_file), json.dumps({"port": running.port, "enroll_port": running.enroll_port}).encode())
+        ports = {"port": running.port, "enroll_port": running.enroll_port, **({"http_port": web.port} if web else {})}
+        atomic_write(Path(args.port_file), json.dumps(ports).encode())
     log.info("coordinator serving on port %d (mutual TLS), enrollment on port %d (TLS)", running.port, running.enroll_port)
+    if web:
+        log.info("status page, /metrics and /api/status on HTTP port %d (read-only, unauthenticated)", web.port)
     for job in coordinator.state.jobs():
         if job.status == "finalizing":  # a crash interrupted finalization: do it again
             finish(job.job_id)
@@ -86,6 +92,8 @@ def cmd_serve(args) -> int:
     deadline = time.monotonic() + args.grace
     running.health.enter_graceful_shutdown()
     running.server.stop(grace=args.grace).wait()
+    if web:
+        web.stop()
     for t in finalizers:  # a drained upload may have closed the last round: let its finalization end
         t.join(timeout=max(0.0, deadline - time.monotonic()))
     if any(t.is_alive() for t in finalizers):
@@ -96,18 +104,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_status(args) -> int:
-    coordinator = open_coordinator(args.state)
-    state = coordinator.state
-    out = {"jobs": [], "clients": [{"id": c.client_id, "name": c.name, "last_seen": c.last_seen, "revoked": c.revoked_at is not None,
-                                    "activity": c.activity, "bytes_in": c.bytes_in, "bytes_out": c.bytes_out}
-                                   for c in state.clients()]}
-    for job in state.jobs():
-        cfg = JobConfig.from_json(job.config_json)
-        out["jobs"].append({"job_id": job.job_id, "status": job.status, "round": job.round, "rounds": cfg.rounds,
-                            "aggregator": cfg.aggregator, "uploads_in_progress": len(state.uploads(job.job_id, job.round)),
-                            "privacy": privacy.summary(cfg.dp_config(), job.round),
-                            "updates": [u.__dict__ for u in state.updates(job.job_id)],
-                            "rejected": [{"round": r, "client_id": c, "reason": why} for r, c, why in state.rejections(job.job_id)]})
+    out = read_status(open_coordinator(args.state))
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
@@ -130,6 +127,10 @@ def cmd_clients_revoke(args) -> int:
     coordinator.state.revoke_client(args.client_id)
     print(f"client {args.client_id} revoked: its certificate is refused from the next call on")
     return 0
+
+
+def cmd_probe(args) -> int:
+    return health_probe.run(args)  # also `python -m offsite.cloud.probe`: the same check without loading torch
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -157,7 +158,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--state", required=True)
     p.add_argument("--address", default="127.0.0.1:50051", help="host:port for mutual-TLS calls; port 0 picks a free one")
     p.add_argument("--enroll-address", help="host:port for enrollment (server-only TLS); default: --address port + 1")
-    p.add_argument("--port-file", help="write the bound ports here as JSON {port, enroll_port}")
+    p.add_argument("--port-file", help="write the bound ports here as JSON {port, enroll_port[, http_port]}")
+    p.add_argument("--http-address", help="host:port for the read-only status page, /metrics and /api/status (plain "
+                                          "HTTP, no authentication: keep it on localhost or a private network); off by default")
     p.add_argument("--exit-when-done", action="store_true", help="stop once every job is finished")
     p.add_argument("--grace", type=float, default=30.0, help="seconds to let in-flight calls (uploads) finish on SIGTERM")
     p.add_argument("--chunk-kib", type=int, default=CHUNK_BYTES // 1024,
@@ -167,3 +170,6 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--state", required=True)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+    p = sub.add_parser("probe", help="health check (liveness/readiness): exit 0 iff the coordinator is serving")
+    health_probe.add_arguments(p)
+    p.set_defaults(func=cmd_probe)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
 import secrets
 import threading
@@ -24,6 +25,7 @@ from offsite.cloud.aggregate import WeightedMean, make_strategy
 from offsite.cloud.blobs import BlobStore
 from offsite.cloud.identity import CertificateAuthority, StateLayout, hash_secret
 from offsite.cloud.job import JobConfig
+from offsite.cloud.metrics import Metrics
 from offsite.cloud.privacy import ClippedNoisedMean, add_noise
 from offsite.cloud.secure_round import SecureRound
 from offsite.cloud.state import ClientRecord, JobRecord, State, UpdateRecord, UploadRecord
@@ -43,6 +45,8 @@ from offsite.transport import CHUNK_BYTES
 
 WAIT_S = 2.0
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_HEADER_REFUSALS = {AlreadyExistsError: "duplicate", PreconditionError: "round_not_open", TooLargeError: "too_large",
+                    InvalidUpdateError: "bad_header"}  # a refused header's error -> its metric category
 log = logging.getLogger("offsite.cloud")
 
 
@@ -75,6 +79,7 @@ class UploadHeader:
     num_examples: int
     size: int
     sha256: str
+    train_loss: float | None = None   # the client's report of its mean training loss (monitoring only)
 
 
 @dataclass(frozen=True)
@@ -87,8 +92,9 @@ class UploadSession:
 class Coordinator:
     def __init__(self, layout: StateLayout, state: State, blobs: BlobStore, sealing_key: X25519PrivateKey,
                  ca: CertificateAuthority, on_training_done: Callable[[str], None] | None = None,
-                 clock: Callable[[], float] = time.time, chunk_bytes: int = CHUNK_BYTES):
+                 clock: Callable[[], float] = time.time, chunk_bytes: int = CHUNK_BYTES, metrics: Metrics | None = None):
         self.layout, self.state, self.blobs = layout, state, blobs
+        self.metrics = metrics or Metrics(state)
         self._sealing_key, self._ca, self._now = sealing_key, ca, clock
         self.chunk_bytes = chunk_bytes
         self.spool = UploadSpool(layout.uploads)
@@ -248,27 +254,34 @@ class Coordinator:
                 sent += len(data)
         finally:  # one state write per call, not per chunk: a synchronous commit per MiB halved throughput
             self.state.add_traffic(client.client_id, bytes_out=sent)
+            self.metrics.bytes_sent.inc(sent)
 
     def check_upload_header(self, client: ClientRecord, header: UploadHeader) -> None:
         """Cheap checks before any bytes are read: right job and round, not yet accepted, size."""
         try:
             self._close_if_due(header.job_id)
             rec, cfg, _ = self.job(header.job_id)
-        except NotFoundError:
+        except NotFoundError:  # not counted: a job id the client made up must not become a metric label
             raise PreconditionError(f"no job {header.job_id!r} is accepting updates") from None
-        if any(u.client_id == client.client_id for u in self.state.updates(header.job_id, header.round)):
-            # first: a client retrying after a crash ate its receipt learns its update counted, even if the
-            # round has closed since
-            raise AlreadyExistsError(f"an update from {client.client_id} for round {header.round} was already accepted")
-        if rec.status != "running" or header.round != rec.round:
-            raise PreconditionError(f"job {header.job_id} is not accepting updates for round {header.round} "
-                                    f"(status {rec.status}, open round {rec.round})")
-        if header.size > cfg.max_update_bytes:
-            raise TooLargeError(f"update of {header.size} bytes exceeds the job's limit of {cfg.max_update_bytes}")
-        if header.num_examples < 1:
-            raise InvalidUpdateError("num_examples must be at least 1")
-        if not _SHA256.match(header.sha256):
-            raise InvalidUpdateError("the header's sha256 must be 64 lowercase hex digits")
+        try:
+            if any(u.client_id == client.client_id for u in self.state.updates(header.job_id, header.round)):
+                # first: a client retrying after a crash ate its receipt learns its update counted, even if the
+                # round has closed since
+                raise AlreadyExistsError(f"an update from {client.client_id} for round {header.round} was already accepted")
+            if rec.status != "running" or header.round != rec.round:
+                raise PreconditionError(f"job {header.job_id} is not accepting updates for round {header.round} "
+                                        f"(status {rec.status}, open round {rec.round})")
+            if header.size > cfg.max_update_bytes:
+                raise TooLargeError(f"update of {header.size} bytes exceeds the job's limit of {cfg.max_update_bytes}")
+            if header.num_examples < 1:
+                raise InvalidUpdateError("num_examples must be at least 1")
+            if not _SHA256.match(header.sha256):
+                raise InvalidUpdateError("the header's sha256 must be 64 lowercase hex digits")
+            if header.train_loss is not None and not (math.isfinite(header.train_loss) and header.train_loss >= 0):
+                raise InvalidUpdateError("train_loss must be a finite number >= 0")
+        except (AlreadyExistsError, PreconditionError, TooLargeError, InvalidUpdateError) as e:
+            self.metrics.rejected(header.job_id, _HEADER_REFUSALS[type(e)])
+            raise
 
     # --- uploads --------------------------------------------------------------------------------
     def begin_upload(self, client: ClientRecord, header: UploadHeader) -> UploadSession:
@@ -277,7 +290,7 @@ class Coordinator:
         key = f"{header.job_id}|{header.round}|{client.client_id}|{header.num_examples}|{header.size}|{header.sha256}"
         upload_id = hashlib.sha256(key.encode()).hexdigest()[:32]
         self.state.open_upload(UploadRecord(upload_id, header.job_id, header.round, client.client_id,
-                                            header.num_examples, header.size, header.sha256))
+                                            header.num_examples, header.size, header.sha256, header.train_loss))
         return UploadSession(upload_id, self.spool.offset(upload_id), self.chunk_bytes)
 
     def _open_upload(self, client: ClientRecord, upload_id: str) -> UploadRecord:
@@ -296,9 +309,10 @@ class Coordinator:
             new_offset = self.spool.append(upload_id, offset, data, up.size)
         except InvalidUpdateError as e:  # more bytes than announced: this upload can never verify
             self._drop_upload(upload_id)
-            self.state.add_rejection(up.job_id, up.round, client.client_id, str(e))
+            self._reject(up.job_id, up.round, client.client_id, str(e), "too_long")
             raise
         self.state.add_traffic(client.client_id, bytes_in=len(data))
+        self.metrics.bytes_received.inc(len(data))
         return new_offset
 
     def finish_upload(self, client: ClientRecord, upload_id: str) -> tuple[int, int] | None:
@@ -307,7 +321,7 @@ class Coordinator:
         up = self._open_upload(client, upload_id)
         if self.spool.offset(upload_id) < up.size:
             return None
-        header = UploadHeader(up.job_id, up.round, up.num_examples, up.size, up.sha256)
+        header = UploadHeader(up.job_id, up.round, up.num_examples, up.size, up.sha256, up.train_loss)
         try:
             return self.submit_update(client, header, self.spool.read(upload_id))
         finally:
@@ -317,33 +331,43 @@ class Coordinator:
         self.spool.discard(upload_id)
         self.state.close_upload(upload_id)
 
+    def _reject(self, job_id: str, round_: int, client_id: str, why: str, reason: str) -> None:
+        """Record why an update was refused (free text, in the state database) and count it by `reason`."""
+        self.state.add_rejection(job_id, round_, client_id, why)
+        self.metrics.rejected(job_id, reason)
+
     def submit_update(self, client: ClientRecord, header: UploadHeader, envelope: bytes) -> tuple[int, int]:
         """Verify, decrypt and check an update; store and count it once. Returns (round, updates in round)."""
         self.check_upload_header(client, header)
         _, cfg, art = self.job(header.job_id)
+        reason = "bad_digest"  # the check under way: what a refusal is counted as
         try:
             if len(envelope) != header.size or sha256_bytes(envelope) != header.sha256:
                 raise InvalidUpdateError("upload bytes do not match the size and SHA-256 in the header")
+            reason = "bad_seal"
             ctx = SealContext(header.job_id, header.round, client.client_id, art["skeleton_digest"])
             plaintext = open_sealed(envelope, ctx, self._sealing_key, Ed25519PublicKey.from_public_bytes(client.signing_key))
+            reason = "bad_tensors"
             tensors = from_bytes(plaintext)
             if cfg.secure_aggregation:  # a masked input: its checks are the protocol's; norms are the client's
                 check_matches(tensors, {vector.MASKED: ([vector.length(art["secagg_shapes"])], "uint64")})
             else:
                 check_matches(tensors, {k: (s, d) for k, (s, d) in art["update_spec"].items()})
             if cfg.max_update_norm and not cfg.secure_aggregation:
+                reason = "norm"
                 start = load_blob(self.blobs.open_path(art["adapters"][header.round]))
                 self._check_norm(self._propose(header.job_id, cfg, art, start, tensors), start, cfg.max_update_norm)
         except InvalidUpdateError as e:
-            self.state.add_rejection(header.job_id, header.round, client.client_id, str(e))
+            self._reject(header.job_id, header.round, client.client_id, str(e), reason)
             raise
         with self._lock:
             self.check_upload_header(client, header)  # the round may have moved while we decrypted
             if cfg.secure_aggregation:
                 self._secure_run(header.job_id).masked(client.client_id, tensors[vector.MASKED].numpy())
             digest = self.blobs.put(plaintext)
-            count = self.state.add_update(UpdateRecord(header.job_id, header.round, client.client_id,
-                                                       header.num_examples, digest, len(envelope), self._now()))
+            count = self.state.add_update(UpdateRecord(header.job_id, header.round, client.client_id, header.num_examples,
+                                                       digest, len(envelope), self._now(), header.train_loss))
+            self.metrics.updates_accepted.labels(header.job_id).inc()
             log.info("job %s: round %d update from %s accepted (%d examples, %d bytes sealed)", header.job_id,
                      header.round + 1, client.client_id, header.num_examples, len(envelope))
             self.state.touch_client(client.client_id, f"update accepted for round {header.round + 1}")
@@ -420,6 +444,7 @@ class Coordinator:
         start = load_blob(self.blobs.open_path(art["adapters"][rec.round]))
         if run is None or run.aborted:
             why = f"secure aggregation: {run.aborted if run else 'the coordinator restarted during secure aggregation'}"
+            reason = "secagg_aborted"
         else:
             sums, weight = vector.read_sum(run.result, art["secagg_shapes"])
             change = {k: v / weight for k, v in add_noise(sums, cfg.dp_config()).items()}
@@ -429,7 +454,8 @@ class Coordinator:
                 self._advance(job_id, rec, cfg, art, start, mean, f"secure aggregation of {len(run.server.masked)} masked inputs")
                 return
             why = f"the aggregate moves the adapter by L2 norm {norm:.4g}, above the job's bound {cfg.max_update_norm:g}"
-        self.state.add_rejection(job_id, rec.round, "(round)", why)
+            reason = "norm"
+        self._reject(job_id, rec.round, "(round)", why, reason)
         self._advance(job_id, rec, cfg, art, start, None, f"without an update ({why})")
 
     def _close_round(self, job_id: str, why: str) -> None:
@@ -438,15 +464,18 @@ class Coordinator:
         are content-addressed and the job row moves in one transaction."""
         rec, cfg, art = self.job(job_id)
         updates = self.state.updates(job_id, rec.round)
+        started = time.perf_counter()
         start = load_blob(self.blobs.open_path(art["adapters"][rec.round]))
         dp = cfg.dp_config()
         mean = (ClippedNoisedMean(start, dp, methods.touched(cfg.method_config(), art["update_spec"])) if dp.enabled
                 else WeightedMean())
         for u in updates:  # each update as the dense adapter it proposes: exact for LoRA and IA3 too
             mean.add(self._propose(job_id, cfg, art, start, load_blob(self.blobs.open_path(u.blob_sha256))), float(u.num_examples))
+        result = mean.result()
+        self.metrics.aggregation_seconds.observe(time.perf_counter() - started)
         if dp.enabled:
             art.setdefault("dp_norms", []).append([round(n, 6) for n in mean.norms])  # before clipping, per update
-        self._advance(job_id, rec, cfg, art, start, mean.result(), f"{why}; {len(updates)} updates aggregated")
+        self._advance(job_id, rec, cfg, art, start, result, f"{why}; {len(updates)} updates aggregated")
 
     def _advance(self, job_id: str, rec: JobRecord, cfg: JobConfig, art: dict, start: dict[str, torch.Tensor],
                  mean: dict[str, torch.Tensor] | None, why: str) -> None:
@@ -466,6 +495,7 @@ class Coordinator:
         self._runs.pop(job_id, None)
         self.state.update_job(job_id, round=rec.round + 1, artifacts_json=json.dumps(art),
                               status="finalizing" if done else "running")
+        self.metrics.rounds_completed.labels(job_id).inc()
         for up in self.state.uploads(job_id, rec.round):  # uploads that never completed are moot now
             self._drop_upload(up.upload_id)
         if done and self.on_training_done:

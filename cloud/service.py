@@ -127,7 +127,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     @_edge
     def BeginUpload(self, request, context):
-        header = UploadHeader(request.job_id, request.round, request.num_examples, request.size, request.sha256)
+        header = UploadHeader(request.job_id, request.round, request.num_examples, request.size, request.sha256,
+                              request.train_loss if request.HasField("train_loss") else None)
         session = self.coordinator.begin_upload(self._client(context), header)
         return pb.UploadSession(upload_id=session.upload_id, offset=session.offset, chunk_size=session.chunk_size)
 

@@ -62,6 +62,7 @@ class UploadRecord:
     num_examples: int
     size: int
     sha256: str
+    train_loss: float | None = None   # what the client reported in its header, kept until the update is counted
 
 
 class State(Protocol):
@@ -102,7 +103,8 @@ CREATE TABLE IF NOT EXISTS updates (job_id TEXT NOT NULL, round INTEGER NOT NULL
 CREATE TABLE IF NOT EXISTS rejections (job_id TEXT NOT NULL, round INTEGER NOT NULL, client_id TEXT NOT NULL,
     reason TEXT NOT NULL, at DOUBLE PRECISION NOT NULL);
 CREATE TABLE IF NOT EXISTS uploads (upload_id TEXT PRIMARY KEY, job_id TEXT NOT NULL, round INTEGER NOT NULL,
-    client_id TEXT NOT NULL, num_examples INTEGER NOT NULL, size BIGINT NOT NULL, sha256 TEXT NOT NULL)
+    client_id TEXT NOT NULL, num_examples INTEGER NOT NULL, size BIGINT NOT NULL, sha256 TEXT NOT NULL,
+    train_loss DOUBLE PRECISION)
 """
 
 
@@ -226,8 +228,9 @@ class SqlState:
 
     def open_upload(self, upload: UploadRecord) -> None:
         """Record an upload once; opening the same upload id again keeps the first record."""
-        self._run("INSERT INTO uploads VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                  (upload.upload_id, upload.job_id, upload.round, upload.client_id, upload.num_examples, upload.size, upload.sha256))
+        self._run("INSERT INTO uploads VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                  (upload.upload_id, upload.job_id, upload.round, upload.client_id, upload.num_examples, upload.size,
+                   upload.sha256, upload.train_loss))
 
     def upload(self, upload_id: str) -> UploadRecord:
         rows = self._run("SELECT * FROM uploads WHERE upload_id = ?", (upload_id,))

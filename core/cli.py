@@ -8,6 +8,7 @@ import sys
 from transformers.utils import logging as hf_logging
 
 from offsite.errors import OffsiteError
+from offsite.logs import log_handler
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,14 +18,15 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="offsite", description="Federated Offsite-Tuning of causal language models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="json: one object per line {ts, level, logger, msg[, exc]}, for log collectors")
     groups = parser.add_subparsers(dest="group", required=True)
     cloud_cli.register(groups.add_parser("cloud", help="the model owner's coordinator"))
     client_cli.register(groups.add_parser("client", help="the data owner's client"))
     emulator_cli.register(groups.add_parser("emulator", help="build and inspect emulators"))
     args = parser.parse_args(argv)
     hf_logging.disable_progress_bar()  # per-file load/save bars drown the useful output
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[log_handler(args.log_format)])
     try:
         return int(args.func(args) or 0)
     except OffsiteError as e:

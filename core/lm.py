@@ -205,6 +205,7 @@ class TrainStats:
     seconds: float
     last_loss: float
     peak_memory_bytes: int = 0   # the process's peak RSS on CPU; peak allocated memory on CUDA
+    mean_loss: float = float("nan")  # token-weighted over the micro-batches this run trained (after a resume: since it)
 
     @property
     def tokens_per_s(self) -> float:
@@ -255,7 +256,7 @@ def train(model, encoded: list[Row], params: list[torch.nn.Parameter], pad_id: i
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at, last_epoch=step - 1)
     device = next(model.parameters()).device
     model.train()
-    last, micro, tokens = float("nan"), 0, 0
+    last, micro, tokens, loss_total = float("nan"), 0, 0, 0.0
     start = time.perf_counter()
     bar = tqdm(total=total, initial=step, desc=desc, disable=not show_progress, mininterval=2.0)
     while step < total:
@@ -266,7 +267,8 @@ def train(model, encoded: list[Row], params: list[torch.nn.Parameter], pad_id: i
                 loss_sum, n = token_loss_sum(model, ids.to(device), mask.to(device), labels.to(device))
             loss = loss_sum / max(n, 1) + (regularizer() if regularizer else 0.0)
             (loss / cfg.grad_accum).backward()
-            micro, tokens, last = micro + 1, tokens + n, float(loss_sum.detach()) / max(n, 1)
+            summed = float(loss_sum.detach())
+            micro, tokens, last, loss_total = micro + 1, tokens + n, summed / max(n, 1), loss_total + summed
             if micro < cfg.grad_accum and index + 1 < micro_per_epoch:
                 continue  # accumulate; an epoch's last micro-batches step even if fewer
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -291,4 +293,4 @@ def train(model, encoded: list[Row], params: list[torch.nn.Parameter], pad_id: i
     if checkpoint:
         checkpoint.clear()
     return TrainStats(steps=step, tokens=tokens, seconds=time.perf_counter() - start, last_loss=last,
-                      peak_memory_bytes=peak_memory_bytes(device))
+                      peak_memory_bytes=peak_memory_bytes(device), mean_loss=loss_total / tokens if tokens else float("nan"))

@@ -54,14 +54,20 @@ def world(tiny_model, tmp_path):
     return make_world(tiny_model, tmp_path)
 
 
-def _upload(c, client, signer, round_, shift=0.0):
+def _sealed(c, client, signer, round_, payload: bytes) -> bytes:
+    """`payload` sealed as `client`'s update for `round_` of job j."""
+    _, _, art = c.job("j")
+    return seal(payload, SealContext("j", round_, client.client_id, art["skeleton_digest"]),
+                load_sealing_key(c.layout).public_key(), signer)
+
+
+def _upload(c, client, signer, round_, shift=0.0, train_loss=None):
     _, _, art = c.job("j")
     adapter = c.blobs.get(art["adapters"][0])
     if shift:
         adapter = to_bytes({k: v + shift for k, v in from_bytes(adapter).items()})
-    envelope = seal(adapter, SealContext("j", round_, client.client_id, art["skeleton_digest"]),
-                    load_sealing_key(c.layout).public_key(), signer)
-    header = UploadHeader("j", round_, 10, len(envelope), hashlib.sha256(envelope).hexdigest())
+    envelope = _sealed(c, client, signer, round_, adapter)
+    header = UploadHeader("j", round_, 10, len(envelope), hashlib.sha256(envelope).hexdigest(), train_loss)
     return c.submit_update(client, header, envelope)
 
 
@@ -162,3 +168,18 @@ def test_a_method_the_model_cannot_run_is_refused_when_the_job_is_made(tiny_mode
             shutil.copy(f, folder / f.name)
     with pytest.raises(ConfigError, match="prefix does not run on model type 'falcon'"):
         make_world(folder, tmp_path / "w", method="prefix")
+
+
+def test_a_reported_train_loss_survives_a_restart_mid_upload(world):
+    c, _, clients, _ = world
+    client, signer = clients[0]
+    _, _, art = c.job("j")
+    envelope = _sealed(c, client, signer, 0, c.blobs.get(art["adapters"][0]))
+    session = c.begin_upload(client, UploadHeader("j", 0, 10, len(envelope), hashlib.sha256(envelope).hexdigest(), 1.75))
+    half = len(envelope) // 2
+    c.append_upload(client, session.upload_id, 0, envelope[:half])
+    restarted = Coordinator(c.layout, SqliteState(c.layout.db), BlobStore(c.layout.blobs), load_sealing_key(c.layout),
+                            CertificateAuthority.load(c.layout), clock=c._now)
+    restarted.append_upload(client, session.upload_id, half, envelope[half:])
+    assert restarted.finish_upload(client, session.upload_id) == (0, 1)
+    assert [u.train_loss for u in restarted.state.updates("j")] == [1.75]

@@ -162,17 +162,19 @@ def test_round_closes_with_weighted_average_and_replay_is_refused(env):
     (a, sa), (b, sb) = env.enroll("client-1"), env.enroll("client-2")
     task, start = _start(env, a, sa)
     first = _sealed(a, task, {k: v + 1.0 for k, v in start.items()})
-    receipt = upload(sa, task.job_id, task.round, 10, first)
+    receipt = upload(sa, task.job_id, task.round, 10, first, train_loss=1.25)
     assert (receipt.round, receipt.updates_in_round) == (0, 1)
     assert sa.GetTask(pb.GetTaskRequest(job_id="job1")).kind == pb.Task.WAIT
     assert _code(lambda: upload(sa, task.job_id, task.round, 10, first)) == grpc.StatusCode.ALREADY_EXISTS
-    upload(sb, task.job_id, task.round, 20, _sealed(b, task, {k: v + 4.0 for k, v in start.items()}))
+    second = _sealed(b, task, {k: v + 4.0 for k, v in start.items()})
+    assert _code(lambda: upload(sb, task.job_id, task.round, 20, second, train_loss=float("nan"))) == grpc.StatusCode.INVALID_ARGUMENT
+    upload(sb, task.job_id, task.round, 20, second)  # no loss reported
     nxt = sa.GetTask(pb.GetTaskRequest(job_id="job1"))
     assert nxt.kind == pb.Task.TRAIN and nxt.round == 1
     _, merged = _start(env, a, sa)
     name = next(iter(start))
     assert torch.allclose(merged[name], start[name] + 3.0, atol=1e-5)  # (10*1 + 20*4) / 30
-    assert len(env.coordinator.state.updates("job1")) == 2
+    assert [(u.client_id, u.train_loss) for u in env.coordinator.state.updates("job1")] == [(a.client_id, 1.25), (b.client_id, None)]
 
 
 def test_another_clients_update_cannot_be_passed_off(env):

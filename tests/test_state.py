@@ -85,7 +85,7 @@ def test_sqlite_state_survives_reopen(tmp_path):
 
 def test_upload_sessions_open_once_and_close(state):
     from offsite.cloud.state import UploadRecord
-    up = UploadRecord("a" * 32, "j", 0, "c1", 10, 1000, "d" * 64)
+    up = UploadRecord("a" * 32, "j", 0, "c1", 10, 1000, "d" * 64, train_loss=2.5)
     state.open_upload(up)
     state.open_upload(UploadRecord("a" * 32, "j", 0, "c1", 99, 1, "e" * 64))  # opening again keeps the first record
     assert state.upload("a" * 32) == up and state.uploads("j", 0) == [up] and state.uploads("j", 1) == []

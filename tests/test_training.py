@@ -79,3 +79,12 @@ def test_adalora_reallocates_its_rank_budget_during_the_round(trainer):
     singular = torch.cat([v.flatten() for k, v in out.update.items() if "lora_E" in k])
     assert out.heldout_after < out.heldout_before
     assert 0 < int((singular == 0).sum()) < singular.numel()  # the budget pruned some ranks, not all
+
+
+def test_the_round_reports_its_token_weighted_mean_training_loss(trainer):
+    local, start = trainer
+    out = local.train_round(start, spec_digest(spec_of(start)), lm.TrainConfig(epochs=1, lr=1e-12, batch_size=4),
+                            show_progress=False)  # a step too small to move the model: every batch sees the start
+    assert out.stats.mean_loss == pytest.approx(lm.mean_token_loss(local.model, local.train_set, local.tokenizer.pad_token_id),
+                                                rel=1e-4)
+    assert out.stats.mean_loss != pytest.approx(out.stats.last_loss, rel=1e-4)  # not just the last micro-batch

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1coffsite/v1/coordinator.proto\x12\noffsite.v1\"K\n\rEnrollRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x1a\n\x12signing_public_key\x18\x02 \x01(\x0c\x12\x0f\n\x07\x63sr_pem\x18\x03 \x01(\x0c\"l\n\x0e\x45nrollResponse\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x02 \x01(\x0c\x12\x1e\n\x16\x63oordinator_public_key\x18\x03 \x01(\x0c\x12\x0e\n\x06job_id\x18\x04 \x01(\t\" \n\x0eGetTaskRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xf7\x01\n\x10TrainingSettings\x12\x0e\n\x06\x65pochs\x18\x01 \x01(\x01\x12\n\n\x02lr\x18\x02 \x01(\x01\x12\x12\n\nbatch_size\x18\x03 \x01(\r\x12\x12\n\nmax_length\x18\x04 \x01(\r\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12)\n\x06method\x18\x06 \x01(\x0b\x32\x19.offsite.v1.AdapterMethod\x12\x0c\n\x04pack\x18\x07 \x01(\x08\x12\x12\n\ngrad_accum\x18\x08 \x01(\r\x12\x1e\n\x16gradient_checkpointing\x18\t \x01(\x08\x12$\n\x07privacy\x18\n \x01(\x0b\x32\x13.offsite.v1.Privacy\"\xbb\x01\n\rAdapterMethod\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\t\n\x01r\x18\x02 \x01(\r\x12\r\n\x05\x61lpha\x18\x03 \x01(\x01\x12\x0f\n\x07\x64ropout\x18\x04 \x01(\x01\x12\x16\n\x0etarget_modules\x18\x05 \x03(\t\x12\x10\n\x08target_r\x18\x06 \x01(\r\x12\x17\n\x0forth_reg_weight\x18\x07 \x01(\x01\x12\x16\n\x0evirtual_tokens\x18\x08 \x01(\r\x12\x16\n\x0e\x62ottleneck_dim\x18\t \x01(\r\"\xca\x02\n\x04Task\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.offsite.v1.Task.Kind\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12\x14\n\x0ctotal_rounds\x18\x04 \x01(\r\x12\x1e\n\x16\x62undle_manifest_sha256\x18\x05 \x01(\t\x12\x16\n\x0e\x61\x64\x61pter_sha256\x18\x06 \x01(\t\x12\x17\n\x0fskeleton_digest\x18\x07 \x01(\t\x12.\n\x08training\x18\x08 \x01(\x0b\x32\x1c.offsite.v1.TrainingSettings\x12\x15\n\rretry_after_s\x18\t \x01(\x01\x12\x13\n\x0bheartbeat_s\x18\n \x01(\x01\";\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x08\n\x04WAIT\x10\x01\x12\t\n\x05TRAIN\x10\x02\x12\x08\n\x04\x44ONE\x10\x03\"J\n\x07Privacy\x12\x1a\n\x12secure_aggregation\x18\x01 \x01(\x08\x12\x0c\n\x04\x63lip\x18\x02 \x01(\x01\x12\x15\n\requal_weights\x18\x03 \x01(\x08\"!\n\x0f\x42lobInfoRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\"R\n\x08\x42lobInfo\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x12\n\nchunk_size\x18\x03 \x01(\r\x12\x14\n\x0c\x63hunk_sha256\x18\x04 \x03(\t\"6\n\x0f\x44ownloadRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_chunk\x18\x02 \x01(\r\"$\n\x05\x43hunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"a\n\x0cUploadHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12\x0c\n\x04size\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"F\n\rUploadSession\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x12\n\nchunk_size\x18\x03 \x01(\r\"=\n\nUploadPart\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"l\n\x0cUploadResult\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x08\x12\r\n\x05round\x18\x04 \x01(\r\x12\x18\n\x10updates_in_round\x18\x05 \x01(\r\"U\n\x10HeartbeatRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x10\n\x08\x61\x63tivity\x18\x03 \x01(\t\x12\x10\n\x08progress\x18\x04 \x01(\x01\"\'\n\x11HeartbeatResponse\x12\x12\n\nround_open\x18\x01 \x01(\x08\"\xbd\x01\n\rSecAggRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12*\n\x06\x61\x64vert\x18\x03 \x01(\x0b\x32\x18.offsite.v1.SecAggAdvertH\x00\x12*\n\x06shares\x18\x04 \x01(\x0b\x32\x18.offsite.v1.SecAggSharesH\x00\x12*\n\x06reveal\x18\x05 \x01(\x0b\x32\x18.offsite.v1.SecAggRevealH\x00\x42\t\n\x07message\"U\n\x0cSecAggAdvert\x12\x19\n\x11\x63ipher_public_key\x18\x01 \x01(\x0c\x12\x17\n\x0fmask_public_key\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"E\n\x0cSealedShares\x12\x0e\n\x06sender\x18\x01 \x01(\t\x12\x11\n\trecipient\x18\x02 \x01(\t\x12\x12\n\nciphertext\x18\x03 \x01(\x0c\"8\n\x0cSecAggShares\x12(\n\x06sealed\x18\x01 \x03(\x0b\x32\x18.offsite.v1.SealedShares\"+\n\x0bShamirShare\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x0c\"\xa1\x02\n\x0cSecAggReveal\x12=\n\x0bseed_shares\x18\x01 \x03(\x0b\x32(.offsite.v1.SecAggReveal.SeedSharesEntry\x12;\n\nkey_shares\x18\x02 \x03(\x0b\x32\'.offsite.v1.SecAggReveal.KeySharesEntry\x1aJ\n\x0fSeedSharesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.offsite.v1.ShamirShare:\x02\x38\x01\x1aI\n\x0eKeySharesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.offsite.v1.ShamirShare:\x02\x38\x01\"\x84\x01\n\x0bRosterEntry\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x19\n\x11\x63ipher_public_key\x18\x02 \x01(\x0c\x12\x17\n\x0fmask_public_key\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\x12\x1b\n\x13identity_public_key\x18\x05 \x01(\x0c\"\xce\x02\n\x0bSecAggState\x12,\n\x05stage\x18\x01 \x01(\x0e\x32\x1d.offsite.v1.SecAggState.Stage\x12\x15\n\rretry_after_s\x18\x02 \x01(\x01\x12\'\n\x06roster\x18\x03 \x03(\x0b\x32\x17.offsite.v1.RosterEntry\x12\x11\n\tthreshold\x18\x04 \x01(\r\x12\'\n\x05inbox\x18\x05 \x03(\x0b\x32\x18.offsite.v1.SealedShares\x12\x11\n\tsurvivors\x18\x06 \x03(\t\x12\x0e\n\x06length\x18\x07 \x01(\r\x12\x13\n\x0bmax_clients\x18\x08 \x01(\r\"]\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\r\n\tADVERTISE\x10\x01\x12\x0e\n\nSHARE_KEYS\x10\x02\x12\x08\n\x04MASK\x10\x03\x12\n\n\x06UNMASK\x10\x04\x12\x08\n\x04\x44ONE\x10\x05\x32\x97\x04\n\x0b\x43oordinator\x12?\n\x06\x45nroll\x12\x19.offsite.v1.EnrollRequest\x1a\x1a.offsite.v1.EnrollResponse\x12\x37\n\x07GetTask\x12\x1a.offsite.v1.GetTaskRequest\x1a\x10.offsite.v1.Task\x12@\n\x0bGetBlobInfo\x12\x1b.offsite.v1.BlobInfoRequest\x1a\x14.offsite.v1.BlobInfo\x12<\n\x08\x44ownload\x12\x1b.offsite.v1.DownloadRequest\x1a\x11.offsite.v1.Chunk0\x01\x12\x42\n\x0b\x42\x65ginUpload\x12\x18.offsite.v1.UploadHeader\x1a\x19.offsite.v1.UploadSession\x12\x42\n\x0cUploadChunks\x12\x16.offsite.v1.UploadPart\x1a\x18.offsite.v1.UploadResult(\x01\x12H\n\tHeartbeat\x12\x1c.offsite.v1.HeartbeatRequest\x1a\x1d.offsite.v1.HeartbeatResponse\x12<\n\x06SecAgg\x12\x19.offsite.v1.SecAggRequest\x1a\x17.offsite.v1.SecAggStateb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1coffsite/v1/coordinator.proto\x12\noffsite.v1\"K\n\rEnrollRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x1a\n\x12signing_public_key\x18\x02 \x01(\x0c\x12\x0f\n\x07\x63sr_pem\x18\x03 \x01(\x0c\"l\n\x0e\x45nrollResponse\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x02 \x01(\x0c\x12\x1e\n\x16\x63oordinator_public_key\x18\x03 \x01(\x0c\x12\x0e\n\x06job_id\x18\x04 \x01(\t\" \n\x0eGetTaskRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xf7\x01\n\x10TrainingSettings\x12\x0e\n\x06\x65pochs\x18\x01 \x01(\x01\x12\n\n\x02lr\x18\x02 \x01(\x01\x12\x12\n\nbatch_size\x18\x03 \x01(\r\x12\x12\n\nmax_length\x18\x04 \x01(\r\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12)\n\x06method\x18\x06 \x01(\x0b\x32\x19.offsite.v1.AdapterMethod\x12\x0c\n\x04pack\x18\x07 \x01(\x08\x12\x12\n\ngrad_accum\x18\x08 \x01(\r\x12\x1e\n\x16gradient_checkpointing\x18\t \x01(\x08\x12$\n\x07privacy\x18\n \x01(\x0b\x32\x13.offsite.v1.Privacy\"\xbb\x01\n\rAdapterMethod\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\t\n\x01r\x18\x02 \x01(\r\x12\r\n\x05\x61lpha\x18\x03 \x01(\x01\x12\x0f\n\x07\x64ropout\x18\x04 \x01(\x01\x12\x16\n\x0etarget_modules\x18\x05 \x03(\t\x12\x10\n\x08target_r\x18\x06 \x01(\r\x12\x17\n\x0forth_reg_weight\x18\x07 \x01(\x01\x12\x16\n\x0evirtual_tokens\x18\x08 \x01(\r\x12\x16\n\x0e\x62ottleneck_dim\x18\t \x01(\r\"\xca\x02\n\x04Task\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.offsite.v1.Task.Kind\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12\x14\n\x0ctotal_rounds\x18\x04 \x01(\r\x12\x1e\n\x16\x62undle_manifest_sha256\x18\x05 \x01(\t\x12\x16\n\x0e\x61\x64\x61pter_sha256\x18\x06 \x01(\t\x12\x17\n\x0fskeleton_digest\x18\x07 \x01(\t\x12.\n\x08training\x18\x08 \x01(\x0b\x32\x1c.offsite.v1.TrainingSettings\x12\x15\n\rretry_after_s\x18\t \x01(\x01\x12\x13\n\x0bheartbeat_s\x18\n \x01(\x01\";\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x08\n\x04WAIT\x10\x01\x12\t\n\x05TRAIN\x10\x02\x12\x08\n\x04\x44ONE\x10\x03\"J\n\x07Privacy\x12\x1a\n\x12secure_aggregation\x18\x01 \x01(\x08\x12\x0c\n\x04\x63lip\x18\x02 \x01(\x01\x12\x15\n\requal_weights\x18\x03 \x01(\x08\"!\n\x0f\x42lobInfoRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\"R\n\x08\x42lobInfo\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x12\n\nchunk_size\x18\x03 \x01(\r\x12\x14\n\x0c\x63hunk_sha256\x18\x04 \x03(\t\"6\n\x0f\x44ownloadRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_chunk\x18\x02 \x01(\r\"$\n\x05\x43hunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x89\x01\n\x0cUploadHeader\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12\x0c\n\x04size\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x17\n\ntrain_loss\x18\x06 \x01(\x01H\x00\x88\x01\x01\x42\r\n\x0b_train_loss\"F\n\rUploadSession\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x12\n\nchunk_size\x18\x03 \x01(\r\"=\n\nUploadPart\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"l\n\x0cUploadResult\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x08\x12\r\n\x05round\x18\x04 \x01(\r\x12\x18\n\x10updates_in_round\x18\x05 \x01(\r\"U\n\x10HeartbeatRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x10\n\x08\x61\x63tivity\x18\x03 \x01(\t\x12\x10\n\x08progress\x18\x04 \x01(\x01\"\'\n\x11HeartbeatResponse\x12\x12\n\nround_open\x18\x01 \x01(\x08\"\xbd\x01\n\rSecAggRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12*\n\x06\x61\x64vert\x18\x03 \x01(\x0b\x32\x18.offsite.v1.SecAggAdvertH\x00\x12*\n\x06shares\x18\x04 \x01(\x0b\x32\x18.offsite.v1.SecAggSharesH\x00\x12*\n\x06reveal\x18\x05 \x01(\x0b\x32\x18.offsite.v1.SecAggRevealH\x00\x42\t\n\x07message\"U\n\x0cSecAggAdvert\x12\x19\n\x11\x63ipher_public_key\x18\x01 \x01(\x0c\x12\x17\n\x0fmask_public_key\x18\x02 \x01(\x0c\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"E\n\x0cSealedShares\x12\x0e\n\x06sender\x18\x01 \x01(\t\x12\x11\n\trecipient\x18\x02 \x01(\t\x12\x12\n\nciphertext\x18\x03 \x01(\x0c\"8\n\x0cSecAggShares\x12(\n\x06sealed\x18\x01 \x03(\x0b\x32\x18.offsite.v1.SealedShares\"+\n\x0bShamirShare\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x0c\"\xa1\x02\n\x0cSecAggReveal\x12=\n\x0bseed_shares\x18\x01 \x03(\x0b\x32(.offsite.v1.SecAggReveal.SeedSharesEntry\x12;\n\nkey_shares\x18\x02 \x03(\x0b\x32\'.offsite.v1.SecAggReveal.KeySharesEntry\x1aJ\n\x0fSeedSharesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.offsite.v1.ShamirShare:\x02\x38\x01\x1aI\n\x0eKeySharesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.offsite.v1.ShamirShare:\x02\x38\x01\"\x84\x01\n\x0bRosterEntry\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x19\n\x11\x63ipher_public_key\x18\x02 \x01(\x0c\x12\x17\n\x0fmask_public_key\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\x12\x1b\n\x13identity_public_key\x18\x05 \x01(\x0c\"\xce\x02\n\x0bSecAggState\x12,\n\x05stage\x18\x01 \x01(\x0e\x32\x1d.offsite.v1.SecAggState.Stage\x12\x15\n\rretry_after_s\x18\x02 \x01(\x01\x12\'\n\x06roster\x18\x03 \x03(\x0b\x32\x17.offsite.v1.RosterEntry\x12\x11\n\tthreshold\x18\x04 \x01(\r\x12\'\n\x05inbox\x18\x05 \x03(\x0b\x32\x18.offsite.v1.SealedShares\x12\x11\n\tsurvivors\x18\x06 \x03(\t\x12\x0e\n\x06length\x18\x07 \x01(\r\x12\x13\n\x0bmax_clients\x18\x08 \x01(\r\"]\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\r\n\tADVERTISE\x10\x01\x12\x0e\n\nSHARE_KEYS\x10\x02\x12\x08\n\x04MASK\x10\x03\x12\n\n\x06UNMASK\x10\x04\x12\x08\n\x04\x44ONE\x10\x05\x32\x97\x04\n\x0b\x43oordinator\x12?\n\x06\x45nroll\x12\x19.offsite.v1.EnrollRequest\x1a\x1a.offsite.v1.EnrollResponse\x12\x37\n\x07GetTask\x12\x1a.offsite.v1.GetTaskRequest\x1a\x10.offsite.v1.Task\x12@\n\x0bGetBlobInfo\x12\x1b.offsite.v1.BlobInfoRequest\x1a\x14.offsite.v1.BlobInfo\x12<\n\x08\x44ownload\x12\x1b.offsite.v1.DownloadRequest\x1a\x11.offsite.v1.Chunk0\x01\x12\x42\n\x0b\x42\x65ginUpload\x12\x18.offsite.v1.UploadHeader\x1a\x19.offsite.v1.UploadSession\x12\x42\n\x0cUploadChunks\x12\x16.offsite.v1.UploadPart\x1a\x18.offsite.v1.UploadResult(\x01\x12H\n\tHeartbeat\x12\x1c.offsite.v1.HeartbeatRequest\x1a\x1d.offsite.v1.HeartbeatResponse\x12<\n\x06SecAgg\x12\x19.offsite.v1.SecAggRequest\x1a\x17.offsite.v1.SecAggStateb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -59,40 +59,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DOWNLOADREQUEST']._serialized_end=1287
   _globals['_CHUNK']._serialized_start=1289
   _globals['_CHUNK']._serialized_end=1325
-  _globals['_UPLOADHEADER']._serialized_start=1327
-  _globals['_UPLOADHEADER']._serialized_end=1424
-  _globals['_UPLOADSESSION']._serialized_start=1426
-  _globals['_UPLOADSESSION']._serialized_end=1496
-  _globals['_UPLOADPART']._serialized_start=1498
-  _globals['_UPLOADPART']._serialized_end=1559
-  _globals['_UPLOADRESULT']._serialized_start=1561
-  _globals['_UPLOADRESULT']._serialized_end=1669
-  _globals['_HEARTBEATREQUEST']._serialized_start=1671
-  _globals['_HEARTBEATREQUEST']._serialized_end=1756
-  _globals['_HEARTBEATRESPONSE']._serialized_start=1758
-  _globals['_HEARTBEATRESPONSE']._serialized_end=1797
-  _globals['_SECAGGREQUEST']._serialized_start=1800
-  _globals['_SECAGGREQUEST']._serialized_end=1989
-  _globals['_SECAGGADVERT']._serialized_start=1991
-  _globals['_SECAGGADVERT']._serialized_end=2076
-  _globals['_SEALEDSHARES']._serialized_start=2078
-  _globals['_SEALEDSHARES']._serialized_end=2147
-  _globals['_SECAGGSHARES']._serialized_start=2149
-  _globals['_SECAGGSHARES']._serialized_end=2205
-  _globals['_SHAMIRSHARE']._serialized_start=2207
-  _globals['_SHAMIRSHARE']._serialized_end=2250
-  _globals['_SECAGGREVEAL']._serialized_start=2253
-  _globals['_SECAGGREVEAL']._serialized_end=2542
-  _globals['_SECAGGREVEAL_SEEDSHARESENTRY']._serialized_start=2393
-  _globals['_SECAGGREVEAL_SEEDSHARESENTRY']._serialized_end=2467
-  _globals['_SECAGGREVEAL_KEYSHARESENTRY']._serialized_start=2469
-  _globals['_SECAGGREVEAL_KEYSHARESENTRY']._serialized_end=2542
-  _globals['_ROSTERENTRY']._serialized_start=2545
-  _globals['_ROSTERENTRY']._serialized_end=2677
-  _globals['_SECAGGSTATE']._serialized_start=2680
-  _globals['_SECAGGSTATE']._serialized_end=3014
-  _globals['_SECAGGSTATE_STAGE']._serialized_start=2921
-  _globals['_SECAGGSTATE_STAGE']._serialized_end=3014
-  _globals['_COORDINATOR']._serialized_start=3017
-  _globals['_COORDINATOR']._serialized_end=3552
+  _globals['_UPLOADHEADER']._serialized_start=1328
+  _globals['_UPLOADHEADER']._serialized_end=1465
+  _globals['_UPLOADSESSION']._serialized_start=1467
+  _globals['_UPLOADSESSION']._serialized_end=1537
+  _globals['_UPLOADPART']._serialized_start=1539
+  _globals['_UPLOADPART']._serialized_end=1600
+  _globals['_UPLOADRESULT']._serialized_start=1602
+  _globals['_UPLOADRESULT']._serialized_end=1710
+  _globals['_HEARTBEATREQUEST']._serialized_start=1712
+  _globals['_HEARTBEATREQUEST']._serialized_end=1797
+  _globals['_HEARTBEATRESPONSE']._serialized_start=1799
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1838
+  _globals['_SECAGGREQUEST']._serialized_start=1841
+  _globals['_SECAGGREQUEST']._serialized_end=2030
+  _globals['_SECAGGADVERT']._serialized_start=2032
+  _globals['_SECAGGADVERT']._serialized_end=2117
+  _globals['_SEALEDSHARES']._serialized_start=2119
+  _globals['_SEALEDSHARES']._serialized_end=2188
+  _globals['_SECAGGSHARES']._serialized_start=2190
+  _globals['_SECAGGSHARES']._serialized_end=2246
+  _globals['_SHAMIRSHARE']._serialized_start=2248
+  _globals['_SHAMIRSHARE']._serialized_end=2291
+  _globals['_SECAGGREVEAL']._serialized_start=2294
+  _globals['_SECAGGREVEAL']._serialized_end=2583
+  _globals['_SECAGGREVEAL_SEEDSHARESENTRY']._serialized_start=2434
+  _globals['_SECAGGREVEAL_SEEDSHARESENTRY']._serialized_end=2508
+  _globals['_SECAGGREVEAL_KEYSHARESENTRY']._serialized_start=2510
+  _globals['_SECAGGREVEAL_KEYSHARESENTRY']._serialized_end=2583
+  _globals['_ROSTERENTRY']._serialized_start=2586
+  _globals['_ROSTERENTRY']._serialized_end=2718
+  _globals['_SECAGGSTATE']._serialized_start=2721
+  _globals['_SECAGGSTATE']._serialized_end=3055
+  _globals['_SECAGGSTATE_STAGE']._serialized_start=2962
+  _globals['_SECAGGSTATE_STAGE']._serialized_end=3055
+  _globals['_COORDINATOR']._serialized_start=3058
+  _globals['_COORDINATOR']._serialized_end=3593
 # @@protoc_insertion_point(module_scope)

@@ -125,7 +125,7 @@ class CoordinatorServicer:
         client that restarts with the same sealed bytes gets the same id and the offset the coordinator
         already holds durably.
         UNAUTHENTICATED      no valid client certificate, or the client is unknown or revoked
-        INVALID_ARGUMENT     size or SHA-256 malformed, num_examples < 1
+        INVALID_ARGUMENT     size or SHA-256 malformed, num_examples < 1, train_loss negative or not finite
         FAILED_PRECONDITION  wrong job or round, or the round is closed
         ALREADY_EXISTS       this client's update for this round was already accepted
         RESOURCE_EXHAUSTED   the update is larger than the job allows

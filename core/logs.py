@@ -1,0 +1,30 @@
+"""Log output for every command: the human format, or one JSON object per line for log collectors."""
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime, timezone
+from typing import TextIO
+
+HUMAN = "%(asctime)s %(name)s %(levelname)s %(message)s"
+
+
+class JsonFormatter(logging.Formatter):
+    """{"ts", "level", "logger", "msg"}, plus "exc" (the formatted traceback) when there is one. json.dumps
+    escapes newlines, so a record is always exactly one line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+               "level": record.levelname, "logger": record.name, "msg": record.getMessage()}
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            out["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def log_handler(log_format: str, stream: TextIO | None = None) -> logging.Handler:
+    """A stderr (or `stream`) handler writing `log_format` "text" or "json"."""
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(HUMAN, datefmt="%H:%M:%S"))
+    return handler
