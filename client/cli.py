@@ -6,8 +6,6 @@ import logging
 import sys
 from pathlib import Path
 
-from offsite.client.run import ClientConfig, exit_code_for, run
-
 log = logging.getLogger("offsite.client")
 
 
@@ -19,6 +17,8 @@ def _device(choice: str) -> str:
 
 
 def cmd_run(args) -> int:
+    from offsite.client.run import ClientConfig, exit_code_for, run  # torch and peft: only when running
+
     try:
         cfg = ClientConfig(server=args.server, ca_file=Path(args.ca), workdir=Path(args.workdir), data=Path(args.data),
                            heldout=Path(args.heldout) if args.heldout else None,

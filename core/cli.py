@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
-
-from transformers.utils import logging as hf_logging
 
 from offsite.errors import OffsiteError
 from offsite.logs import log_handler
 
 
 def main(argv: list[str] | None = None) -> int:
+    # per-file load/save bars drown the useful output; set before transformers is imported, which reads it
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from offsite.client import cli as client_cli
     from offsite.cloud import cli as cloud_cli
     from offsite.emulator import cli as emulator_cli
@@ -25,7 +26,6 @@ def main(argv: list[str] | None = None) -> int:
     client_cli.register(groups.add_parser("client", help="the data owner's client"))
     emulator_cli.register(groups.add_parser("emulator", help="build and inspect emulators"))
     args = parser.parse_args(argv)
-    hf_logging.disable_progress_bar()  # per-file load/save bars drown the useful output
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[log_handler(args.log_format)])
     try:
         return int(args.func(args) or 0)

@@ -4,13 +4,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from offsite import lm
-from offsite.emulator.build import build
 from offsite.emulator.config import STRATEGIES, EmulatorConfig
-from offsite.emulator.evaluate import compare_full_and_emulator
 
 
 def cmd_build(args) -> int:
+    from offsite.emulator.build import build  # torch and transformers: only when building
+
     cfg = EmulatorConfig(bottom=args.bottom, top=args.top, emulator_layers=args.emulator_layers,
                          strategy=args.strategy, quantize=args.quantize, attn_rank=args.attn_rank, calibration_data=args.calibration_data,
                          distill_data=args.distill_data, distill_steps=args.distill_steps, distill_lr=args.distill_lr)
@@ -23,6 +22,8 @@ def cmd_build(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from offsite.emulator.evaluate import compare_full_and_emulator
+
     out = compare_full_and_emulator(args.model, args.emulator, args.data, args.max_length)
     if not _reports():
         return 0
@@ -39,6 +40,8 @@ def cmd_eval(args) -> int:
 
 def _reports() -> bool:
     """Under `accelerate launch` every process runs the command; only the main one prints the result."""
+    from offsite import lm
+
     state = lm.launched_state()
     return state is None or state.is_main_process
 
