@@ -121,7 +121,7 @@ def federate(out: Path, job_toml: Path, folders: list[Path]) -> tuple[dict, floa
     subprocess.run(_offsite("cloud", "jobs", "create", "--state", str(state), "--config", str(job_toml)), check=True)
     started = time.perf_counter()
     server = subprocess.Popen(_offsite("cloud", "serve", "--state", str(state), "--address", "127.0.0.1:0",
-                                       "--port-file", str(state / "port"), "--exit-when-done"))
+                                       "--http-address", "127.0.0.1:0", "--port-file", str(state / "port"), "--exit-when-done"))
     _wait_for(state / "port", server, 60)
     ports = json.loads((state / "port").read_text())
     clients = []
@@ -134,7 +134,7 @@ def federate(out: Path, job_toml: Path, folders: list[Path]) -> tuple[dict, floa
                        "--threads", "1")
         clients.append((folder.name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
     print(f"demo: coordinator on localhost:{ports['port']} (mutual TLS; enrollment on {ports['enroll_port']}); "
-          f"{len(clients)} clients training; logs in {logs}")
+          f"{len(clients)} clients training; logs in {logs}; status page http://127.0.0.1:{ports['http_port']}/")
     failed = []
     for name, proc, log in clients:
         if proc.wait() != 0:
