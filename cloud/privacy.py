@@ -63,6 +63,13 @@ def summary(cfg: DPConfig, rounds: int) -> dict | None:
             "epsilon": (spent[-1] if spent else 0.0) if cfg.noise else None, "epsilon_by_round": spent}
 
 
+def describe(summary: dict) -> str:
+    """One line for people (`cloud status`, the status page) from a `summary` dict."""
+    spent = ("no guarantee (no noise)" if summary["noise_multiplier"] == 0
+             else f"epsilon {summary['epsilon']:.3g} at delta {summary['delta']:g} so far")
+    return f"DP-FedAvg: clip {summary['clip']:g}, noise multiplier {summary['noise_multiplier']:g}: {spent}"
+
+
 class ClippedNoisedMean:
     """The round's DP-FedAvg aggregate, streamed like WeightedMean: one update in memory at a time."""
 

@@ -7,6 +7,8 @@ import math
 import time
 from html import escape
 
+from offsite.cloud import privacy
+
 PLOT_COLOUR = "#d62728"  # the loss line; tests look for it in a screenshot
 REFRESH_S = 15
 
@@ -80,11 +82,8 @@ def _job(j: dict) -> str:
            _table(["status", "round", "aggregator", "updates accepted", "updates rejected", "uploads in progress"],
                   [[e(j["status"]), f"{shown_round} of {j['rounds']}", e(j["aggregator"]), str(len(j["updates"])),
                     str(len(j["rejected"])), str(j["uploads_in_progress"])]], numeric=(3, 4, 5))]
-    dp = j["privacy"]
-    if dp:
-        spent = ("no guarantee (no noise)" if dp["noise_multiplier"] == 0
-                 else f"epsilon {dp['epsilon']:.3g} at delta {dp['delta']:g} so far")
-        out.append(f"<p>DP-FedAvg: clip {dp['clip']:g}, noise multiplier {dp['noise_multiplier']:g}: {e(spent)}</p>")
+    if j["privacy"]:
+        out.append(f"<p>{e(privacy.describe(j['privacy']))}</p>")
     out.append("<h3>Training loss per round</h3>")
     if j["train_loss"]:
         out.append(loss_plot([(p["round"] + 1, p["loss"]) for p in j["train_loss"]]))
