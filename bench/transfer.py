@@ -85,12 +85,10 @@ def bench_download(args, tmp: Path) -> dict:
     from tests.conftest import make_tiny_model
     from offsite.client.identity import enroll
     from offsite.client.transfer import download_blob
-    from offsite.cloud.blobs import BlobStore
     from offsite.cloud.coordinator import Coordinator
-    from offsite.cloud.identity import CertificateAuthority, StateLayout, init_state, load_sealing_key
+    from offsite.cloud.identity import StateLayout, init_state
     from offsite.cloud.job import JobConfig
     from offsite.cloud.server import start_server
-    from offsite.cloud.state import SqliteState
     from offsite.files import sha256_file
     from offsite.protos.offsite.v1 import coordinator_pb2 as pb
     from offsite.protos.offsite.v1 import coordinator_pb2_grpc as pb_grpc
@@ -99,8 +97,7 @@ def bench_download(args, tmp: Path) -> dict:
     size = args.mib << 20
     layout = StateLayout(tmp / "state")
     tokens = init_state(layout.root, ["bench"], ["localhost", "127.0.0.1"], 3600)
-    coordinator = Coordinator(layout, SqliteState(layout.db), BlobStore(layout.blobs), load_sealing_key(layout),
-                              CertificateAuthority.load(layout))
+    coordinator = Coordinator.open(layout.root)
     coordinator.create_job(JobConfig(job_id="bench", base_model=str(make_tiny_model(tmp / "tiny-model")), emulator_layers=1))
     data = os.urandom(size)
     digest = coordinator.blobs.put(data)

@@ -15,8 +15,7 @@ import time
 from pathlib import Path
 
 from offsite.cloud import probe as health_probe
-from offsite.cloud.identity import CertificateAuthority, StateLayout, init_state, load_sealing_key
-from offsite.cloud.state import State, open_state
+from offsite.cloud.identity import StateLayout, init_state
 from offsite.errors import ConfigError
 from offsite.files import atomic_write
 from offsite.transport import CHUNK_BYTES, MAX_MESSAGE_BYTES, enroll_target
@@ -24,20 +23,10 @@ from offsite.transport import CHUNK_BYTES, MAX_MESSAGE_BYTES, enroll_target
 log = logging.getLogger("offsite.cloud")
 
 
-def open_state_folder(state_dir: str) -> tuple[StateLayout, State]:
-    layout = StateLayout(Path(state_dir))
-    if not layout.ca_cert.is_file():
-        raise ConfigError(f"{state_dir} is not a coordinator state folder; run `offsite cloud init` first")
-    return layout, open_state(layout.state_url())
-
-
 def open_coordinator(state_dir: str, chunk_bytes: int = CHUNK_BYTES):
-    from offsite.cloud.blobs import BlobStore
     from offsite.cloud.coordinator import Coordinator
 
-    layout, state = open_state_folder(state_dir)
-    return Coordinator(layout, state, BlobStore(layout.blobs), load_sealing_key(layout), CertificateAuthority.load(layout),
-                       chunk_bytes=chunk_bytes)
+    return Coordinator.open(state_dir, chunk_bytes=chunk_bytes)
 
 
 def cmd_init(args) -> int:
@@ -115,6 +104,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_status(args) -> int:
+    from offsite.cloud import privacy
     from offsite.cloud.status import read_status
 
     out = read_status(open_coordinator(args.state))
@@ -125,9 +115,7 @@ def cmd_status(args) -> int:
         print(f"job {j['job_id']}: {j['status']}, round {min(j['round'] + 1, j['rounds'])}/{j['rounds']}, "
               f"{len(j['updates'])} updates accepted, {len(j['rejected'])} rejected")
         if j["privacy"]:
-            dp = j["privacy"]
-            spent = "no guarantee (no noise)" if dp["noise_multiplier"] == 0 else f"epsilon {dp['epsilon']:.3g} at delta {dp['delta']:g}"
-            print(f"  DP-FedAvg: clip {dp['clip']:g}, noise multiplier {dp['noise_multiplier']:g}: {spent}")
+            print(f"  {privacy.describe(j['privacy'])}")
     now = time.time()
     for c in out["clients"]:
         print(f"  client {c['id']}: {c['activity'] or 'enrolled'}, last seen {now - c['last_seen']:.0f} s ago, "
@@ -136,8 +124,7 @@ def cmd_status(args) -> int:
 
 
 def cmd_clients_revoke(args) -> int:
-    _, state = open_state_folder(args.state)
-    state.revoke_client(args.client_id)
+    StateLayout(Path(args.state)).open_state().revoke_client(args.client_id)
     print(f"client {args.client_id} revoked: its certificate is refused from the next call on")
     return 0
 

@@ -13,6 +13,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -23,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from offsite import failpoints
 from offsite.cloud.aggregate import WeightedMean, make_strategy
 from offsite.cloud.blobs import BlobStore
-from offsite.cloud.identity import CertificateAuthority, StateLayout, hash_secret
+from offsite.cloud.identity import CertificateAuthority, StateLayout, hash_secret, load_sealing_key
 from offsite.cloud.job import JobConfig
 from offsite.cloud.metrics import Metrics
 from offsite.cloud.privacy import ClippedNoisedMean, add_noise
@@ -105,6 +106,14 @@ class Coordinator:
         self._lock = threading.RLock()
 
     # --- jobs -----------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, root: str | Path, **options) -> Coordinator:
+        """The coordinator of the state folder `root` (made by `offsite cloud init`); `options` as for __init__."""
+        layout = StateLayout(Path(root))
+        return cls(layout, layout.open_state(), BlobStore(layout.blobs), load_sealing_key(layout), CertificateAuthority.load(layout),
+                   **options)
+
     def create_job(self, cfg: JobConfig) -> JobRecord:
         """Build the emulator bundle and skeleton, store them as blobs, and open round 0."""
         if any(j.job_id == cfg.job_id for j in self.state.jobs()):

@@ -47,6 +47,12 @@ class StateLayout:
         """Where this folder's state database is (see offsite.cloud.state.db_url)."""
         configured = self.database_url.read_text().strip() if self.database_url.is_file() else None
         return db_url(self.db, configured)
+
+    def open_state(self) -> State:
+        """The state database of a folder `offsite cloud init` made."""
+        if not self.ca_cert.is_file():
+            raise ConfigError(f"{self.root} is not a coordinator state folder; run `offsite cloud init` first")
+        return open_state(self.state_url())
     @property
     def blobs(self) -> Path: return self.root / "blobs"
     @property
@@ -110,7 +116,7 @@ def init_state(root: str | Path, client_names: list[str], hosts: list[str], toke
     atomic_write(layout.sealing_key, _pem_key(X25519PrivateKey.generate()), mode=0o600)
     if database:
         atomic_write(layout.database_url, (database + "\n").encode(), mode=0o600)
-    state: State = open_state(layout.state_url())
+    state = layout.open_state()
     token_files = {}
     for name in client_names:
         token = secrets.token_urlsafe(32)

@@ -9,11 +9,9 @@ import time
 
 from offsite.client.identity import enroll
 from offsite.client.transfer import download_blob
-from offsite.cloud.blobs import BlobStore
 from offsite.cloud.coordinator import Coordinator
-from offsite.cloud.identity import CertificateAuthority, StateLayout, init_state, load_sealing_key
+from offsite.cloud.identity import StateLayout, init_state
 from offsite.cloud.job import JobConfig
-from offsite.cloud.state import SqliteState
 from offsite.protos.offsite.v1 import coordinator_pb2 as pb
 from offsite.protos.offsite.v1 import coordinator_pb2_grpc as pb_grpc
 from offsite.sealing import SealContext, seal
@@ -28,8 +26,7 @@ def make_job(tmp_path, tiny_model, names, **job):
     state = tmp_path / "state"
     init_state(state, names, ["localhost", "127.0.0.1"], 3600)
     layout = StateLayout(state)
-    coordinator = Coordinator(layout, SqliteState(layout.db), BlobStore(layout.blobs), load_sealing_key(layout),
-                              CertificateAuthority.load(layout))
+    coordinator = Coordinator.open(layout.root)
     coordinator.create_job(JobConfig(job_id="faults", base_model=str(tiny_model), emulator_layers=1, batch_size=8, **job))
     return state
 
@@ -153,5 +150,5 @@ def test_kill_9_of_a_client_mid_secure_aggregation_leaves_the_round_to_the_other
             p.kill()
     report = json.loads((state / "jobs" / "faults" / "report.json").read_text())
     assert [c["id"] for c in report["clients"]] == ["client-1", "client-3"] and report["rejected_updates"] == []
-    adapters = json.loads(SqliteState(StateLayout(state).db).job("faults").artifacts_json)["adapters"]
+    adapters = json.loads(StateLayout(state).open_state().job("faults").artifacts_json)["adapters"]
     assert len(adapters) == 2 and adapters[1] != adapters[0]  # closed with the two survivors' sum, not aborted

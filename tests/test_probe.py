@@ -7,11 +7,9 @@ import pytest
 
 from offsite.cli import main as offsite_main
 from offsite.cloud import probe as health_probe
-from offsite.cloud.blobs import BlobStore
 from offsite.cloud.coordinator import Coordinator
-from offsite.cloud.identity import CertificateAuthority, StateLayout, init_state, load_sealing_key
+from offsite.cloud.identity import StateLayout, init_state
 from offsite.cloud.server import SERVICE_NAME, start_server
-from offsite.cloud.state import SqliteState
 
 
 @pytest.fixture
@@ -19,8 +17,7 @@ def served(tmp_path):
     """A coordinator with no job: the health service does not need one."""
     layout = StateLayout(tmp_path / "state")
     init_state(layout.root, ["client-1"], ["localhost", "127.0.0.1"], 3600)
-    coordinator = Coordinator(layout, SqliteState(layout.db), BlobStore(layout.blobs), load_sealing_key(layout),
-                              CertificateAuthority.load(layout))
+    coordinator = Coordinator.open(layout.root)
     running = start_server(coordinator, layout, "127.0.0.1:0", "127.0.0.1:0")
     yield layout, running
     running.server.stop(None)

@@ -11,11 +11,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from offsite.cloud.blobs import BlobStore
 from offsite.cloud.coordinator import Coordinator, UploadHeader
-from offsite.cloud.identity import CertificateAuthority, StateLayout, init_state, load_sealing_key
+from offsite.cloud.identity import StateLayout, init_state, load_sealing_key
 from offsite.cloud.job import JobConfig
-from offsite.cloud.state import SqliteState
 from offsite.errors import ConfigError, InvalidUpdateError, PreconditionError
 from offsite.sealing import SealContext, raw_public, seal
 from offsite.tensors import from_bytes, to_bytes
@@ -35,8 +33,7 @@ def make_world(tiny_model, tmp_path, **job):
     layout = StateLayout(tmp_path / "state")
     tokens = init_state(layout.root, NAMES, ["localhost"], 3600)
     clock, done = Clock(), []
-    c = Coordinator(layout, SqliteState(layout.db), BlobStore(layout.blobs), load_sealing_key(layout),
-                    CertificateAuthority.load(layout), on_training_done=done.append, clock=clock)
+    c = Coordinator.open(layout.root, on_training_done=done.append, clock=clock)
     settings = {"rounds": 2, "clients_per_round": 3, "min_clients": 2, "round_timeout_s": 60, **job}
     c.create_job(JobConfig(job_id="j", base_model=str(tiny_model), emulator_layers=1, **settings))
     clients = []
@@ -178,8 +175,7 @@ def test_a_reported_train_loss_survives_a_restart_mid_upload(world):
     session = c.begin_upload(client, UploadHeader("j", 0, 10, len(envelope), hashlib.sha256(envelope).hexdigest(), 1.75))
     half = len(envelope) // 2
     c.append_upload(client, session.upload_id, 0, envelope[:half])
-    restarted = Coordinator(c.layout, SqliteState(c.layout.db), BlobStore(c.layout.blobs), load_sealing_key(c.layout),
-                            CertificateAuthority.load(c.layout), clock=c._now)
+    restarted = Coordinator.open(c.layout.root, clock=c._now)
     restarted.append_upload(client, session.upload_id, half, envelope[half:])
     assert restarted.finish_upload(client, session.upload_id) == (0, 1)
     assert [u.train_loss for u in restarted.state.updates("j")] == [1.75]

@@ -7,10 +7,8 @@ import hashlib
 import pytest
 import torch
 
-from offsite.cloud.blobs import BlobStore
 from offsite.cloud.coordinator import Coordinator, UploadHeader
-from offsite.cloud.identity import CertificateAuthority, load_sealing_key
-from offsite.cloud.state import SqliteState
+from offsite.cloud.identity import load_sealing_key
 from offsite.errors import ConfigError, PreconditionError
 from offsite.cloud.job import JobConfig
 from offsite.secagg import encoding, vector
@@ -115,8 +113,7 @@ def test_a_restart_mid_run_closes_the_round_instead_of_hanging(tiny_model, tmp_p
     cl, signer = clients[0]
     x, _ = vector.client_input(_change(c, 0.1)[1], 1.0)
     _send_masked(c, cl, signer, agents[cl.client_id].mask(c.secagg(cl, "j", 0)["inbox"], x, 3))
-    restarted = Coordinator(c.layout, SqliteState(c.layout.db), BlobStore(c.layout.blobs), load_sealing_key(c.layout),
-                            CertificateAuthority.load(c.layout), clock=clock)
+    restarted = Coordinator.open(c.layout.root, clock=clock)
     restarted.tick()
     assert restarted.job("j")[0].round == 1
     assert any("restarted" in why for _, _, why in restarted.state.rejections("j"))

@@ -15,12 +15,10 @@ from cryptography.x509.oid import NameOID
 
 from offsite.client.identity import enroll
 from offsite.client.transfer import download_blob, download_bundle, upload
-from offsite.cloud.blobs import BlobStore
 from offsite.cloud.coordinator import Coordinator
-from offsite.cloud.identity import CertificateAuthority, StateLayout, hash_secret, init_state, load_sealing_key
+from offsite.cloud.identity import CertificateAuthority, StateLayout, hash_secret, init_state
 from offsite.cloud.job import JobConfig
 from offsite.cloud.server import start_server
-from offsite.cloud.state import SqliteState
 from offsite.emulator.bundle import load_bundle
 from offsite.errors import IntegrityError
 from offsite.protos.offsite.v1 import coordinator_pb2 as pb
@@ -56,8 +54,7 @@ class Env:
 def env(tiny_model, tmp_path):
     layout = StateLayout(tmp_path / "state")
     tokens = init_state(layout.root, CLIENTS, ["localhost", "127.0.0.1"], 3600)
-    coordinator = Coordinator(layout, SqliteState(layout.db), BlobStore(layout.blobs), load_sealing_key(layout),
-                              CertificateAuthority.load(layout), chunk_bytes=CHUNK)  # small chunks: many per blob
+    coordinator = Coordinator.open(layout.root, chunk_bytes=CHUNK)  # small chunks: many per blob
     coordinator.create_job(JobConfig(job_id="job1", base_model=str(tiny_model), rounds=2, clients_per_round=2,
                                      emulator_layers=1))
     running = start_server(coordinator, layout, "127.0.0.1:0", "127.0.0.1:0")
