@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import ClassVar, Iterable, Protocol
 
 import torch
@@ -128,12 +129,17 @@ STRATEGIES: dict[str, type[FedAvg | FedAvgM | FedAdam]] = {cls.name: cls for cls
 
 def make_strategy(name: str, **params: float) -> Strategy:
     """The strategy a job config names, with its parameters; every mistake is a ConfigError."""
-    if name not in STRATEGIES:
-        raise ConfigError(f"unknown aggregation strategy {name!r}; known: {', '.join(STRATEGIES)}")
+    return from_registry(STRATEGIES, "aggregation strategy", name, params)
+
+
+def from_registry(registry: dict[str, type], what: str, name: str, params: dict):
+    """`registry[name](**params)`, with an unknown name or a bad parameter said as a ConfigError."""
+    if name not in registry:
+        raise ConfigError(f"unknown {what} {name!r}; known: {', '.join(registry)}")
     try:
-        return STRATEGIES[name](**params)
+        return registry[name](**params)
     except TypeError as e:  # an unknown parameter name, or a value that is not a number
-        raise ConfigError(f"bad parameters for aggregation strategy {name!r}: {e}") from None
+        raise ConfigError(f"bad parameters for {what} {name!r}: {e}") from None
 
 
 def fedavg(updates: Iterable[tuple[Tensors, float]], like: Tensors) -> Tensors:
@@ -163,3 +169,34 @@ def _require_positive(field: str, value: float) -> None:
 def _require_fraction(field: str, value: float) -> None:
     if not 0 <= value < 1:
         raise ConfigError(f"{field} must be in [0, 1), got {value!r}")
+
+
+def cap_weights(weights: list[float], max_share: float) -> list[float]:
+    """Bound how much one client can weigh in a round (McMahan et al. 2018 cap weights similarly in DP-FedAvg):
+    the least capping w'_i = min(w_i, T) that keeps every share w'_i / sum(w') at or below max_share.
+
+    Water-filling, in exact rationals (rounding can neither skip the answer nor divide by zero): with the k
+    largest weights capped, T = max_share * rest / (1 - max_share * k), `rest` the sum of the others; the
+    first k whose T is at least the (k+1)-th largest weight gives the answer.
+    max_share >= 1 caps nothing. If n * max_share <= 1 (one update, or two at 0.5) no capping can meet the cap:
+    every weight becomes the smallest one, the equal shares closest to it.
+    """
+    if not weights:
+        raise InvalidUpdateError("no update weights to cap")
+    for w in weights:
+        if not (math.isfinite(w) and w > 0):
+            raise InvalidUpdateError(f"update weight must be positive and finite, got {w}")
+    _require_positive("max_share", max_share)
+    if max_share >= 1:
+        return [float(w) for w in weights]
+    share = Fraction(max_share)
+    if share * len(weights) <= 1:
+        return [float(min(weights))] * len(weights)
+    descending = sorted(map(Fraction, weights), reverse=True)
+    rest = sum(descending)
+    for k, w in enumerate(descending):  # stops by k = n - 1 at the latest, since n * max_share > 1
+        cap = share * rest / (1 - share * k)
+        if cap >= w:
+            break
+        rest -= w
+    return [min(float(w), float(cap)) for w in weights]
