@@ -170,7 +170,7 @@ def bench_download(args, tmp: Path) -> dict:
     finally:
         for c in channels:
             c.close()
-        running.server.stop(None)
+        running.stop(None)
         bare.stop(None)
     return {"bytes": size, "chunk_bytes": CHUNK_BYTES, "chunks": len(chunks), "seconds": times,
             "breakdown_seconds": part_times,

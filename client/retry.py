@@ -10,7 +10,10 @@ import grpc
 
 log = logging.getLogger("offsite.client")
 T = TypeVar("T")
-TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED})
+# RESOURCE_EXHAUSTED is the coordinator's limits saying "not now" (its upload spool is full, this client has
+# its most calls in flight): an honest client's update always fits its job, so backing off is right.
+TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED,
+                       grpc.StatusCode.RESOURCE_EXHAUSTED})
 
 
 def with_retry(fn: Callable[[], T], what: str, budget_s: float, first_delay_s: float = 0.5, max_delay_s: float = 30.0,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from offsite.cloud import probe as health_probe
 from offsite.cloud.identity import StateLayout, init_state
+from offsite.cloud.limits import Limits
 from offsite.errors import ConfigError
 from offsite.files import atomic_write
 from offsite.transport import CHUNK_BYTES, MAX_MESSAGE_BYTES, enroll_target
@@ -23,10 +24,10 @@ from offsite.transport import CHUNK_BYTES, MAX_MESSAGE_BYTES, enroll_target
 log = logging.getLogger("offsite.cloud")
 
 
-def open_coordinator(state_dir: str, chunk_bytes: int = CHUNK_BYTES):
+def open_coordinator(state_dir: str, chunk_bytes: int = CHUNK_BYTES, limits: Limits | None = None):
     from offsite.cloud.coordinator import Coordinator
 
-    return Coordinator.open(state_dir, chunk_bytes=chunk_bytes)
+    return Coordinator.open(state_dir, chunk_bytes=chunk_bytes, limits=limits)
 
 
 def cmd_init(args) -> int:
@@ -60,7 +61,8 @@ def cmd_serve(args) -> int:
     stop = threading.Event()  # set by SIGTERM/SIGINT, or when the last job is done with --exit-when-done
     if not 4 <= args.chunk_kib <= MAX_MESSAGE_BYTES // 2048:
         raise ConfigError(f"--chunk-kib must be in 4..{MAX_MESSAGE_BYTES // 2048}, got {args.chunk_kib}")
-    coordinator = open_coordinator(args.state, args.chunk_kib * 1024)
+    limits = Limits.parse(args.limit)
+    coordinator = open_coordinator(args.state, args.chunk_kib * 1024, limits)
     finalizers: list[threading.Thread] = []
 
     def finish(job_id: str) -> None:
@@ -75,7 +77,7 @@ def cmd_serve(args) -> int:
     enroll_address = args.enroll_address or (args.address if args.address.endswith(":0") else enroll_target(args.address))
     for sig in (signal.SIGTERM, signal.SIGINT):  # before serving: a SIGTERM must always mean a drain
         signal.signal(sig, lambda *_: stop.set())
-    running = start_server(coordinator, coordinator.layout, args.address, enroll_address)
+    running = start_server(coordinator, coordinator.layout, args.address, enroll_address, limits)
     web = start_web(coordinator, args.http_address) if args.http_address else None
     if args.port_file:
         ports = {"port": running.port, "enroll_port": running.enroll_port, **({"http_port": web.port} if web else {})}
@@ -90,8 +92,8 @@ def cmd_serve(args) -> int:
         coordinator.tick()  # round deadlines
     log.info("coordinator stopping; letting in-flight calls finish for up to %.0f s", args.grace)
     deadline = time.monotonic() + args.grace
-    running.health.enter_graceful_shutdown()
-    running.server.stop(grace=args.grace).wait()
+    running.enter_graceful_shutdown()
+    running.stop(grace=args.grace)
     if web:
         web.stop()
     for t in finalizers:  # a drained upload may have closed the last round: let its finalization end
@@ -109,7 +111,7 @@ def cmd_status(args) -> int:
 
     out = read_status(open_coordinator(args.state))
     if args.json:
-        print(json.dumps(out, indent=2))
+        print(json.dumps(out, indent=2, allow_nan=False))  # strict JSON: read_status holds finite numbers only
         return 0
     for j in out["jobs"]:
         print(f"job {j['job_id']}: {j['status']}, round {min(j['round'] + 1, j['rounds'])}/{j['rounds']}, "
@@ -165,6 +167,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--grace", type=float, default=30.0, help="seconds to let in-flight calls (uploads) finish on SIGTERM")
     p.add_argument("--chunk-kib", type=int, default=CHUNK_BYTES // 1024,
                    help="transfer chunk size in KiB: what a verified download or a durable upload part holds")
+    p.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
+                   help="change one of the limits on time, calls, connections and spool bytes (repeatable; "
+                        f"docs/operations.md says what each bounds). Defaults: {Limits.describe()}")
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("status", help="jobs, rounds and clients")
     p.add_argument("--state", required=True)

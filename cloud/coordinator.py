@@ -10,6 +10,7 @@ import logging
 import math
 import re
 import secrets
+import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -22,12 +23,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from offsite import failpoints
-from offsite.cloud.aggregate import WeightedMean, make_strategy
+from offsite.cloud.aggregate import WeightedMean, cap_weights, make_strategy
 from offsite.cloud.blobs import BlobStore
 from offsite.cloud.identity import CertificateAuthority, StateLayout, hash_secret, load_sealing_key
 from offsite.cloud.job import JobConfig
+from offsite.cloud.limits import Limits
 from offsite.cloud.metrics import Metrics
 from offsite.cloud.privacy import ClippedNoisedMean, add_noise
+from offsite.cloud import robust
 from offsite.cloud.secure_round import SecureRound
 from offsite.cloud.state import ClientRecord, JobRecord, State, UpdateRecord, UploadRecord
 from offsite.cloud.uploads import UploadSpool
@@ -36,18 +39,18 @@ from offsite.emulator.build import build
 from offsite.emulator.bundle import load_bundle
 from offsite.emulator.plan import SplitPlan
 from offsite.errors import (AlreadyExistsError, AuthError, ConfigError, InvalidRequestError, InvalidUpdateError, NotFoundError,
-                            OutOfRangeError, PreconditionError, TooLargeError)
+                            OutOfRangeError, PreconditionError, QuotaError, TooLargeError, shown)
 from offsite.files import sha256_bytes
 from offsite.secagg import vector
 from offsite.secagg.protocol import Advert, Reveal, SealedShares
-from offsite.sealing import SealContext, open_sealed, raw_public
-from offsite.tensors import check_matches, from_bytes, l2_norm, load_blob, spec_digest, spec_of, to_bytes
+from offsite.sealing import OVERHEAD, SealContext, open_sealed, raw_public
+from offsite.tensors import TensorSpec, check_matches, from_bytes, l2_norm, load_blob, payload_bounds, spec_digest, spec_of, to_bytes
 from offsite.transport import CHUNK_BYTES
 
 WAIT_S = 2.0
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _HEADER_REFUSALS = {AlreadyExistsError: "duplicate", PreconditionError: "round_not_open", TooLargeError: "too_large",
-                    InvalidUpdateError: "bad_header"}  # a refused header's error -> its metric category
+                    QuotaError: "spool_quota", InvalidUpdateError: "bad_header"}  # a refused header's error -> its metric category
 log = logging.getLogger("offsite.cloud")
 
 
@@ -93,12 +96,16 @@ class UploadSession:
 class Coordinator:
     def __init__(self, layout: StateLayout, state: State, blobs: BlobStore, sealing_key: X25519PrivateKey,
                  ca: CertificateAuthority, on_training_done: Callable[[str], None] | None = None,
-                 clock: Callable[[], float] = time.time, chunk_bytes: int = CHUNK_BYTES, metrics: Metrics | None = None):
+                 clock: Callable[[], float] = time.time, chunk_bytes: int = CHUNK_BYTES, metrics: Metrics | None = None,
+                 limits: Limits | None = None):
         self.layout, self.state, self.blobs = layout, state, blobs
         self.metrics = metrics or Metrics(state)
         self._sealing_key, self._ca, self._now = sealing_key, ca, clock
         self.chunk_bytes = chunk_bytes
+        self.limits = limits or Limits()
         self.spool = UploadSpool(layout.uploads)
+        self._uploads_lock = threading.Lock()  # one client's replace-then-open of an upload, and the quotas, at a time
+        self._next_sweep = 0.0
         self._scratch: dict[str, torch.nn.Module] = {}  # job id -> emulator that peft merges updates into
         self._scratch_lock = threading.Lock()
         self._runs: dict[str, SecureRound] = {}  # job id -> the current round's secure-aggregation run (memory only)
@@ -147,6 +154,10 @@ class Coordinator:
         }
         if cfg.secure_aggregation:  # the tensors a masked input covers: those the method can change
             artifacts["secagg_shapes"] = {k: spec[k][0] for k in sorted(methods.touched(method, update_spec))}
+        largest = self._sealed_size(cfg, artifacts)[1]
+        if largest > cfg.max_update_bytes:
+            raise ConfigError(f"an update of this job seals to up to {largest} bytes, above its max_update_bytes "
+                              f"({cfg.max_update_bytes}): raise max_update_bytes")
         self.state.add_job(cfg.job_id, cfg.to_json(), json.dumps(artifacts))
         return self.state.job(cfg.job_id)
 
@@ -193,10 +204,36 @@ class Coordinator:
 
     # --- rounds ---------------------------------------------------------------------------------
     def tick(self) -> None:
-        """Close every round whose deadline has passed with enough updates (the server calls this each second)."""
+        """Close every round whose deadline has passed with enough updates, and drop uploads that went idle
+        (the server calls this each second)."""
         for job in self.state.jobs():
             if job.status == "running":
                 self._close_if_due(job.job_id)
+        self.expire_uploads()
+
+    def expire_uploads(self) -> int:
+        """Drop open uploads (and stray spool files) with no new part for `upload_idle_s`; checked at most
+        once a minute. Ages come from the spool files' times, on the machine's clock. Returns how many."""
+        now = time.time()
+        if now < self._next_sweep:
+            return 0
+        self._next_sweep = now + min(60.0, self.limits.upload_idle_s / 10)
+        cutoff, dropped = now - self.limits.upload_idle_s, 0
+        with self._uploads_lock:
+            open_ = self.state.open_uploads()
+            for up in open_:
+                written = self.spool.last_written(up.upload_id)
+                if written is None or written < cutoff:
+                    self._drop_upload(up.upload_id)
+                    dropped += 1
+            known = {u.upload_id for u in open_}
+            for upload_id in self.spool.ids():  # a part that raced a replacement leaves a file with no upload
+                written = self.spool.last_written(upload_id)
+                if upload_id not in known and written is not None and written < cutoff:
+                    self.spool.discard(upload_id)
+        if dropped:
+            log.info("dropped %d uploads with no new part for %g s", dropped, self.limits.upload_idle_s)
+        return dropped
 
     def _close_if_due(self, job_id: str) -> None:
         with self._lock:
@@ -269,9 +306,9 @@ class Coordinator:
         """Cheap checks before any bytes are read: right job and round, not yet accepted, size."""
         try:
             self._close_if_due(header.job_id)
-            rec, cfg, _ = self.job(header.job_id)
+            rec, cfg, art = self.job(header.job_id)
         except NotFoundError:  # not counted: a job id the client made up must not become a metric label
-            raise PreconditionError(f"no job {header.job_id!r} is accepting updates") from None
+            raise PreconditionError(f"no job {shown(header.job_id)} is accepting updates") from None
         try:
             if any(u.client_id == client.client_id for u in self.state.updates(header.job_id, header.round)):
                 # first: a client retrying after a crash ate its receipt learns its update counted, even if the
@@ -282,8 +319,12 @@ class Coordinator:
                                         f"(status {rec.status}, open round {rec.round})")
             if header.size > cfg.max_update_bytes:
                 raise TooLargeError(f"update of {header.size} bytes exceeds the job's limit of {cfg.max_update_bytes}")
-            if header.num_examples < 1:
-                raise InvalidUpdateError("num_examples must be at least 1")
+            lo, hi = self._sealed_size(cfg, art)
+            if not lo <= header.size <= hi:
+                raise InvalidUpdateError(f"an update of job {header.job_id} seals to {lo}..{hi} bytes, not {header.size}")
+            if not 1 <= header.num_examples <= cfg.max_examples_per_client:
+                raise InvalidUpdateError(f"num_examples must be in 1..{cfg.max_examples_per_client} (the job's "
+                                         f"max_examples_per_client), got {header.num_examples}")
             if not _SHA256.match(header.sha256):
                 raise InvalidUpdateError("the header's sha256 must be 64 lowercase hex digits")
             if header.train_loss is not None and not (math.isfinite(header.train_loss) and header.train_loss >= 0):
@@ -294,13 +335,44 @@ class Coordinator:
 
     # --- uploads --------------------------------------------------------------------------------
     def begin_upload(self, client: ClientRecord, header: UploadHeader) -> UploadSession:
-        """Open an upload, or find it again: its id depends only on the header, so a retry resumes it."""
+        """Open an upload, or find it again: its id depends only on the header, so a retry resumes it. A client
+        has one open upload per job and round: a new header replaces the earlier one (a client that sealed
+        again after a crash). Spool quotas, in total and per client, count announced sizes."""
         self.check_upload_header(client, header)
         key = f"{header.job_id}|{header.round}|{client.client_id}|{header.num_examples}|{header.size}|{header.sha256}"
         upload_id = hashlib.sha256(key.encode()).hexdigest()[:32]
-        self.state.open_upload(UploadRecord(upload_id, header.job_id, header.round, client.client_id,
-                                            header.num_examples, header.size, header.sha256, header.train_loss))
+        with self._uploads_lock:
+            mine = self.state.client_uploads(client.client_id)
+            for old in mine:
+                if old.upload_id != upload_id and (old.job_id, old.round) == (header.job_id, header.round):
+                    self._drop_upload(old.upload_id)
+                    log.info("client %s: a new upload for round %d of job %s replaces its unfinished one", client.client_id,
+                             header.round + 1, header.job_id)
+            if upload_id not in {u.upload_id for u in mine}:
+                self._check_quotas(client, header)
+            self.spool.create(upload_id)  # before the record: the sweep never sees a record without its file's age
+            self.state.open_upload(UploadRecord(upload_id, header.job_id, header.round, client.client_id,
+                                                header.num_examples, header.size, header.sha256, header.train_loss))
         return UploadSession(upload_id, self.spool.offset(upload_id), self.chunk_bytes)
+
+    def _check_quotas(self, client: ClientRecord, header: UploadHeader) -> None:
+        mine, everyone = self.state.upload_bytes(client.client_id), self.state.upload_bytes()
+        try:
+            if mine + header.size > self.limits.spool_bytes_per_client:
+                raise QuotaError(f"client {client.client_id} has {mine} bytes of uploads open; {header.size} more would pass "
+                                 f"its spool quota of {self.limits.spool_bytes_per_client} (limit spool_bytes_per_client)")
+            if everyone + header.size > self.limits.spool_bytes:
+                raise QuotaError(f"the upload spool holds {everyone} bytes of open uploads; {header.size} more would pass "
+                                 f"its quota of {self.limits.spool_bytes} (limit spool_bytes); try again later")
+        except QuotaError:
+            self.metrics.rejected(header.job_id, "spool_quota")
+            raise
+
+    @staticmethod
+    def _sealed_size(cfg: JobConfig, art: dict) -> tuple[int, int]:
+        """The fewest and most bytes a valid sealed update of this job can have."""
+        lo, hi = payload_bounds(_upload_spec(cfg, art))
+        return lo + OVERHEAD, hi + OVERHEAD
 
     def _open_upload(self, client: ClientRecord, upload_id: str) -> UploadRecord:
         try:
@@ -358,10 +430,7 @@ class Coordinator:
             plaintext = open_sealed(envelope, ctx, self._sealing_key, Ed25519PublicKey.from_public_bytes(client.signing_key))
             reason = "bad_tensors"
             tensors = from_bytes(plaintext)
-            if cfg.secure_aggregation:  # a masked input: its checks are the protocol's; norms are the client's
-                check_matches(tensors, {vector.MASKED: ([vector.length(art["secagg_shapes"])], "uint64")})
-            else:
-                check_matches(tensors, {k: (s, d) for k, (s, d) in art["update_spec"].items()})
+            check_matches(tensors, _upload_spec(cfg, art))  # a masked input's checks are then the protocol's
             if cfg.max_update_norm and not cfg.secure_aggregation:
                 reason = "norm"
                 start = load_blob(self.blobs.open_path(art["adapters"][header.round]))
@@ -457,34 +526,70 @@ class Coordinator:
         else:
             sums, weight = vector.read_sum(run.result, art["secagg_shapes"])
             change = {k: v / weight for k, v in add_noise(sums, cfg.dp_config()).items()}
-            norm = l2_norm(change.values())
-            if not cfg.max_update_norm or norm <= cfg.max_update_norm:
+            norm, inputs = l2_norm(change.values()), len(run.server.masked)
+            most = inputs * (1 if cfg.dp_config().enabled or cfg.weighting == "equal" else cfg.max_examples_per_client)
+            if not inputs - 1e-3 <= weight <= most + 1e-3:  # a client weighed its input beyond what it may claim
+                why = (f"the {inputs} masked inputs claim a summed weight of {weight:.6g}, outside the {inputs}..{most} "
+                       f"they may (weighting {cfg.weighting}, max_examples_per_client {cfg.max_examples_per_client})")
+                reason = "weight"
+            elif not cfg.max_update_norm or norm <= cfg.max_update_norm:
                 mean = {k: v.double() + change[k] if k in change else v.double() for k, v in start.items()}
-                self._advance(job_id, rec, cfg, art, start, mean, f"secure aggregation of {len(run.server.masked)} masked inputs")
+                self._advance(job_id, rec, cfg, art, start, mean, f"secure aggregation of {inputs} masked inputs")
                 return
-            why = f"the aggregate moves the adapter by L2 norm {norm:.4g}, above the job's bound {cfg.max_update_norm:g}"
-            reason = "norm"
+            else:
+                why = f"the aggregate moves the adapter by L2 norm {norm:.4g}, above the job's bound {cfg.max_update_norm:g}"
+                reason = "norm"
         self._reject(job_id, rec.round, "(round)", why, reason)
         self._advance(job_id, rec, cfg, art, start, None, f"without an update ({why})")
 
     def _close_round(self, job_id: str, why: str) -> None:
-        """Streamed aggregation: a running weighted sum, one update in memory at a time; then the job's
-        server strategy turns the mean into the next global adapter. Safe to repeat after a crash: blobs
+        """Aggregate the round, then let the job's server strategy turn the result into the next global
+        adapter. The mean streams: a running weighted sum, one update in memory at a time; a robust rule
+        reads the proposals back from scratch files tensor by tensor. Safe to repeat after a crash: blobs
         are content-addressed and the job row moves in one transaction."""
         rec, cfg, art = self.job(job_id)
         updates = self.state.updates(job_id, rec.round)
         started = time.perf_counter()
         start = load_blob(self.blobs.open_path(art["adapters"][rec.round]))
         dp = cfg.dp_config()
-        mean = (ClippedNoisedMean(start, dp, methods.touched(cfg.method_config(), art["update_spec"])) if dp.enabled
-                else WeightedMean())
-        for u in updates:  # each update as the dense adapter it proposes: exact for LoRA and IA3 too
-            mean.add(self._propose(job_id, cfg, art, start, load_blob(self.blobs.open_path(u.blob_sha256))), float(u.num_examples))
-        result = mean.result()
+
+        def proposals():  # each update as the dense adapter it proposes: exact for LoRA and IA3 too
+            for u in updates:
+                yield self._propose(job_id, cfg, art, start, load_blob(self.blobs.open_path(u.blob_sha256)))
+
+        if cfg.combine != "mean":
+            result, how = self._combine_robustly(job_id, rec.round, cfg, updates, proposals())
+        else:
+            mean = (ClippedNoisedMean(start, dp, methods.touched(cfg.method_config(), art["update_spec"])) if dp.enabled
+                    else WeightedMean())
+            for proposal, weight in zip(proposals(), round_weights(cfg, updates)):
+                mean.add(proposal, weight)
+            result, how = mean.result(), f"{len(updates)} updates aggregated"
+            if dp.enabled:
+                art.setdefault("dp_norms", []).append([round(n, 6) for n in mean.norms])  # before clipping, per update
         self.metrics.aggregation_seconds.observe(time.perf_counter() - started)
-        if dp.enabled:
-            art.setdefault("dp_norms", []).append([round(n, 6) for n in mean.norms])  # before clipping, per update
-        self._advance(job_id, rec, cfg, art, start, result, f"{why}; {len(updates)} updates aggregated")
+        self._advance(job_id, rec, cfg, art, start, result, f"{why}; {how}")
+
+    def _combine_robustly(self, job_id: str, round_: int, cfg: JobConfig, updates: list[UpdateRecord],
+                          proposals: Iterator[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], str]:
+        """The job's robust rule over the round's proposals, spilled to scratch files so that memory holds
+        one proposal while they are written and a block of each while they are combined."""
+        folder = self.layout.scratch / f"{job_id}-round-{round_}"
+        shutil.rmtree(folder, ignore_errors=True)  # what a crash mid-close left
+        folder.mkdir(parents=True)
+        try:
+            paths = []
+            for i, proposal in enumerate(proposals):
+                paths.append(folder / f"{i}.safetensors")
+                paths[-1].write_bytes(to_bytes(proposal))
+            rule, how = robust.make_combiner(cfg.combine, **cfg.combine_params), f"{cfg.combine} of {len(updates)} updates"
+            if hasattr(rule, "select"):  # Krum and multi-Krum: say whose proposals were kept
+                chosen = rule.select(paths).selected
+                how += f", keeping {', '.join(updates[i].client_id for i in chosen)}"
+                return robust.mean([paths[i] for i in chosen]), how
+            return rule.combine(paths), how
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def _advance(self, job_id: str, rec: JobRecord, cfg: JobConfig, art: dict, start: dict[str, torch.Tensor],
                  mean: dict[str, torch.Tensor] | None, why: str) -> None:
@@ -509,3 +614,17 @@ class Coordinator:
             self._drop_upload(up.upload_id)
         if done and self.on_training_done:
             self.on_training_done(job_id)
+
+
+def _upload_spec(cfg: JobConfig, art: dict) -> TensorSpec:
+    """What a client of this job uploads: its method's tensors, or under secure aggregation one masked vector."""
+    if cfg.secure_aggregation:
+        return {vector.MASKED: ([vector.length(art["secagg_shapes"])], "uint64")}
+    return {k: (shape, dtype) for k, (shape, dtype) in art["update_spec"].items()}
+
+
+def round_weights(cfg: JobConfig, updates: list[UpdateRecord]) -> list[float]:
+    """Each update's weight in the round's mean: its example count (bounded by the job's
+    max_examples_per_client) or 1, then capped so that none passes max_weight_share of the round."""
+    raw = [1.0 if cfg.weighting == "equal" else float(min(u.num_examples, cfg.max_examples_per_client)) for u in updates]
+    return cap_weights(raw, cfg.max_weight_share)

@@ -61,6 +61,8 @@ class StateLayout:
     def jobs(self) -> Path: return self.root / "jobs"
     @property
     def uploads(self) -> Path: return self.root / "uploads"
+    @property
+    def scratch(self) -> Path: return self.root / "scratch"   # a round's proposals while a robust rule combines them
 
 
 def hash_secret(secret: str) -> str:

@@ -8,9 +8,15 @@ from pathlib import Path
 
 from offsite.cloud.aggregate import make_strategy
 from offsite.cloud.privacy import DPConfig
+from offsite.cloud.robust import COMBINERS, make_combiner
 from offsite.emulator.config import EmulatorConfig
 from offsite.emulator.methods import MethodConfig
 from offsite.errors import ConfigError
+
+MAX_ROUNDS = 100_000           # the most rounds a job may have, and the largest round number the wire carries
+MAX_EXAMPLES = 2**53           # the largest example count the wire carries (exact in float64)
+WEIGHTINGS = ("examples", "equal")
+_AGGREGATION_KEYS = {"weighting", "max_examples_per_client", "max_weight_share"}  # [aggregation] keys that are job fields
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,11 @@ class JobConfig:
     max_update_norm: float = 0.0          # L2 bound on a client's change to the adapter; 0: no bound
     aggregator: str = "fedavg"            # server strategy: fedavg | fedavgm | fedadam
     aggregator_params: dict[str, float] = field(default_factory=dict)   # e.g. server_lr, momentum
+    combine: str = "mean"                 # how a round's updates combine: mean | median | trimmed_mean | krum | multi_krum
+    combine_params: dict[str, float] = field(default_factory=dict)      # e.g. trim, byzantine, keep
+    weighting: str = "examples"           # the mean's weights: examples (FedAvg) | equal
+    max_examples_per_client: int = 100_000_000   # an update claiming more examples is refused
+    max_weight_share: float = 0.5         # no update weighs more than this share of its round (weights are capped)
     heartbeat_s: float = 10.0             # how often a working client reports liveness
     dp_clip: float = 0.0                  # [privacy] clip: DP-FedAvg's L2 bound C on each client's change; 0: off
     dp_noise: float = 0.0                 # [privacy] noise: Gaussian noise multiplier z (std z*C on the sum)
@@ -57,11 +68,14 @@ class JobConfig:
     export_dir: str | None = None
 
     def __post_init__(self) -> None:
-        if not self.job_id or not self.job_id.replace("-", "").replace("_", "").isalnum():
-            raise ConfigError(f"job id must be letters, digits, '-' or '_', got {self.job_id!r}")
+        if not (self.job_id and len(self.job_id) <= 64 and self.job_id.isascii()
+                and self.job_id.replace("-", "").replace("_", "").isalnum()):
+            raise ConfigError(f"job id must be 1 to 64 ASCII letters, digits, '-' or '_', got {self.job_id!r:.80}")
         for name in ("rounds", "clients_per_round", "batch_size", "max_length", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"job {name} must be at least 1, got {getattr(self, name)}")
+        if self.rounds > MAX_ROUNDS:
+            raise ConfigError(f"job rounds must be at most {MAX_ROUNDS}, got {self.rounds}")
         if self.min_clients is not None and not 1 <= self.min_clients <= self.clients_per_round:
             raise ConfigError(f"min_clients must be in 1..clients_per_round ({self.clients_per_round}), got {self.min_clients}")
         if self.round_timeout_s < 0:
@@ -76,9 +90,31 @@ class JobConfig:
                               f"2 <= threshold <= clients_per_round; got {self.clients_per_round}, "
                               f"{self.secagg_timeout_s}, {self.secagg_threshold}")
         make_strategy(self.aggregator, **self.aggregator_params)  # validates the strategy and its parameters
+        self._check_weights_and_rule()
         self.method_config()
         self.dp_config()
         self.emulator_config()  # validates the split and distillation settings
+
+    def _check_weights_and_rule(self) -> None:
+        if self.weighting not in WEIGHTINGS:
+            raise ConfigError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
+        if not 1 <= self.max_examples_per_client <= MAX_EXAMPLES:
+            raise ConfigError(f"max_examples_per_client must be in 1..{MAX_EXAMPLES}, got {self.max_examples_per_client}")
+        if not 0 < self.max_weight_share <= 1:
+            raise ConfigError(f"max_weight_share must be in (0, 1], got {self.max_weight_share}")
+        if self.combine == "mean":  # the weighted mean, streamed by the coordinator; the robust rules are unweighted
+            if self.combine_params:
+                raise ConfigError(f"combine = 'mean' takes no parameters, got {sorted(self.combine_params)}")
+            return
+        rule = make_combiner(self.combine, **self.combine_params)  # validates the rule and its parameters
+        if self.dp_clip or self.secure_aggregation:
+            raise ConfigError(f"combine = {self.combine!r} needs every update on its own: it works with neither DP "
+                              "(its noise is calibrated to the mean) nor secure aggregation (the coordinator sees only the sum)")
+        fewest = self.min_clients or self.clients_per_round
+        if fewest < rule.min_updates():
+            raise ConfigError(f"combine = {self.combine!r} with {self.combine_params or 'its defaults'} needs at least "
+                              f"{rule.min_updates()} updates per round, but a round may close with {fewest} "
+                              "(min_clients, else clients_per_round)")
 
     def method_config(self) -> MethodConfig:
         try:
@@ -103,9 +139,14 @@ class JobConfig:
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise ConfigError(f"{path}: {e}") from e
         flat = {**raw.get("job", {}), **raw.get("split", {}), **raw.get("training", {}), **raw.get("eval", {})}
-        if "aggregation" in raw:  # [aggregation] strategy = "fedadam", then the strategy's parameters
+        if "aggregation" in raw:  # [aggregation] strategy = "fedadam", combine = "median", then their parameters
             params = dict(raw["aggregation"])
             flat["aggregator"] = params.pop("strategy", "fedavg")
+            flat["combine"] = params.pop("combine", "mean")
+            flat.update({k: params.pop(k) for k in _AGGREGATION_KEYS & set(params)})
+            rule = COMBINERS.get(flat["combine"])
+            rule_fields = set(rule.__dataclass_fields__) - {"name"} if rule else set()
+            flat["combine_params"] = {k: params.pop(k) for k in rule_fields & set(params)}
             flat["aggregator_params"] = params
         if "adapter" in raw:  # [adapter] method = "lora", then the method's parameters
             params = dict(raw["adapter"])

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
@@ -21,13 +21,24 @@ REJECTION_REASONS = frozenset({
     "duplicate",       # this client's update for the round was already counted (also a retry after a lost reply)
     "round_not_open",  # the round closed (a late update) or is not the open one
     "too_large",       # the header announces more bytes than the job allows
+    "spool_quota",     # the upload spool, or this client's share of it, is full
     "bad_header",      # example count, digest or reported loss malformed
     "too_long",        # more bytes arrived than the header announced
     "bad_digest",      # the bytes do not match the header's size and SHA-256
     "bad_seal",        # malformed envelope, signature or decryption failed
     "bad_tensors",     # not safetensors, or names, shapes, dtypes or values differ from the skeleton
     "norm",            # the change exceeds the job's L2 norm bound (one update, or a secure aggregate)
+    "weight",          # a secure aggregate's summed weight is more than its clients may claim
     "secagg_aborted",  # a secure-aggregation run ended without a sum; its round closed without an update
+})
+
+
+# Why the gRPC edge ended a call itself (offsite.cloud.server, offsite.cloud.limits): a fixed set.
+REFUSAL_REASONS = frozenset({
+    "client_calls",     # the client already had calls_per_client calls (or downloads_per_client downloads) in flight
+    "request_timeout",  # the request message did not arrive within request_timeout_s
+    "part_timeout",     # an upload's next part did not arrive within part_timeout_s
+    "send_timeout",     # the client took no download data for send_timeout_s
 })
 
 
@@ -71,6 +82,11 @@ class Metrics:
         self.bytes_sent = Counter("offsite_sent_bytes", "Blob bytes (bundle, adapters) served to clients", registry=r)
         self.aggregation_seconds = Histogram("offsite_aggregation_seconds", "Time to aggregate a round's updates",
                                              buckets=(0.01, 0.1, 0.5, 1, 5, 15, 60, 300, 900), registry=r)
+        self.calls_refused = Counter("offsite_calls_refused", "Calls the gRPC edge ended itself, by limit", ["reason"],
+                                     registry=r)
+        for reason in sorted(REFUSAL_REASONS):
+            self.calls_refused.labels(reason)  # every series exists from the start, at 0
+        self.calls_in_flight = Gauge("offsite_calls_in_flight", "gRPC calls the coordinator is serving now", registry=r)
         r.register(_StateGauges(state, connected_within_s, clock))
 
     def rejected(self, job_id: str, reason: str) -> None:

@@ -86,6 +86,9 @@ class State(Protocol):
     def open_upload(self, upload: UploadRecord) -> None: ...
     def upload(self, upload_id: str) -> UploadRecord: ...
     def uploads(self, job_id: str, round: int) -> list[UploadRecord]: ...
+    def client_uploads(self, client_id: str) -> list[UploadRecord]: ...
+    def open_uploads(self) -> list[UploadRecord]: ...
+    def upload_bytes(self, client_id: str | None = None) -> int: ...
     def close_upload(self, upload_id: str) -> None: ...
 
 
@@ -240,6 +243,18 @@ class SqlState:
 
     def uploads(self, job_id: str, round: int) -> list[UploadRecord]:
         return [UploadRecord(*r) for r in self._run("SELECT * FROM uploads WHERE job_id = ? AND round = ? ORDER BY upload_id", (job_id, round))]
+
+    def client_uploads(self, client_id: str) -> list[UploadRecord]:
+        return [UploadRecord(*r) for r in self._run("SELECT * FROM uploads WHERE client_id = ? ORDER BY upload_id", (client_id,))]
+
+    def open_uploads(self) -> list[UploadRecord]:
+        return [UploadRecord(*r) for r in self._run("SELECT * FROM uploads ORDER BY upload_id")]
+
+    def upload_bytes(self, client_id: str | None = None) -> int:
+        """The announced sizes of open uploads summed: one client's, or everyone's."""
+        if client_id is None:
+            return int(self._run("SELECT COALESCE(SUM(size), 0) FROM uploads")[0][0])
+        return int(self._run("SELECT COALESCE(SUM(size), 0) FROM uploads WHERE client_id = ?", (client_id,))[0][0])
 
     def close_upload(self, upload_id: str) -> None:
         self._run("DELETE FROM uploads WHERE upload_id = ?", (upload_id,))

@@ -1,7 +1,11 @@
-"""What `offsite cloud status` and the status page show: one dict, read from the coordinator's state."""
+"""What `offsite cloud status` and the status page show: one dict, read from the coordinator's state.
+
+Numbers that clients reported only for monitoring (training losses) are clamped to what can be shown,
+and the dict holds finite numbers only (None where there is no number), so it is always strict JSON."""
 from __future__ import annotations
 
 import json
+import math
 from typing import TYPE_CHECKING
 
 from offsite.cloud import privacy
@@ -10,6 +14,8 @@ from offsite.cloud.state import UpdateRecord
 
 if TYPE_CHECKING:
     from offsite.cloud.coordinator import Coordinator
+
+LOSS_SHOWN_MAX = 1e6  # a client-reported training loss above this is shown as this (the wire refuses more)
 
 
 def read_status(coordinator: Coordinator) -> dict:
@@ -30,15 +36,32 @@ def read_status(coordinator: Coordinator) -> dict:
                             "rejected": [{"round": r, "client_id": c, "reason": why} for r, c, why in state.rejections(job.job_id)],
                             "train_loss": train_loss_by_round(updates),
                             "eval": json.loads(report.read_text())["eval"] if job.status == "done" and report.is_file() else None})
-    return out
+    return finite(out)
+
+
+def finite(value):
+    """`value` (dicts, lists, numbers, strings) with every float that is not finite replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
 
 
 def train_loss_by_round(updates: list[UpdateRecord]) -> list[dict]:
-    """Per round, the example-weighted mean of the training losses clients reported with their updates;
-    rounds where none did are left out."""
-    sums: dict[int, tuple[float, int, int]] = {}
+    """Per round, the example-weighted mean of the training losses clients reported with their updates,
+    each clamped to [0, LOSS_SHOWN_MAX] (finite whatever the counts); rounds where none did are left out."""
+    by_round: dict[int, list[tuple[float, float]]] = {}
     for u in updates:
         if u.train_loss is not None:
-            total, weight, n = sums.get(u.round, (0.0, 0, 0))
-            sums[u.round] = (total + u.train_loss * u.num_examples, weight + u.num_examples, n + 1)
-    return [{"round": r, "loss": total / weight, "clients": n} for r, (total, weight, n) in sorted(sums.items())]
+            loss = min(max(u.train_loss, 0.0), LOSS_SHOWN_MAX) if math.isfinite(u.train_loss) else LOSS_SHOWN_MAX
+            by_round.setdefault(u.round, []).append((loss, float(u.num_examples)))
+    out = []
+    for r, pairs in sorted(by_round.items()):
+        total = sum(w for _, w in pairs)  # the weighted mean of values in [0, max] stays in it, scaled by the largest
+        top = max(w for _, w in pairs)
+        mean = math.fsum(loss * (w / top) for loss, w in pairs) / (total / top)
+        out.append({"round": r, "loss": min(mean, LOSS_SHOWN_MAX), "clients": len(pairs)})
+    return out

@@ -8,6 +8,7 @@ import time
 from html import escape
 
 from offsite.cloud import privacy
+from offsite.cloud.status import LOSS_SHOWN_MAX
 
 PLOT_COLOUR = "#d62728"  # the loss line; tests look for it in a screenshot
 REFRESH_S = 15
@@ -33,7 +34,7 @@ def _table(header: list[str], rows: list[list[str]], numeric: tuple[int, ...] = 
 
 def _ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     """About `count` round numbers (1, 2 or 5 times a power of ten apart) covering [lo, hi]."""
-    raw = (hi - lo) / max(count - 1, 1)
+    raw = max((hi - lo) / max(count - 1, 1), abs(hi) * 1e-9, 1e-12)  # a range too narrow for floats still gets ticks
     power = 10 ** math.floor(math.log10(raw))
     step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
     first = math.floor(lo / step + 1e-9) * step
@@ -43,9 +44,10 @@ def _ticks(lo: float, hi: float, count: int = 5) -> list[float]:
 def loss_plot(points: list[tuple[int, float]], width: int = 640, height: int = 280) -> str:
     """An SVG line plot of (round from 1, loss) with axes, ticks and labels."""
     left, right, top, bottom = 64, 16, 16, 48
-    xs, ys = [x for x, _ in points], [y for _, y in points]
+    xs, ys = [x for x, _ in points], [min(max(y, 0.0), LOSS_SHOWN_MAX) for _, y in points]
+    points = list(zip(xs, ys))
     x_lo, x_hi = min(xs) - 0.5, max(xs) + 0.5
-    pad = 0.05 * ((max(ys) - min(ys)) or 1.0)  # markers clear of the frame; one value sits mid-height
+    pad = 0.05 * ((max(ys) - min(ys)) or max(max(ys), 1.0))  # markers clear of the frame; one value sits mid-height
     y_ticks = _ticks(max(0.0, min(ys) - pad), max(ys) + pad)  # a loss is never negative
     y_lo, y_hi = y_ticks[0], y_ticks[-1]
 
@@ -94,13 +96,17 @@ def _job(j: dict) -> str:
         out.append('<p class="muted">No client has reported a training loss for this job.</p>')
     if j["eval"]:
         out.append("<h3>Final evaluation (mean token loss on the held-out sets)</h3>")
-        out.append(_table(["set", *_EVAL_COLUMNS], [[e(name), *(f"{row[c]:.4f}" if c in row else "" for c in _EVAL_COLUMNS)]
+        out.append(_table(["set", *_EVAL_COLUMNS], [[e(name), *(_number(row.get(c)) for c in _EVAL_COLUMNS)]
                                                     for name, row in j["eval"].items()], numeric=(1, 2, 3, 4)))
     out.append(f"<h3>Rejected updates ({len(j['rejected'])})</h3>")
     if j["rejected"]:
         out.append(_table(["round", "client", "reason"], [[str(r["round"] + 1), e(r["client_id"]), f'<span class="bad">{e(r["reason"])}</span>']
                                                           for r in j["rejected"]], numeric=(0,)))
     return "".join(out)
+
+
+def _number(x: float | None) -> str:
+    return "" if x is None else f"{x:.4f}"
 
 
 def _clients(clients: list[dict], now: float) -> str:

@@ -1,7 +1,8 @@
 """The upload spool: the bytes of uploads in progress, one append-only file each, fsynced per part.
 
 An upload's durable offset is its file's length, so a coordinator killed mid-upload tells the client,
-once restarted, exactly where to resume. Complete uploads are read once and removed.
+once restarted, exactly where to resume; the file's modification time is when its last part came, which
+is what expiry goes by. Complete uploads are read once and removed.
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import os
 import re
 from pathlib import Path
 
-from offsite.errors import InvalidUpdateError, NotFoundError, PreconditionError
+from offsite.errors import InvalidUpdateError, NotFoundError, PreconditionError, shown
 
 _ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -21,8 +22,19 @@ class UploadSpool:
 
     def _path(self, upload_id: str) -> Path:
         if not _ID.match(upload_id):
-            raise NotFoundError(f"not an upload id: {upload_id[:40]!r}")
+            raise NotFoundError(f"not an upload id: {shown(upload_id)}")
         return self.root / f"{upload_id}.part"
+
+    def create(self, upload_id: str) -> None:
+        """The upload's (empty) file, so that its age counts from now; an existing one is kept."""
+        self._path(upload_id).touch(exist_ok=True)
+
+    def last_written(self, upload_id: str) -> float | None:
+        """When the upload's last part arrived (or it was created); None if it has no file."""
+        try:
+            return self._path(upload_id).stat().st_mtime
+        except FileNotFoundError:
+            return None
 
     def offset(self, upload_id: str) -> int:
         path = self._path(upload_id)
@@ -40,6 +52,10 @@ class UploadSpool:
             f.flush()
             os.fsync(f.fileno())
         return have + len(data)
+
+    def ids(self) -> list[str]:
+        """Every upload with a file here."""
+        return [p.name.removesuffix(".part") for p in self.root.glob("*.part") if _ID.match(p.name.removesuffix(".part"))]
 
     def read(self, upload_id: str) -> bytes:
         return self._path(upload_id).read_bytes()

@@ -30,7 +30,7 @@ def _page(handler: _Handler) -> tuple[bytes, str]:
 
 
 def _api_status(handler: _Handler) -> tuple[bytes, str]:
-    return json.dumps(read_status(handler.server.coordinator), indent=2).encode(), "application/json"
+    return json.dumps(read_status(handler.server.coordinator), indent=2, allow_nan=False).encode(), "application/json"
 
 
 def _metrics(handler: _Handler) -> tuple[bytes, str]:

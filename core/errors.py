@@ -49,9 +49,22 @@ class TooLargeError(OffsiteError):
     """An upload is larger than the job allows."""
 
 
+class QuotaError(TooLargeError):
+    """A quota is full: the upload spool, or one client's share of it."""
+
+
 class OutOfRangeError(OffsiteError):
     """A position past the end of what exists (a chunk index beyond the last chunk)."""
 
 
 class AbortedError(OffsiteError):
     """A protocol run could not finish (secure aggregation left with fewer clients than its threshold)."""
+
+
+def shown(value: object, limit: int = 32) -> str:
+    """A client-supplied value as it may appear in an error or a log line: its repr, cut to `limit`
+    characters with its full length said, so that no message echoes unbounded input back."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(value) if hasattr(value, '__len__') else len(text)} long)"

@@ -31,6 +31,7 @@ from offsite.errors import InvalidUpdateError
 MAGIC = b"OFFSITE-SEAL-2\n"
 _KEY, _NONCE, _TAG, _SIG = 32, 12, 16, 64
 _HEADER = len(MAGIC) + _KEY + _NONCE
+OVERHEAD = _HEADER + _TAG + _SIG  # a sealed envelope's bytes beyond its plaintext
 
 
 @dataclass(frozen=True)

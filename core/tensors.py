@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 
 import torch
 from pathlib import Path
@@ -12,6 +13,11 @@ from safetensors.torch import load, load_file, save
 from offsite.errors import InvalidUpdateError
 
 TensorSpec = dict[str, tuple[list[int], str]]
+# safetensors' dtype codes and item sizes, by torch dtype name
+_DTYPES = {"float64": ("F64", 8), "float32": ("F32", 4), "bfloat16": ("BF16", 2), "float16": ("F16", 2),
+           "int64": ("I64", 8), "uint64": ("U64", 8), "int32": ("I32", 4), "uint32": ("U32", 4), "int16": ("I16", 2),
+           "int8": ("I8", 1), "uint8": ("U8", 1), "bool": ("BOOL", 1)}
+METADATA_SLACK = 1024  # room for a `__metadata__` entry that another safetensors writer may add
 
 
 def to_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
@@ -38,6 +44,20 @@ def spec_digest(spec: TensorSpec) -> str:
     """A stable hash of names, shapes and dtypes: binds an update to the skeleton it was trained from."""
     canonical = json.dumps({k: [list(s), d] for k, (s, d) in sorted(spec.items())}, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def payload_bounds(spec: TensorSpec) -> tuple[int, int]:
+    """The fewest and most bytes a safetensors file holding exactly `spec` can have: the data is exact
+    (elements x item size); the JSON header varies only in its offsets' digits, padding to 8 bytes and an
+    optional metadata entry. Used to refuse, before any byte arrives, an upload no valid update fits."""
+    data = sum(math.prod(shape) * _DTYPES[dtype][1] for shape, dtype in spec.values())
+    most_digits = len(str(data))
+    lo = hi = 2  # the braces
+    for i, (name, (shape, dtype)) in enumerate(sorted(spec.items())):
+        entry = len(f'{json.dumps(name)}:{{"dtype":"{_DTYPES[dtype][0]}","shape":[{",".join(map(str, shape))}],"data_offsets":[,]}}')
+        lo += entry + 2 + (i > 0)
+        hi += entry + 2 * most_digits + (i > 0)
+    return 8 + lo + data, 8 + hi + 7 + METADATA_SLACK + data
 
 
 def check_matches(tensors: dict[str, torch.Tensor], spec: TensorSpec) -> None:

@@ -38,3 +38,18 @@ def test_the_documented_example_job_parses():
     cfg = JobConfig.from_toml(Path(__file__).resolve().parents[1] / "docs" / "job.example.toml")
     assert (cfg.job_id, cfg.rounds, cfg.emulator_layers, cfg.strategy) == ("support-bot", 5, 8, "uniform")
     assert (cfg.min_clients, cfg.round_timeout_s) == (2, 1800)
+
+
+def test_the_aggregation_section_splits_into_weights_rule_and_strategy(tmp_path):
+    (tmp_path / "job.toml").write_text('[job]\nid = "j"\nbase_model = "m"\nclients_per_round = 8\n'
+                                       '[aggregation]\nstrategy = "fedavgm"\nserver_lr = 0.5\ncombine = "multi_krum"\n'
+                                       'byzantine = 2\nkeep = 3\nweighting = "equal"\nmax_weight_share = 0.25\n'
+                                       'max_examples_per_client = 5000\n')
+    cfg = JobConfig.from_toml(tmp_path / "job.toml")
+    assert (cfg.aggregator, cfg.aggregator_params) == ("fedavgm", {"server_lr": 0.5})
+    assert (cfg.combine, cfg.combine_params) == ("multi_krum", {"byzantine": 2, "keep": 3})
+    assert (cfg.weighting, cfg.max_weight_share, cfg.max_examples_per_client) == ("equal", 0.25, 5000)
+    assert JobConfig.from_json(cfg.to_json()) == cfg
+    (tmp_path / "job.toml").write_text('[job]\nid = "j"\nbase_model = "m"\n[aggregation]\ncombine = "median"\ntrim = 0.1\n')
+    with pytest.raises(ConfigError, match="trim"):  # median takes no trim: it lands with the strategy, which refuses it
+        JobConfig.from_toml(tmp_path / "job.toml")

@@ -26,6 +26,7 @@ from offsite.cloud.web import start_web
 from offsite.errors import AlreadyExistsError, InvalidUpdateError, PreconditionError
 from offsite.logs import log_handler
 from offsite.tensors import from_bytes, to_bytes
+from tests.procs import offsite
 from tests.test_rounds import _sealed, _upload, make_world
 
 EVIL = "<script>alert(1)</script>"
@@ -222,3 +223,32 @@ def test_json_log_lines():
     logger.handlers = [log_handler("text", plain)]
     logger.info("hello")
     assert plain.getvalue().rstrip().endswith("offsite.test.json INFO hello")
+
+
+def test_extreme_client_numbers_never_break_the_operators_views(tiny_model, tmp_path):
+    """The largest loss and example count the wire and the job allow, and rows an older coordinator took in
+    before any bound (a loss of 1e17 with 2^62 examples, which made the page answer 500 and the JSON hold
+    Infinity): the page renders, /api/status and `cloud status --json` are strict JSON, losses are clamped."""
+    from offsite.cloud.state import UpdateRecord
+    from offsite.cloud.status import LOSS_SHOWN_MAX
+    c, _, clients, _ = make_world(tiny_model, tmp_path)
+    _upload(c, *clients[0], 0, train_loss=1e6, examples=10**8)
+    c.state.add_update(UpdateRecord("j", 0, clients[1][0].client_id, 2**62, "0" * 64, 1, 0.0, 1e17))
+    c.state.add_update(UpdateRecord("j", 1, clients[2][0].client_id, 2**62, "0" * 64, 1, 0.0, 1e300))
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"not JSON: {name}"))
+
+    web = start_web(c, "127.0.0.1:0")
+    try:
+        status, _, page = _get(f"http://127.0.0.1:{web.port}/")
+        assert status == 200 and PLOT_COLOUR in page.decode()
+        status, _, body = _get(f"http://127.0.0.1:{web.port}/api/status")
+        assert status == 200
+        losses = [p["loss"] for p in strict(body)["jobs"][0]["train_loss"]]
+        assert losses == [LOSS_SHOWN_MAX, LOSS_SHOWN_MAX]
+    finally:
+        web.stop()
+    out = subprocess.run(offsite("cloud", "status", "--state", str(c.layout.root), "--json"), check=True,
+                         capture_output=True, text=True).stdout
+    assert strict(out)["jobs"][0]["train_loss"] == strict(body)["jobs"][0]["train_loss"]

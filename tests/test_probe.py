@@ -20,7 +20,7 @@ def served(tmp_path):
     coordinator = Coordinator.open(layout.root)
     running = start_server(coordinator, layout, "127.0.0.1:0", "127.0.0.1:0")
     yield layout, running
-    running.server.stop(None)
+    running.stop(None)
 
 
 def _closed_port() -> int:
@@ -42,7 +42,7 @@ def test_probe_is_true_only_while_the_coordinator_serves(served, tmp_path):
     other = StateLayout(tmp_path / "other")  # a CA that did not sign this server's certificate
     init_state(other.root, ["x"], ["127.0.0.1"], 3600)
     assert not health_probe.probe(enroll, other.ca_cert, timeout=2)
-    running.health.enter_graceful_shutdown()  # what `serve` does on SIGTERM: drain, and say so
+    running.enter_graceful_shutdown()  # what `serve` does on SIGTERM: drain, and say so
     assert not health_probe.probe(enroll, layout.ca_cert)
     assert health_probe.check(enroll, layout.ca_cert) == (False, "NOT_SERVING")
 
@@ -58,7 +58,7 @@ def test_cli_exit_codes_and_one_line_message(served, capsys):
     assert "UNAVAILABLE" in capsys.readouterr().err
     assert health_probe.main(["--target", args[1], "--ca", str(layout.root / "missing.pem")]) == 1
     assert "cannot read the CA file" in capsys.readouterr().err
-    running.health.enter_graceful_shutdown()
+    running.enter_graceful_shutdown()
     assert offsite_main(["cloud", "probe", *args]) == 1
     assert capsys.readouterr().err.strip().endswith("NOT_SERVING")
 

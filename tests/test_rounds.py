@@ -58,13 +58,13 @@ def _sealed(c, client, signer, round_, payload: bytes) -> bytes:
                 load_sealing_key(c.layout).public_key(), signer)
 
 
-def _upload(c, client, signer, round_, shift=0.0, train_loss=None):
+def _upload(c, client, signer, round_, shift=0.0, train_loss=None, examples=10):
     _, _, art = c.job("j")
     adapter = c.blobs.get(art["adapters"][0])
     if shift:
         adapter = to_bytes({k: v + shift for k, v in from_bytes(adapter).items()})
     envelope = _sealed(c, client, signer, round_, adapter)
-    header = UploadHeader("j", round_, 10, len(envelope), hashlib.sha256(envelope).hexdigest(), train_loss)
+    header = UploadHeader("j", round_, examples, len(envelope), hashlib.sha256(envelope).hexdigest(), train_loss)
     return c.submit_update(client, header, envelope)
 
 
@@ -179,3 +179,53 @@ def test_a_reported_train_loss_survives_a_restart_mid_upload(world):
     restarted.append_upload(client, session.upload_id, half, envelope[half:])
     assert restarted.finish_upload(client, session.upload_id) == (0, 1)
     assert [u.train_loss for u in restarted.state.updates("j")] == [1.75]
+
+
+# Two honest clients move every value by 1 and 2, a third (hostile) by 30; example counts as claimed.
+# Krum (f = 0, n = 3): each score is the squared distance to the one closest other proposal: 1, 1 and
+# 28^2 per value, so client 1 (tie, lowest index) is kept; multi-Krum keeps the two lowest, 1 and 2.
+@pytest.mark.parametrize("job, examples, expected", [
+    ({}, (10, 10, 10), (1 + 2 + 30) / 3),                                       # FedAvg
+    ({"max_weight_share": 1.0}, (10, 10, 80), (10 * 1 + 10 * 2 + 80 * 30) / 100),  # FedAvg, uncapped
+    ({}, (10, 10, 80), (10 * 1 + 10 * 2 + 20 * 30) / 40),   # 80 capped at T = 0.5 * (10 + 10 + T): T = 20
+    ({"weighting": "equal"}, (10, 10, 80), (1 + 2 + 30) / 3),
+    ({"combine": "median"}, (10, 10, 10**6), 2.0),
+    ({"combine": "trimmed_mean", "combine_params": {"trim": 0.34}}, (10, 10, 10), 2.0),
+    ({"combine": "krum", "combine_params": {"byzantine": 0}, "min_clients": 3}, (10, 10, 10), 1.0),
+    ({"combine": "multi_krum", "combine_params": {"byzantine": 0, "keep": 2}, "min_clients": 3}, (10, 10, 10), 1.5),
+])
+def test_how_a_round_combines_and_weighs_its_updates(tiny_model, tmp_path, job, examples, expected):
+    c, _, clients, _ = make_world(tiny_model, tmp_path, rounds=1, **job)
+    for (client, signer), shift, n in zip(clients, (1.0, 2.0, 30.0), examples):
+        _upload(c, client, signer, 0, shift=shift, examples=n)
+    _, _, art = c.job("j")
+    start, new = from_bytes(c.blobs.get(art["adapters"][0])), from_bytes(c.blobs.get(art["adapters"][1]))
+    for k in start:
+        assert torch.allclose(new[k], start[k] + expected, atol=1e-5), k
+
+
+def test_an_example_count_above_the_jobs_bound_is_refused(tiny_model, tmp_path):
+    c, _, clients, _ = make_world(tiny_model, tmp_path, max_examples_per_client=1000)
+    with pytest.raises(InvalidUpdateError, match="max_examples_per_client"):
+        _upload(c, *clients[0], 0, examples=1001)
+    _upload(c, *clients[0], 0, examples=1000)
+    assert [u.num_examples for u in c.state.updates("j")] == [1000]
+
+
+@pytest.mark.parametrize("job, message", [
+    ({"combine": "krum"}, "at least 5 updates"),                      # f = 1 needs n > 4; a round may close with 2
+    ({"combine": "median", "dp_clip": 1.0}, "neither DP"),
+    ({"combine": "median", "secure_aggregation": True}, "nor secure aggregation"),
+    ({"combine": "mean", "combine_params": {"trim": 0.1}}, "takes no parameters"),
+    ({"combine": "trimmed_mean", "combine_params": {"trim": 0.5}}, "trim"),
+    ({"combine": "geometric_median"}, "unknown combiner"),
+    ({"weighting": "loss"}, "weighting"),
+    ({"max_weight_share": 0.0}, "max_weight_share"),
+    ({"max_examples_per_client": 0}, "max_examples_per_client"),
+    ({"rounds": 10**6}, "at most"),
+    ({"job_id": "j" * 65}, "1 to 64"),
+])
+def test_bad_aggregation_settings(job, message):
+    settings = {"job_id": "j", "base_model": "m", "clients_per_round": 3, "min_clients": 2, **job}
+    with pytest.raises(ConfigError, match=message):
+        JobConfig(**settings)

@@ -63,7 +63,7 @@ def env(tiny_model, tmp_path):
     yield e
     for channel in e.channels:
         channel.close()
-    running.server.stop(None)
+    running.stop(None)
 
 
 def _code(call):
@@ -170,7 +170,9 @@ def test_round_closes_with_weighted_average_and_replay_is_refused(env):
     assert nxt.kind == pb.Task.TRAIN and nxt.round == 1
     _, merged = _start(env, a, sa)
     name = next(iter(start))
-    assert torch.allclose(merged[name], start[name] + 3.0, atol=1e-5)  # (10*1 + 20*4) / 30
+    # FedAvg by examples would give (10*1 + 20*4) / 30 = 3; the default max_weight_share 0.5 caps client-2's
+    # 20 at 10, so that neither of two clients weighs more than the other: (10*1 + 10*4) / 20 = 2.5
+    assert torch.allclose(merged[name], start[name] + 2.5, atol=1e-5)
     assert [(u.client_id, u.train_loss) for u in env.coordinator.state.updates("job1")] == [(a.client_id, 1.25), (b.client_id, None)]
 
 
@@ -207,7 +209,12 @@ def test_bad_updates_are_rejected_and_nothing_is_stored(env, kind):
         envelope = _sealed(me, task, _mutations(start)[kind])
     assert _code(lambda: upload(stub, task.job_id, task.round, 10, envelope)) == grpc.StatusCode.INVALID_ARGUMENT
     state = env.coordinator.state
-    assert state.updates("job1") == [] and len(state.rejections("job1")) == 1
+    assert state.updates("job1") == [] and state.uploads("job1", 0) == []
+    if kind in ("wrong shape", "missing tensor", "wrong dtype"):  # refused at BeginUpload if no valid update has
+        refused_early = state.client(me.client_id).bytes_in == 0   # its size, else once every byte was in
+        assert len(state.rejections("job1")) == (0 if refused_early else 1)
+    else:  # refused once every byte was in, and recorded
+        assert len(state.rejections("job1")) == 1
 
 
 @pytest.mark.parametrize("job_id, round_", [("job1", 1), ("job1", 7), ("other-job", 0)])
@@ -342,3 +349,168 @@ def test_creating_an_existing_job_again_is_refused_before_any_build(env, tiny_mo
     with pytest.raises(AlreadyExistsError):
         env.coordinator.create_job(JobConfig(job_id="job1", base_model=str(tiny_model), emulator_layers=1))
     assert manifest.stat().st_mtime_ns == before
+
+
+def _details(call):
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    return err.value.code(), err.value.details()
+
+
+def test_hostile_numbers_and_strings_are_invalid_argument_on_the_wire_with_short_details(env):
+    """One hostile field per RPC: INVALID_ARGUMENT (never UNKNOWN or INTERNAL), a detail that names the
+    field and echoes at most a short prefix, and nothing stored or counted."""
+    me, stub = env.enroll("client-1")
+    task, start = _start(env, me, stub)
+    huge = "x" * 10_000
+    calls = {
+        "Enroll": lambda: env.anon.Enroll(pb.EnrollRequest(token=huge)),
+        "GetTask": lambda: stub.GetTask(pb.GetTaskRequest(job_id=huge)),
+        "GetBlobInfo": lambda: stub.GetBlobInfo(pb.BlobInfoRequest(sha256=huge)),
+        "Download": lambda: list(stub.Download(pb.DownloadRequest(sha256=task.adapter_sha256, first_chunk=2**32 - 1))),
+        "BeginUpload (2^63 examples)": lambda: stub.BeginUpload(pb.UploadHeader(job_id="job1", num_examples=2**63, size=10,
+                                                                              sha256="0" * 64)),
+        "BeginUpload (10 KB job id)": lambda: stub.BeginUpload(pb.UploadHeader(job_id=huge, num_examples=1, size=10,
+                                                                             sha256="0" * 64)),
+        "UploadChunks": lambda: stub.UploadChunks(iter([pb.UploadPart(upload_id="0" * 32, offset=2**64 - 1)])),
+        "Heartbeat": lambda: stub.Heartbeat(pb.HeartbeatRequest(job_id="job1", progress=float("nan"))),
+        "SecAgg": lambda: stub.SecAgg(pb.SecAggRequest(job_id="job1", round=2**32 - 1)),
+    }
+    for what, call in calls.items():
+        code, details = _details(call)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and len(details) < 200, (what, code, details[:300])
+    state = env.coordinator.state
+    assert state.updates("job1") == [] and state.uploads("job1", 0) == [] and state.rejections("job1") == []
+
+
+def test_one_client_cannot_choose_the_global_adapter_by_its_example_count(env):
+    """2^62 examples is refused by the wire, 10^9 by the job's max_examples_per_client; the most a client may
+    claim (10^8) against another's 1000 still weighs only half: max_weight_share."""
+    (a, sa), (b, sb) = env.enroll("client-1"), env.enroll("client-2")
+    task, start = _start(env, a, sa)
+    mine = _sealed(a, task, {k: v + 100.0 for k, v in start.items()})
+    for claim, where in ((2**62, "UploadHeader.num_examples"), (10**9, "max_examples_per_client")):
+        code, details = _details(lambda: upload(sa, task.job_id, task.round, claim, mine))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and where in details
+    upload(sa, task.job_id, task.round, 10**8, mine)
+    upload(sb, task.job_id, task.round, 1000, _sealed(b, task, {k: v + 2.0 for k, v in start.items()}))
+    _, new = _start(env, a, sa)
+    name = next(iter(start))
+    assert torch.allclose(new[name], start[name] + 51.0, atol=1e-4)  # (100 + 2) / 2, not ~100
+
+
+def _header(envelope, num_examples=5):
+    return pb.UploadHeader(job_id="job1", round=0, num_examples=num_examples, size=len(envelope),
+                           sha256=hashlib.sha256(envelope).hexdigest())
+
+
+def test_sizes_no_sealed_update_can_have_are_refused_before_any_byte(env):
+    me, stub = env.enroll("client-1")
+    task, start = _start(env, me, stub)
+    envelope = _sealed(me, task, start)
+    for size in (0, 1, len(envelope) // 2, len(envelope) + 10_000, 1 << 30):
+        code, details = _details(lambda: stub.BeginUpload(pb.UploadHeader(job_id="job1", num_examples=1, size=size,
+                                                                          sha256="0" * 64)))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and ("size" in details or "seals to" in details), (size, details)
+    assert env.coordinator.state.uploads("job1", 0) == [] and not any(env.layout.uploads.iterdir())
+    stub.BeginUpload(_header(envelope))  # the real size opens
+
+
+def test_a_client_holds_one_upload_per_round_a_new_header_replaces_the_old(env):
+    me, stub = env.enroll("client-1")
+    task, start = _start(env, me, stub)
+    first = _sealed(me, task, start)
+    old = stub.BeginUpload(_header(first))
+    stub.UploadChunks(_parts(old.upload_id, first, 0, CHUNK))
+    for _ in range(50):  # distinct headers of the right size, each fed a part: still one upload, one part's bytes
+        fake = bytes(len(first) - 1) + bytes([_ % 251])
+        s = stub.BeginUpload(_header(fake))
+        stub.UploadChunks(_parts(s.upload_id, fake, 0, CHUNK))
+    state = env.coordinator.state
+    assert len(state.client_uploads(me.client_id)) == 1 and state.upload_bytes(me.client_id) == len(first)
+    assert sum(p.stat().st_size for p in env.layout.uploads.iterdir()) == CHUNK
+    resealed = _sealed(me, task, start)  # what a client that crashed after sealing sends next: new bytes, new header
+    assert _code(lambda: stub.UploadChunks(_parts(old.upload_id, first, CHUNK))) == grpc.StatusCode.NOT_FOUND
+    receipt = upload(stub, "job1", 0, 5, resealed)
+    assert receipt.accepted and state.uploads("job1", 0) == [] and not any(env.layout.uploads.iterdir())
+
+
+def test_spool_quotas_per_client_and_in_total(env):
+    from offsite.cloud.limits import Limits
+    (a, sa), (b, sb) = env.enroll("client-1"), env.enroll("client-2")
+    task, start = _start(env, a, sa)
+    ea, eb = _sealed(a, task, start), _sealed(b, task, start)
+    env.coordinator.limits = Limits(spool_bytes_per_client=len(ea) - 1)
+    code, details = _details(lambda: sa.BeginUpload(_header(ea)))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "spool_bytes_per_client" in details
+    env.coordinator.limits = Limits(spool_bytes=len(ea) + len(eb) // 2)
+    sa.BeginUpload(_header(ea))
+    code, details = _details(lambda: sb.BeginUpload(_header(eb)))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "spool_bytes" in details
+    upload(sa, "job1", 0, 5, ea)  # a's upload completes and leaves the spool: b's fits now
+    assert upload(sb, "job1", 0, 5, eb).accepted
+
+
+def test_an_upload_with_no_new_part_expires(env):
+    import os
+    me, stub = env.enroll("client-1")
+    task, start = _start(env, me, stub)
+    envelope = _sealed(me, task, start)
+    session = stub.BeginUpload(_header(envelope))
+    stub.UploadChunks(_parts(session.upload_id, envelope, 0, 2 * CHUNK))
+    c = env.coordinator
+    c._next_sweep = 0.0
+    assert c.expire_uploads() == 0  # fresh
+    (part,) = env.layout.uploads.iterdir()
+    stale = time.time() - c.limits.upload_idle_s - 1
+    os.utime(part, (stale, stale))
+    c._next_sweep = 0.0
+    assert c.expire_uploads() == 1 and c.state.uploads("job1", 0) == [] and not part.exists()
+    assert _code(lambda: stub.UploadChunks(_parts(session.upload_id, envelope, 2 * CHUNK))) == grpc.StatusCode.NOT_FOUND
+    assert stub.BeginUpload(_header(envelope)).offset == 0  # the client starts that upload over
+
+
+def test_the_enrollment_port_caps_connections_without_touching_the_mutual_tls_port(env):
+    """Strangers holding every enrollment connection neither reach the mutual-TLS port's clients nor get a
+    fourth connection; their idle Enroll calls are cut at request_timeout_s."""
+    import asyncio
+    from offsite.cloud.limits import Limits
+    me, _ = env.enroll("client-1")
+    running = start_server(env.coordinator, env.layout, "127.0.0.1:0", "127.0.0.1:0",
+                           Limits(enroll_connections=3, request_timeout_s=2.0))
+    ca = env.layout.ca_cert.read_bytes()
+
+    async def never():
+        await asyncio.Event().wait()
+        yield pb.EnrollRequest()
+
+    async def hold():
+        def channel():
+            return grpc.aio.secure_channel(f"localhost:{running.enroll_port}", grpc.ssl_channel_credentials(ca),
+                                           options=[("grpc.use_local_subchannel_pool", 1)])
+        held = [channel() for _ in range(3)]
+        calls = [ch.stream_unary("/offsite.v1.Coordinator/Enroll", pb.EnrollRequest.SerializeToString,
+                                 pb.EnrollResponse.FromString)(never()) for ch in held]
+        await asyncio.sleep(0.5)
+        fourth = channel()
+        try:
+            await fourth.unary_unary("/offsite.v1.Coordinator/Enroll", pb.EnrollRequest.SerializeToString,
+                                     pb.EnrollResponse.FromString)(pb.EnrollRequest(token="t"), timeout=2)
+            refused = grpc.StatusCode.OK
+        except grpc.aio.AioRpcError as e:
+            refused = e.code()
+        main = grpc.secure_channel(f"localhost:{running.port}", grpc.ssl_channel_credentials(ca, me.tls_key_pem, me.certificate_pem))
+        task = pb_grpc.CoordinatorStub(main).GetTask(pb.GetTaskRequest(job_id="job1"), timeout=2)
+        main.close()
+        cut = [e.code() for e in await asyncio.gather(*calls, return_exceptions=True)]
+        for ch in held + [fourth]:
+            await ch.close()
+        return refused, task, cut
+
+    try:
+        refused, task, cut = asyncio.run(hold())
+    finally:
+        running.stop(None)
+    assert refused in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)  # no fourth connection
+    assert task.kind == pb.Task.TRAIN
+    assert cut == [grpc.StatusCode.DEADLINE_EXCEEDED] * 3

@@ -125,10 +125,15 @@ class CoordinatorServicer:
         client that restarts with the same sealed bytes gets the same id and the offset the coordinator
         already holds durably.
         UNAUTHENTICATED      no valid client certificate, or the client is unknown or revoked
-        INVALID_ARGUMENT     size or SHA-256 malformed, num_examples < 1, train_loss negative or not finite
+        INVALID_ARGUMENT     size or SHA-256 malformed, a size no sealed update of the job can have,
+        num_examples outside 1..the job's max_examples_per_client, train_loss
+        negative or not finite
         FAILED_PRECONDITION  wrong job or round, or the round is closed
         ALREADY_EXISTS       this client's update for this round was already accepted
-        RESOURCE_EXHAUSTED   the update is larger than the job allows
+        RESOURCE_EXHAUSTED   the update is larger than the job allows, or the upload spool (in total or
+        this client's share) is full
+        A client has one open upload per job and round: a new header replaces its unfinished one, whose
+        id then reads as NOT_FOUND. An upload with no new part for a while expires.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
