@@ -16,12 +16,11 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from offsite.cloud.coordinator import Task, UploadHeader
+from offsite.cloud.job import MAX_EXAMPLES, MAX_ROUNDS
 from offsite.errors import InvalidRequestError, shown
 from offsite.protos.offsite.v1 import coordinator_pb2 as pb
 from offsite.transport import MAX_MESSAGE_BYTES
 
-MAX_ROUNDS = 100_000           # also the most rounds a job may have (offsite.cloud.job)
-MAX_EXAMPLES = 2**53           # an example count stays exact in float64; a job's own bound is far lower
 MAX_BLOB_BYTES = 2**40         # sizes and offsets
 MAX_ROSTER = 10_000            # clients in one secure-aggregation run
 ID_CHARS = 160                 # client ids (a name from `cloud init` and 9 more characters)

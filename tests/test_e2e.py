@@ -47,23 +47,69 @@ def run_job(tmp_path, tiny_model, client_data, names, job_extra="", during=None)
     return state, json.loads((state / "jobs" / "e2e" / "report.json").read_text())
 
 
-def test_one_round_over_mutual_tls_with_real_processes(tiny_model, client_data, tmp_path):
-    state, report = run_job(tmp_path, tiny_model, client_data, ["client-1", "client-2"], "rounds = 1\nclients_per_round = 2\n")
-    assert [c["rounds_participated"] for c in report["clients"]] == [1, 1]
+def test_one_round_over_mutual_tls_with_real_processes_and_a_hostile_client(tiny_model, client_data, tmp_path):
+    """Two real clients train; a third, hostile one (the project's own client code, its update scaled far
+    off) uploads start + 5 everywhere. With combine = "median" the next global adapter stays between the
+    honest proposals; FedAvg over the same stored updates (computed here) is pulled 5/3 towards the attacker."""
+    from offsite.client.identity import enroll
+    from offsite.client.transfer import download_blob, upload
+    from offsite.cloud.aggregate import WeightedMean
+    from offsite.cloud.blobs import BlobStore
+    from offsite.protos.offsite.v1 import coordinator_pb2 as pb
+    from offsite.protos.offsite.v1 import coordinator_pb2_grpc as pb_grpc
+    from offsite.sealing import SealContext, seal
+    from offsite.tensors import from_bytes, load_blob, to_bytes
+    from offsite.transport import secure_channel
+
+    def attack(state, ports):
+        ca = state / "tls" / "ca.pem"
+        with secure_channel(f"localhost:{ports['enroll_port']}", ca) as ch:
+            me = enroll(pb_grpc.CoordinatorStub(ch), (state / "tokens" / "attacker.token").read_text().strip(), tmp_path / "attacker")
+        with secure_channel(f"localhost:{ports['port']}", ca, me.tls_key_pem, me.certificate_pem) as ch:
+            stub = pb_grpc.CoordinatorStub(ch)
+            task = stub.GetTask(pb.GetTaskRequest(job_id="e2e"))
+            start = from_bytes(download_blob(stub, task.adapter_sha256, tmp_path / "start.safetensors").read_bytes())
+            scaled = {k: v + 5.0 for k, v in start.items()}
+            envelope = seal(to_bytes(scaled), SealContext("e2e", 0, me.client_id, task.skeleton_digest), me.coordinator_key,
+                            me.signing_key)
+            assert upload(stub, "e2e", 0, 40, envelope).accepted
+
+    state, report = run_job(tmp_path, tiny_model, client_data, ["client-1", "client-2", "attacker"],
+                            'rounds = 1\nclients_per_round = 3\n[aggregation]\ncombine = "median"\n', during=attack)
+    assert [(c["id"], c["rounds_participated"]) for c in report["clients"]] == [("attacker", 1), ("client-1", 1), ("client-2", 1)]
     assert all(c["upload_bytes"] > 0 and c["train_examples"] == 40 for c in report["clients"])
     assert report["transport"] == {"tls": True, "sealed_updates": True}
     assert set(report["eval"]) == {"all", "client-1", "client-2"}
     assert report["emulator"] == {"strategy": "uniform", "attn_rank": None, "quantized": None, "distill_steps": 0}
     # the exported model is the base with the aggregated adapter, loadable with plain transformers
-    exported = AutoModelForCausalLM.from_pretrained(report["export_dir"])
+    exported = dict(AutoModelForCausalLM.from_pretrained(report["export_dir"]).state_dict())
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model))
     status = json.loads(subprocess.run(offsite("cloud", "status", "--state", str(state), "--json"),
-                                       check=True, capture_output=True, text=True).stdout)
-    assert status["jobs"][0]["status"] == "done" and len(status["jobs"][0]["updates"]) == 2
+                                       check=True, capture_output=True, text=True).stdout)["jobs"][0]
+    assert status["status"] == "done" and len(status["updates"]) == 3
     name = "model.layers.0.self_attn.q_proj.weight"
-    assert not torch.equal(exported.state_dict()[name], base.state_dict()[name])  # the adapter was trained
+    assert not torch.equal(exported[name], base.state_dict()[name])  # the adapter was trained
     middle = "model.layers.3.mlp.up_proj.weight"
-    assert torch.equal(exported.state_dict()[middle], base.state_dict()[middle])  # the middle never changes
+    assert torch.equal(exported[middle], base.state_dict()[middle])  # the middle never changes
+
+    blobs = BlobStore(state / "blobs")
+    updates = {u["client_id"].rsplit("-", 1)[0]: load_blob(blobs.open_path(u["blob_sha256"])) for u in status["updates"]}
+    honest = {k: (updates["client-1"][k].double() + updates["client-2"][k].double()) / 2 for k in updates["attacker"]}
+    fedavg = WeightedMean()
+    for u in updates.values():
+        fedavg.add(u, 1.0)
+    fedavg = fedavg.result()
+
+    def distance(tensors):  # L2 distance to the honest mean, per value
+        diff = sum(float((tensors[k].double() - honest[k]).square().sum()) for k in honest)
+        return (diff / sum(v.numel() for v in honest.values())) ** 0.5
+
+    spread = distance({k: updates["client-1"][k] for k in honest})  # half the honest proposals' own distance
+    robust = distance({k: exported[k] for k in honest})
+    print(f"\nper-value distance to the honest mean: median {robust:.4g}, FedAvg {distance(fedavg):.4g}, "
+          f"honest spread {spread:.4g}")
+    assert robust <= spread + 1e-6           # the median sits between the honest proposals, coordinate by coordinate
+    assert distance(fedavg) > 1.6            # FedAvg moved 5/3 per value toward the attacker
 
 
 def test_a_dp_job_closes_rounds_without_the_missing_client_and_reports_epsilon(tiny_model, client_data, tmp_path):
@@ -110,56 +156,3 @@ def test_a_secure_aggregation_job_with_dp_runs_over_real_processes(tiny_model, c
     assert report["rejected_updates"] == []
     masked = 8 * (report["split"]["adapter_params"] + 1)  # one uint64 per adapter value, and the weight
     assert all(2 * masked < c["upload_bytes"] < 2 * masked + 4096 for c in report["clients"])
-
-
-def test_a_robust_rule_keeps_the_global_adapter_near_the_honest_mean_against_a_scaled_update(tiny_model, client_data, tmp_path):
-    """Two real clients train; a third, hostile one (the project's own client code, its update scaled far
-    off) uploads start + 5 everywhere. With combine = "median" the next global adapter stays between the
-    honest proposals; FedAvg over the same stored updates (computed here) is pulled 5/3 towards the attacker."""
-    from offsite.client.identity import enroll
-    from offsite.client.transfer import download_blob, upload
-    from offsite.cloud.aggregate import WeightedMean
-    from offsite.cloud.blobs import BlobStore
-    from offsite.protos.offsite.v1 import coordinator_pb2 as pb
-    from offsite.protos.offsite.v1 import coordinator_pb2_grpc as pb_grpc
-    from offsite.sealing import SealContext, seal
-    from offsite.tensors import from_bytes, load_blob, to_bytes
-    from offsite.transport import secure_channel
-
-    def attack(state, ports):
-        ca = state / "tls" / "ca.pem"
-        with secure_channel(f"localhost:{ports['enroll_port']}", ca) as ch:
-            me = enroll(pb_grpc.CoordinatorStub(ch), (state / "tokens" / "attacker.token").read_text().strip(), tmp_path / "attacker")
-        with secure_channel(f"localhost:{ports['port']}", ca, me.tls_key_pem, me.certificate_pem) as ch:
-            stub = pb_grpc.CoordinatorStub(ch)
-            task = stub.GetTask(pb.GetTaskRequest(job_id="e2e"))
-            start = from_bytes(download_blob(stub, task.adapter_sha256, tmp_path / "start.safetensors").read_bytes())
-            scaled = {k: v + 5.0 for k, v in start.items()}
-            envelope = seal(to_bytes(scaled), SealContext("e2e", 0, me.client_id, task.skeleton_digest), me.coordinator_key,
-                            me.signing_key)
-            assert upload(stub, "e2e", 0, 40, envelope).accepted
-
-    state, report = run_job(tmp_path, tiny_model, client_data, ["client-1", "client-2", "attacker"],
-                            'rounds = 1\nclients_per_round = 3\n[aggregation]\ncombine = "median"\n', during=attack)
-    status = json.loads(subprocess.run(offsite("cloud", "status", "--state", str(state), "--json"), check=True,
-                                       capture_output=True, text=True).stdout)["jobs"][0]
-    blobs = BlobStore(state / "blobs")
-    updates = {u["client_id"].rsplit("-", 1)[0]: load_blob(blobs.open_path(u["blob_sha256"])) for u in status["updates"]}
-    assert sorted(updates) == ["attacker", "client-1", "client-2"]
-    honest = {k: (updates["client-1"][k].double() + updates["client-2"][k].double()) / 2 for k in updates["attacker"]}
-    fedavg = WeightedMean()
-    for u in updates.values():
-        fedavg.add(u, 1.0)
-    fedavg = fedavg.result()
-    exported = dict(AutoModelForCausalLM.from_pretrained(report["export_dir"]).state_dict())
-
-    def distance(tensors):  # L2 distance to the honest mean, per value
-        diff = sum(float((tensors[k].double() - honest[k]).square().sum()) for k in honest)
-        return (diff / sum(v.numel() for v in honest.values())) ** 0.5
-
-    spread = distance({k: updates["client-1"][k] for k in honest})  # half the honest proposals' own distance
-    robust = distance({k: exported[k] for k in honest})
-    print(f"\nper-value distance to the honest mean: median {robust:.4g}, FedAvg {distance(fedavg):.4g}, "
-          f"honest spread {spread:.4g}")
-    assert robust <= spread + 1e-6           # the median sits between the honest proposals, coordinate by coordinate
-    assert distance(fedavg) > 1.6            # FedAvg moved 5/3 per value toward the attacker
