@@ -58,10 +58,6 @@ def train_loss_by_round(updates: list[UpdateRecord]) -> list[dict]:
         if u.train_loss is not None:
             loss = min(max(u.train_loss, 0.0), LOSS_SHOWN_MAX) if math.isfinite(u.train_loss) else LOSS_SHOWN_MAX
             by_round.setdefault(u.round, []).append((loss, float(u.num_examples)))
-    out = []
-    for r, pairs in sorted(by_round.items()):
-        total = sum(w for _, w in pairs)  # the weighted mean of values in [0, max] stays in it, scaled by the largest
-        top = max(w for _, w in pairs)
-        mean = math.fsum(loss * (w / top) for loss, w in pairs) / (total / top)
-        out.append({"round": r, "loss": min(mean, LOSS_SHOWN_MAX), "clients": len(pairs)})
-    return out
+    # clamped losses times counts below 2^64 stay far inside float range; the mean is clamped again for rounding
+    return [{"round": r, "loss": min(math.fsum(loss * w for loss, w in pairs) / math.fsum(w for _, w in pairs), LOSS_SHOWN_MAX),
+             "clients": len(pairs)} for r, pairs in sorted(by_round.items())]
