@@ -31,7 +31,6 @@ import argparse
 import hashlib
 import json
 import os
-import sys
 import tempfile
 import time
 from concurrent import futures
@@ -81,8 +80,7 @@ def bare_server(data: bytes, chunk: int, layout):
 
 
 def bench_download(args, tmp: Path) -> dict:
-    sys.path.insert(0, str(ROOT))
-    from tests.conftest import make_tiny_model
+    from offsite.demo.tiny import make_tiny_model
     from offsite.client.identity import enroll
     from offsite.client.transfer import download_blob
     from offsite.cloud.coordinator import Coordinator

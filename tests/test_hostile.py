@@ -29,7 +29,7 @@ from offsite.protos.offsite.v1 import coordinator_pb2 as pb
 from offsite.protos.offsite.v1 import coordinator_pb2_grpc as pb_grpc
 from offsite.sealing import SealContext, seal
 from offsite.transport import CHANNEL_OPTIONS, secure_channel
-from tests.conftest import make_tiny_model
+from offsite.demo.tiny import make_tiny_model
 from tests.procs import offsite
 
 ATTACKERS, CUT_S = 25, 3.0      # 25 enrolled identities x 8 calls (calls_per_client) on the mutual-TLS port

@@ -16,7 +16,7 @@ from offsite.emulator.quantize import tensor_bytes_by_block
 from offsite import lm
 from offsite.tensors import spec_digest, spec_of
 from offsite.textdata import read_texts
-from tests.conftest import make_tiny_model
+from offsite.demo.tiny import make_tiny_model
 
 KINDS = {"nf4": "Linear4bit", "int8": "Linear8bitLt"}
 
