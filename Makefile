@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test protos clean
+.PHONY: demo test images protos clean
 
 # The CPU wheel of torch goes in first: an unpinned torch would pull gigabytes of CUDA packages.
 $(STAMP): pyproject.toml
@@ -18,6 +18,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The coordinator and client images, offline: a wheelhouse made here, a base image (a registry's, else one
+# made from Debian packages), then `docker build --network none` (deploy/images.sh says which base it used).
+images: $(STAMP)
+	PY=$(BIN)/python deploy/images.sh
 
 protos: $(STAMP)
 	$(BIN)/python protos/generate.py

@@ -4,10 +4,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from transformers.utils import logging as hf_logging
 
+from offsite.demo.base import BaseConfig
 from offsite.demo.run import DemoSettings, prepare, run_demo
 
 
@@ -22,6 +24,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m offsite.demo", description=__doc__)
     parser.add_argument("--out", default="runs/demo", help="run folder (the base model is cached in it)")
     parser.add_argument("--rounds", type=int, default=DemoSettings.rounds)
+    parser.add_argument("--records", type=int, default=DemoSettings.n_train, help="training records per client")
+    parser.add_argument("--epochs", type=float, default=DemoSettings.epochs, help="local epochs per round")
+    parser.add_argument("--base-steps", type=int, default=BaseConfig.steps,
+                        help="pretraining steps of the base model (fewer: the middle blocks matter less, see README)")
     parser.add_argument("--distill-steps", type=int, default=DemoSettings.distill_steps,
                         help="emulator distillation steps on the general corpus (0: plain uniform drop)")
     parser.add_argument("--secure-aggregation", action="store_true",
@@ -36,8 +42,9 @@ def main() -> int:
     args = parser.parse_args()
     hf_logging.disable_progress_bar()
     started = time.perf_counter()
-    settings = DemoSettings(rounds=args.rounds, distill_steps=args.distill_steps, secure_aggregation=args.secure_aggregation,
-                            dp_noise=args.dp_noise, dp_clip=args.dp_clip)
+    settings = DemoSettings(rounds=args.rounds, n_train=args.records, epochs=args.epochs, distill_steps=args.distill_steps,
+                            secure_aggregation=args.secure_aggregation, dp_noise=args.dp_noise, dp_clip=args.dp_clip,
+                            base=replace(BaseConfig(), steps=args.base_steps))
     if args.prepare_only:
         prepare(Path(args.out).resolve(), settings)
         print(f"demo inputs ready in {args.out} ({time.perf_counter() - started:.0f} s); job: {Path(args.out) / 'job.toml'}")

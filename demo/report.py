@@ -34,16 +34,17 @@ def _made(e: dict) -> str:
     return ", ".join(parts)
 
 
-def checks(report: dict) -> list[str]:
-    """What must hold in every demo run; returns the failures."""
+def checks(report: dict, min_gap_closure: float = 0.5) -> list[str]:
+    """What must hold in every demo run; returns the failures. `make demo` asks gap_closure >= 0.5; a smaller
+    job (tests/test_containers.py) learns less and asks less of it."""
     problems = []
     for name, row in report["eval"].items():
         if not row["plug_in"] < row["full_zero_shot"]:
             problems.append(f"{name}: plug_in {row['plug_in']} is not below full_zero_shot {row['full_zero_shot']}")
     if not report["protection"]["emulator"] > report["protection"]["full"]:
         problems.append(f"protection: emulator {report['protection']['emulator']} is not worse than full {report['protection']['full']}")
-    if report["gap_closure"] < 0.5:
-        problems.append(f"gap_closure {report['gap_closure']} < 0.5")
+    if report["gap_closure"] < min_gap_closure:
+        problems.append(f"gap_closure {report['gap_closure']} < {min_gap_closure}")
     if abs(report["export_reload_plug_in"] - report["eval"]["all"]["plug_in"]) > 1e-3:
         problems.append(f"exported model reloads with loss {report['export_reload_plug_in']}, not the plug-in's")
     return problems

@@ -181,7 +181,7 @@ def run_demo(out: Path, s: DemoSettings, dp_noises: list[float] = ()) -> bool:
     report["gap_closure"] = round((a["full_zero_shot"] - a["plug_in"]) / (a["full_zero_shot"] - a["central_full_finetune"]), 4)
     report["central_epochs"] = s.epochs * s.rounds
     report["federated_seconds"] = round(federated_s, 1)
-    report["export_reload_plug_in"] = _reload_check(Path(report["export_dir"]), folders, s.max_length)
+    report["export_reload_plug_in"] = reload_check(Path(report["export_dir"]), folders, s.max_length)
     if dp_noises:
         report["dp_sweep"] = dp_sweep(out, s, base_dir, folders, list(dp_noises))
         if report["dp_sweep"] is None:
@@ -195,7 +195,7 @@ def run_demo(out: Path, s: DemoSettings, dp_noises: list[float] = ()) -> bool:
     return not problems
 
 
-def _reload_check(export_dir: Path, folders: list[Path], max_length: int) -> float:
+def reload_check(export_dir: Path, folders: list[Path], max_length: int) -> float:
     """Load the export with plain transformers and measure its loss on all held-out data again."""
     model = AutoModelForCausalLM.from_pretrained(str(export_dir))
     tokenizer = AutoTokenizer.from_pretrained(str(export_dir))

@@ -77,6 +77,21 @@ def dockerignored(path: str, pattern: str) -> bool:
     return any(re.fullmatch(regex.replace(r"\?", "[^/]"), "/".join(parts[:i])) for i in range(1, len(parts) + 1))
 
 
+def kept_out(path: str, patterns: list[str]) -> str | None:
+    """The .dockerignore pattern that keeps `path` out of the build context, or None: the last pattern that
+    matches decides, and one starting with `!` lets the path back in."""
+    verdict = None
+    for pattern in patterns:
+        if dockerignored(path, pattern.removeprefix("!")):
+            verdict = None if pattern.startswith("!") else pattern
+    return verdict
+
+
+def interpolate(text: str) -> str:
+    """What compose makes of a file with an empty environment: ${VAR:-default} -> default, $$ -> $."""
+    return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", text).replace("$$", "$")
+
+
 def k8s_objects() -> list[tuple[Path, dict]]:
     return [(p, doc) for p in K8S_FILES for doc in yaml.safe_load_all(p.read_text()) if doc is not None]
 
@@ -188,8 +203,7 @@ def port(address: str) -> int:
 
 
 def compose_commands(service: dict, image_entry: dict[str, list[str] | None]) -> list[list[str]]:
-    target = service.get("build", {}).get("target")
-    entry = service.get("entrypoint", image_entry.get(target))
+    entry = service.get("entrypoint", image_entry.get(IMAGES.get(service.get("image"))))
     command = service.get("command", [])
     assert isinstance(entry, list) and isinstance(command, list), "write entrypoint and command as lists"
     argvs = expand(entry + command)
@@ -210,24 +224,21 @@ def container_commands(container: dict) -> list[list[str]]:
 
 
 # --- the image --------------------------------------------------------------------------------------
-def test_dockerfile_copies_what_exists_and_the_context_keeps_it():
+def test_dockerfile_installs_only_the_wheelhouse_and_the_context_keeps_it():
+    """The images build offline: the only thing copied in is the wheelhouse `make images` makes (the project's
+    own wheel is in it), pip installs with --no-index, and the wheelhouse stays in a stage of its own."""
     instructions = dockerfile()
-    sources = copy_sources(instructions)
-    assert {"pyproject.toml", "core", "cloud", "client", "emulator", "protos", "demo"} <= set(sources)
-    for source in sources:
-        assert (ROOT / source).exists(), f"deploy/Dockerfile copies {source}, which the repository does not have"
-    ignored = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
-               if line.strip() and not line.startswith("#")]
-    assert not any(p.startswith("!") for p in ignored), "exceptions (!) are beyond this check"
-    for source in sources:  # every file the build copies, generated ones aside, must reach the daemon
-        files = [source] if (ROOT / source).is_file() else [
-            str(p.relative_to(ROOT)) for p in (ROOT / source).rglob("*")
-            if p.is_file() and "__pycache__" not in p.parts and not any(q.endswith(".egg-info") for q in p.parts)]
-        for file in files:
-            hit = next((p for p in ignored if dockerignored(file, p)), None)
-            assert hit is None, f".dockerignore's {hit!r} keeps {file} out of the build context; the Dockerfile copies it"
-    for heavy in (".venv", "runs", ".git"):
-        assert heavy in ignored, f"{heavy} would be sent to the Docker daemon with every build"
+    assert copy_sources(instructions) == ["build/wheelhouse"]
+    runs = [rest for word, rest in instructions if word == "RUN" and "pip install" in rest]
+    assert runs and all("--no-index" in r for r in runs), f"pip must not reach an index: {runs}"
+    wheel_stage = [rest.split()[-1] for word, rest in instructions if word == "FROM"][1]
+    assert ("COPY", f"--from={wheel_stage} /opt/venv /opt/venv") in instructions
+    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    for file in ("build/wheelhouse/offsite-0.1.0-py3-none-any.whl", "build/wheelhouse/torch-2.13.0+cpu.whl"):
+        assert kept_out(file, patterns) is None, f".dockerignore keeps {file} out of the build context"
+    for heavy in (".venv", "runs", ".git", "build/lib/offsite/cli.py", "tests/x.key", "state/tokens/a.token"):
+        assert kept_out(heavy, patterns), f"{heavy} would be sent to the Docker daemon with every build"
     entry = stages(instructions)
     assert {"coordinator", "client"} <= set(entry)
     assert entry["coordinator"] == entry["client"] == ["offsite"]
@@ -238,20 +249,18 @@ def test_dockerfile_copies_what_exists_and_the_context_keeps_it():
 
 
 # --- compose ----------------------------------------------------------------------------------------
-def test_compose_builds_from_the_repository_and_its_commands_parse():
-    compose = yaml.safe_load(COMPOSE.read_text())
+IMAGES = {"offsite-coordinator:dev": "coordinator", "offsite-client:dev": "client"}  # what `make images` tags
+
+
+def test_compose_runs_the_images_hardened_and_its_commands_parse():
+    compose = yaml.safe_load(interpolate(COMPOSE.read_text()))
     services, volumes = compose["services"], set(compose.get("volumes", {}))
     entry = stages(dockerfile())
     argvs = []
     for name, service in services.items():
-        build = service.get("build")
-        if build:
-            context = (COMPOSE.parent / build["context"]).resolve()
-            assert context == ROOT, f"{name}: build context {context} is not the repository root"
-            assert (context / build["dockerfile"]).is_file(), f"{name}: no {build['dockerfile']} in {context}"
-            assert build.get("target") in entry, f"{name}: target {build.get('target')} is no stage of the Dockerfile"
-        else:
-            assert "image" in service, f"{name}: neither build nor image"
+        assert IMAGES.get(service.get("image")) in entry and "build" not in service, \
+            f"{name}: runs an image `make images` builds ({', '.join(IMAGES)}), not a build of its own"
+        assert service.get("read_only") is True and service.get("tmpfs") == ["/tmp"], f"{name}: a read-only root, /tmp in memory"
         for other in service.get("depends_on", {}):
             assert other in services, f"{name} depends on {other}, which compose does not define"
         for mount in service.get("volumes", []):
@@ -271,14 +280,26 @@ def test_compose_builds_from_the_repository_and_its_commands_parse():
     probe = one(parsed, "python -m offsite.cloud.probe")
     assert probe.ca == str(layout.ca_cert)
     assert port(probe.target) == port(serve.enroll_address) and probe.target.rpartition(":")[0] in init.host
-    copies = [argv for argv in argvs if argv[0] == "cp"]
-    handed = {str(Path(argv[-1]) / Path(src).name): src for argv in copies for src in argv[1:-1]}  # where -> from
-    clients = every(parsed, "offsite client run")
-    assert sorted(Path(c.token_file).stem for c in clients) == sorted(names), "one client per token"
-    for c in clients:
+    # What setup copies, by the volume it lands in (setup and the clients mount the volumes at other paths).
+    def in_volume(service: dict, path: str) -> tuple[str, str]:
+        for mount in service.get("volumes", []):
+            volume, where = mount.split(":")[:2]
+            if path.startswith(where.rstrip("/") + "/"):
+                return volume, path[len(where.rstrip("/")) + 1:]
+        raise AssertionError(f"{path} is on no volume of the service")
+    copies = [argv for argv in compose_commands(services["setup"], entry) if argv[0] == "cp"]
+    handed = {in_volume(services["setup"], str(Path(argv[-1]) / Path(src).name)): src for argv in copies for src in argv[1:-1]}
+    clients = {n: next(p for _, p in parse_all(compose_commands(s, entry))) for n, s in services.items() if n.startswith("client-")}
+    assert sorted(Path(c.token_file).stem for c in clients.values()) == sorted(names), "one client per token"
+    for service_name, c in clients.items():
         name = Path(c.token_file).stem
-        assert handed.get(c.token_file) == str(layout.tokens / f"{name}.token"), f"{c.token_file}: not what init wrote"
-        assert handed.get(c.ca) == str(layout.ca_cert), f"{c.ca} is not the coordinator's CA certificate"
+        service = services[service_name]
+        token, ca = in_volume(service, c.token_file), in_volume(service, c.ca)
+        assert handed.get(token) == str(layout.tokens / f"{name}.token"), f"{c.token_file}: not what init wrote"
+        assert handed.get(ca) == str(layout.ca_cert), f"{c.ca} is not the coordinator's CA certificate"
+        # the client's handout volume holds the CA and its own token, nothing else; it never sees the state
+        assert sorted(f for v, f in handed if v == token[0]) == sorted([Path(layout.ca_cert).name, f"{name}.token"])
+        assert all(not m.startswith("state:") for m in service["volumes"]), f"{service_name} mounts the coordinator's state"
         assert c.data == f"{prepared.out}/data/{name}/train.jsonl" and c.heldout == f"{prepared.out}/data/{name}/heldout.jsonl"
         host, _, p = c.server.rpartition(":")
         assert host in services and host in init.host, f"{c.server}: not the coordinator's service and certificate name"
