@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import torch
 
-from offsite import failpoints, lm
+from offsite import failpoints, lm, precision
 from offsite.checkpoint import Checkpointer
 from offsite.client.identity import enroll, load_identity
 from offsite.client.train import LocalTrainer, RoundResult
@@ -184,9 +184,10 @@ def _train(stub, task, trainer: LocalTrainer, me, cfg: ClientConfig, live: Liven
     """Train the round; the result holds the update (the method's trainable tensors) and the training stats."""
     adapter_path = retried(lambda: download_blob(stub, task.adapter_sha256, _global_adapter(cfg, task)), "download adapter")
     t = task.training
-    cuda = cfg.device.startswith("cuda")
+    compute = precision.choose(cfg.device)
+    log.info("client %s: %s", me.client_id, compute.describe(trainer.stored_dtype))
     train_cfg = lm.TrainConfig(epochs=t.epochs, lr=t.lr, batch_size=t.batch_size, seed=t.seed + 1000 * task.round,
-                               bf16=cuda or lm.cpu_has_fast_bf16(), grad_accum=max(t.grad_accum, 1),
+                               bf16=compute.autocast, grad_accum=max(t.grad_accum, 1),
                                gradient_checkpointing=t.gradient_checkpointing)
 
     def on_step(step: int, total: int) -> None:
@@ -200,7 +201,8 @@ def _train(stub, task, trainer: LocalTrainer, me, cfg: ClientConfig, live: Liven
     checkpoint = Checkpointer(cfg.workdir / "checkpoints", hashlib.sha256(key.encode()).hexdigest(), cfg.checkpoint_every)
     result = trainer.train_round(from_bytes(adapter_path.read_bytes()), task.skeleton_digest, train_cfg, method,
                                  desc=f"{me.client_id} round {task.round + 1}/{task.total_rounds}",
-                                 show_progress=cfg.show_progress, on_step=on_step, checkpoint=checkpoint)
+                                 show_progress=cfg.show_progress, on_step=on_step, checkpoint=checkpoint,
+                                 upload_dtype=precision.parse_dtype(t.upload_dtype) if t.upload_dtype else None)
     log.info("client %s: round %d trained with %s (%d trainable params, %d steps, %.0f tok/s, peak memory %.0f MiB, "
              "local held-out %s -> %s)", me.client_id, task.round + 1, method.name, result.trainable_params,
              result.stats.steps, result.stats.tokens_per_s, result.stats.peak_memory_bytes / 2**20,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from offsite import lm
+from offsite import lm, precision
 from offsite.checkpoint import Checkpointer
 from offsite.emulator import methods
 from offsite.emulator.bundle import load_bundle
@@ -41,7 +41,9 @@ class LocalTrainer:
     def __init__(self, bundle_dir: Path, examples: list[Example | str], heldout: list[Example | str] | None,
                  max_length: int, pack: bool = False, device: str = "cpu"):
         self.bundle_dir, self.device = bundle_dir, device
-        _, self.tokenizer, self.plan = load_bundle(bundle_dir)
+        model, self.tokenizer, self.plan = load_bundle(bundle_dir)
+        self.stored_dtype = precision.stored_dtype(model)  # the bundle's: what its frozen weights stay in
+        del model
         rows = self._encode(examples, 10**9 if pack else max_length)
         self.train_set = lm.pack(rows, max_length) if pack else rows  # packed: fewer, fuller sequences
         self.heldout = self._encode(heldout, max_length) if heldout else None
@@ -54,9 +56,10 @@ class LocalTrainer:
 
     def train_round(self, start: dict[str, torch.Tensor], skeleton_digest: str, cfg: lm.TrainConfig,
                     method: methods.MethodConfig = methods.MethodConfig(), desc: str = "train",
-                    show_progress: bool = True, on_step=None, checkpoint: Checkpointer | None = None) -> RoundResult:
+                    show_progress: bool = True, on_step=None, checkpoint: Checkpointer | None = None,
+                    upload_dtype: torch.dtype | None = None) -> RoundResult:
         """Train one round from `start`. Seeded: the same inputs give the same update, interrupted
-        (with a checkpoint) or not."""
+        (with a checkpoint) or not. The update is cast to `upload_dtype` (None: fp32, as it trained)."""
         if spec_digest(spec_of(start)) != skeleton_digest:
             raise IntegrityError("the global adapter does not match the job's skeleton digest")
         model, _, _ = load_bundle(self.bundle_dir, self.device)
@@ -70,5 +73,5 @@ class LocalTrainer:
         stats = lm.train(model, self.train_set, params, self.tokenizer.pad_token_id, cfg, desc, show_progress, on_step,
                          checkpoint, optimizer=_paged_adamw_8bit if self.device.startswith("cuda") else None,
                          **methods.training_hooks(model, method))
-        return RoundResult(methods.trainable_state(model, self.plan, method), stats, before, self._heldout_loss(model),
+        return RoundResult(methods.trainable_state(model, self.plan, method, dtype=upload_dtype), stats, before, self._heldout_loss(model),
                            sum(p.numel() for p in params))

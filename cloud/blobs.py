@@ -5,13 +5,15 @@ Blobs are served in chunks, each with its own SHA-256, so a client verifies ever
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import shutil
 import threading
 from typing import Iterator
 from pathlib import Path
 
 from offsite.errors import NotFoundError
-from offsite.files import atomic_write, sha256_bytes
+from offsite.files import atomic_write, sha256_bytes, sha256_file
 
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
@@ -36,7 +38,23 @@ class BlobStore:
         return digest
 
     def put_file(self, src: str | Path) -> str:
-        return self.put(Path(src).read_bytes())
+        """Store a file without reading it into memory: hashed piece by piece, then hard-linked in (one copy
+        on disk: `src` must never change afterwards, as a job's bundle files do not), or copied where the
+        store is on another file system."""
+        src = Path(src)
+        digest = sha256_file(src)
+        path = self.path(digest)
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            staging = path.with_name(f".{digest}.{os.getpid()}.{threading.get_ident()}.tmp")
+            staging.unlink(missing_ok=True)
+            try:
+                os.link(src, staging)
+            except OSError:
+                shutil.copyfile(src, staging)
+            os.chmod(staging, 0o600)
+            os.replace(staging, path)
+        return digest
 
     def get(self, digest: str) -> bytes:
         return self.open_path(digest).read_bytes()

@@ -6,6 +6,7 @@ What needs torch (the coordinator, the emulator) is imported inside the commands
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ from pathlib import Path
 from offsite.cloud import probe as health_probe
 from offsite.cloud.identity import StateLayout, init_state
 from offsite.cloud.limits import Limits
+from offsite.emulator.placement import DEVICE_MAPS
 from offsite.errors import ConfigError
 from offsite.files import atomic_write
 from offsite.transport import CHUNK_BYTES, MAX_MESSAGE_BYTES, enroll_target
@@ -45,6 +47,8 @@ def cmd_jobs_create(args) -> int:
 
     coordinator = open_coordinator(args.state)
     cfg = JobConfig.from_toml(args.config)
+    if args.device or args.device_map:  # kept with the job: finalization computes there too
+        cfg = dataclasses.replace(cfg, device=args.device or cfg.device, device_map=args.device_map or cfg.device_map)
     job = coordinator.create_job(cfg)
     _, _, art = coordinator.job(job.job_id)
     p = art["params"]
@@ -150,6 +154,10 @@ def register(parser: argparse.ArgumentParser) -> None:
     p = jobs.add_parser("create", help="build the emulator and open a job from a TOML file")
     p.add_argument("--state", required=True)
     p.add_argument("--config", required=True, help="job TOML file")
+    p.add_argument("--device", help="where building the emulator and finalization compute (cpu, cuda, cuda:N); "
+                   "overrides the job file's [job] device")
+    p.add_argument("--device-map", choices=DEVICE_MAPS, help="accelerate's placement of a base larger than one device "
+                   "over the GPUs, the CPU and (in finalization) disk; overrides [job] device_map")
     p.set_defaults(func=cmd_jobs_create)
     clients = sub.add_parser("clients", help="manage enrolled clients").add_subparsers(dest="clients_command", required=True)
     p = clients.add_parser("revoke", help="lock a client out at once")

@@ -41,6 +41,7 @@ from offsite.emulator.plan import SplitPlan
 from offsite.errors import (AlreadyExistsError, AuthError, ConfigError, InvalidRequestError, InvalidUpdateError, NotFoundError,
                             OutOfRangeError, PreconditionError, QuotaError, TooLargeError, shown)
 from offsite.files import sha256_bytes
+from offsite.precision import dtype_name
 from offsite.secagg import vector
 from offsite.secagg.protocol import Advert, Reveal, SealedShares
 from offsite.sealing import OVERHEAD, SealContext, open_sealed, raw_public
@@ -74,6 +75,7 @@ class Task:
     config: JobConfig | None = None
     retry_after_s: float = 0.0
     heartbeat_s: float = 0.0
+    upload_dtype: str = ""    # what the update's tensors must be in
 
 
 @dataclass(frozen=True)
@@ -126,7 +128,7 @@ class Coordinator:
         if any(j.job_id == cfg.job_id for j in self.state.jobs()):
             raise AlreadyExistsError(f"job {cfg.job_id} already exists; its bundle is left as it is")
         job_dir = self.layout.jobs / cfg.job_id
-        result = build(cfg.base_model, cfg.emulator_config(), job_dir / "bundle")
+        result = build(cfg.base_model, cfg.emulator_config(), job_dir / "bundle", placement=cfg.placement(job_dir))
         bundle_files = {p.name: self.blobs.put_file(p) for p in sorted(result.bundle_dir.iterdir()) if p.is_file()}
         method = cfg.method_config()
         emulator, _, _ = load_bundle(result.bundle_dir)
@@ -140,7 +142,8 @@ class Coordinator:
         except Exception as e:
             raise ConfigError(f"adapter method {method.name} does not run on model type "
                               f"{emulator.config.model_type!r}: {type(e).__name__}: {e}") from None
-        update_spec = spec_of(methods.trainable_state(attached, result.plan, method))  # what clients upload
+        upload_dtype = cfg.resolved_dtype("upload_dtype", result.dtype)
+        update_spec = spec_of(methods.trainable_state(attached, result.plan, method, dtype=upload_dtype))  # what clients upload
         artifacts = {
             "manifest": bundle_files["offsite-manifest.json"],
             "bundle_files": bundle_files,
@@ -148,6 +151,7 @@ class Coordinator:
             "plan": result.plan.to_dict(),
             "spec": spec,
             "update_spec": update_spec,
+            "upload_dtype": dtype_name(upload_dtype),
             "skeleton_digest": spec_digest(spec),
             "adapters": [self.blobs.put(to_bytes(initial))],  # adapters[r] = global adapter that round r starts from
             "params": {"full": result.full_params, "emulator": result.emulator_params, "adapter": result.adapter_params},
@@ -268,7 +272,8 @@ class Coordinator:
             return Task("wait", job_id, rec.round, cfg.rounds, retry_after_s=WAIT_S)
         self.state.touch_client(client.client_id, f"assigned round {rec.round + 1}")
         return Task("train", job_id, rec.round, cfg.rounds, art["manifest"], art["adapters"][rec.round],
-                    art["skeleton_digest"], cfg, heartbeat_s=cfg.heartbeat_s)
+                    art["skeleton_digest"], cfg, heartbeat_s=cfg.heartbeat_s,
+                    upload_dtype=art.get("upload_dtype", "float32"))  # jobs made before upload_dtype uploaded fp32
 
     def heartbeat(self, client: ClientRecord, job_id: str, round_: int, activity: str, progress: float) -> bool:
         """Record what the client is doing; tell it whether its round is still open."""
@@ -607,6 +612,9 @@ class Coordinator:
         done = rec.round + 1 >= cfg.rounds
         log.info("job %s: round %d/%d closed (%s) with %s", job_id, rec.round + 1, cfg.rounds, why, strategy.name)
         self._runs.pop(job_id, None)
+        if done:
+            with self._scratch_lock:  # the scratch emulator's memory goes back before finalization loads the base
+                self._scratch.pop(job_id, None)
         self.state.update_job(job_id, round=rec.round + 1, artifacts_json=json.dumps(art),
                               status="finalizing" if done else "running")
         self.metrics.rounds_completed.labels(job_id).inc()

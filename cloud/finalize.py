@@ -5,7 +5,7 @@ import math
 import time
 from pathlib import Path
 
-from offsite import lm
+from offsite import lm, precision
 from offsite.cloud import privacy
 from offsite.cloud.blobs import BlobStore
 from offsite.cloud.job import JobConfig
@@ -14,7 +14,7 @@ from offsite.emulator import methods
 from offsite.emulator.bundle import load_bundle, read_manifest
 from offsite.emulator.plan import SplitPlan
 from offsite.emulator.build import load_base
-from offsite.emulator.plugin import export
+from offsite.emulator.plugin import export, shard_size
 from offsite.files import write_json
 from offsite.tensors import from_bytes
 from offsite.textdata import read_texts
@@ -31,27 +31,34 @@ def _evaluate(model, sets: dict[str, list[list[int]]], pad_id: int) -> dict[str,
 def finalize(cfg: JobConfig, artifacts: dict, state: State, blobs: BlobStore, job_dir: Path, log=print) -> dict:
     """Write `job_dir/report.json` and the exported model; return the report.
 
-    One full model and one emulator are held at a time: each is evaluated as is, then the adapter is
-    loaded into it and it is evaluated again.
+    The emulator and the full model are held in turn, never both: each is evaluated as is, then with the
+    adapter in it; the full model with the adapter is then exported, in the job's export dtype (the base's
+    unless it says otherwise), sharded like the base.
     """
     started = time.perf_counter()
     plan = SplitPlan.from_dict(artifacts["plan"])
     adapter = from_bytes(blobs.get(artifacts["adapters"][-1]))
-    full, tokenizer = load_base(cfg.base_model)
-    emulator, _, _ = load_bundle(artifacts["bundle_dir"])
+    method = cfg.method_config()
+    placement = cfg.placement(job_dir)
+    emulator, tokenizer, _ = load_bundle(artifacts["bundle_dir"], placement.device)  # the base's tokenizer, as the bundle carries it
     pad = tokenizer.pad_token_id
     sets = {name: lm.encode(tokenizer, read_texts(path), cfg.max_length) for name, path in cfg.eval_sets.items()}
     general = lm.encode(tokenizer, read_texts(cfg.protection_data), cfg.max_length) if cfg.protection_data else None
-    columns = {"full_zero_shot": _evaluate(full, sets, pad), "emulator_zero_shot": _evaluate(emulator, sets, pad)}
-    protection = ({"full": round(lm.mean_token_loss(full, general, pad), 4),
-                   "emulator": round(lm.mean_token_loss(emulator, general, pad), 4)} if general else None)
-    method = cfg.method_config()
-    columns["emulator_with_adapter"] = _evaluate(methods.apply(emulator, plan, method, adapter), sets, pad)
+    emulator_zero_shot = _evaluate(emulator, sets, pad)
+    emulator_general = round(lm.mean_token_loss(emulator, general, pad), 4) if general else None
+    emulator_with_adapter = _evaluate(methods.apply(emulator, plan, method, adapter), sets, pad)
+    del emulator
+    manifest = read_manifest(artifacts["bundle_dir"])  # the adapter blocks are written into: never offloaded
+    full, tokenizer = load_base(cfg.base_model, placement, tuple(f"{manifest['block_path']}.{i}" for i in plan.adapter_blocks))
+    columns = {"full_zero_shot": _evaluate(full, sets, pad), "emulator_zero_shot": emulator_zero_shot}
+    protection = {"full": round(lm.mean_token_loss(full, general, pad), 4), "emulator": emulator_general} if general else None
+    columns["emulator_with_adapter"] = emulator_with_adapter
     plugged = methods.apply(full, plan, method, adapter, on_emulator=False)
     columns["plug_in"] = _evaluate(plugged, sets, pad)
     evaluation = {name: {col: values[name] for col, values in columns.items()} for name in columns["plug_in"]}
     export_dir = Path(cfg.export_dir or job_dir / "export")
-    export(plugged, tokenizer, export_dir)
+    export(plugged, tokenizer, export_dir, cfg.resolved_dtype("export_dtype", precision.stored_dtype(full)),
+           shard_size(cfg.base_model))
     updates = state.updates(cfg.job_id)
     names = {c.client_id: c.name for c in state.clients()}
     clients = []
@@ -61,7 +68,7 @@ def finalize(cfg: JobConfig, artifacts: dict, state: State, blobs: BlobStore, jo
                         "train_examples": mine[-1].num_examples, "rounds_participated": len(mine),
                         "upload_bytes": sum(u.upload_bytes for u in mine)})
     params = artifacts["params"]
-    made = read_manifest(artifacts["bundle_dir"])["provenance"]
+    made = manifest["provenance"]
     report = {
         "job_id": cfg.job_id,
         "model": {"architecture": full.config.model_type, "num_blocks": plan.num_blocks, "params": params["full"]},

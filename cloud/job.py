@@ -6,12 +6,16 @@ import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
 from offsite.cloud.aggregate import make_strategy
 from offsite.cloud.privacy import DPConfig
 from offsite.cloud.robust import COMBINERS, make_combiner
 from offsite.emulator.config import EmulatorConfig
 from offsite.emulator.methods import MethodConfig
+from offsite.emulator.placement import Placement
 from offsite.errors import ConfigError
+from offsite.precision import parse_dtype
 
 MAX_ROUNDS = 100_000           # the most rounds a job may have, and the largest round number the wire carries
 MAX_EXAMPLES = 2**53           # the largest example count the wire carries (exact in float64)
@@ -66,6 +70,11 @@ class JobConfig:
     eval_sets: dict[str, str] = field(default_factory=dict)   # name -> JSONL the model owner may evaluate on
     protection_data: str | None = None                        # JSONL of general (pretraining-domain) text
     export_dir: str | None = None
+    device: str = "cpu"                   # where jobs create and finalization compute: cpu, cuda, cuda:N
+    device_map: str | None = None         # "auto": accelerate spreads a base too big for one device over GPUs, CPU, disk
+    max_memory: dict[str, str] = field(default_factory=dict)  # with device_map: e.g. {"cuda:0" = "70GiB", "cpu" = "200GiB"}
+    upload_dtype: str = "auto"            # [training] dtype of clients' updates; auto: the base's
+    export_dtype: str = "auto"            # [job] dtype of the exported model; auto: the base's
 
     def __post_init__(self) -> None:
         if not (self.job_id and len(self.job_id) <= 64 and self.job_id.isascii()
@@ -89,6 +98,13 @@ class JobConfig:
             raise ConfigError("secure aggregation needs clients_per_round >= 2, stage_timeout_s > 0 and, if set, "
                               f"2 <= threshold <= clients_per_round; got {self.clients_per_round}, "
                               f"{self.secagg_timeout_s}, {self.secagg_threshold}")
+        for name in ("upload_dtype", "export_dtype"):
+            if getattr(self, name) != "auto":
+                try:
+                    parse_dtype(getattr(self, name))
+                except ConfigError as e:
+                    raise ConfigError(f"job {name}: {e}") from None
+        self.placement(Path("."))  # validates device, device_map and max_memory
         make_strategy(self.aggregator, **self.aggregator_params)  # validates the strategy and its parameters
         self._check_weights_and_rule()
         self.method_config()
@@ -121,6 +137,16 @@ class JobConfig:
             return MethodConfig(self.method, **self.method_params)
         except TypeError as e:
             raise ConfigError(f"adapter method {self.method}: {e}") from None
+
+    def placement(self, job_dir: Path) -> Placement:
+        """Where this job's base and emulator live on the coordinator; offloaded blocks go to job_dir/offload."""
+        return Placement(self.device, self.device_map, dict(self.max_memory),
+                         str(job_dir / "offload") if self.device_map else None)
+
+    def resolved_dtype(self, name: str, base: torch.dtype) -> torch.dtype:
+        """upload_dtype or export_dtype as a dtype: the base's (`base`) for auto."""
+        value = getattr(self, name)
+        return base if value == "auto" else parse_dtype(value)
 
     def dp_config(self) -> DPConfig:
         return DPConfig(clip=self.dp_clip, noise=self.dp_noise, delta=self.dp_delta)

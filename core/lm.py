@@ -143,11 +143,21 @@ def launched_state():
     return state
 
 
+def input_device(model) -> torch.device:
+    """Where a model's inputs go: its first weight's device, or for a model placed over several devices
+    (accelerate's device_map, whose hooks move activations between them) the device of its first module."""
+    placed = getattr(model, "hf_device_map", None)
+    if placed:
+        first = next(iter(placed.values()))
+        return torch.device("cpu" if first in ("cpu", "disk") else first if isinstance(first, str) else f"cuda:{first}")
+    return next(model.parameters()).device
+
+
 @torch.no_grad()
 def loss_sum_count(model, encoded: list[list[int]], pad_id: int, batch_size: int = 32, bf16: bool = False) -> tuple[float, int]:
     """Summed token loss and token count; examples are batched by length so little is padding."""
     model.eval()
-    device = next(model.parameters()).device
+    device = input_device(model)
     by_length = sorted(encoded, key=lambda r: len(_ids(r)))
     total, count = 0.0, 0
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -254,7 +264,7 @@ def train(model, encoded: list[Row], params: list[torch.nn.Parameter], pad_id: i
         step, epoch, skip = resumed["step"], resumed["epoch"], resumed["batch"]
         log.info("%s: resuming training at step %d of %d from %s", desc, step, total, checkpoint.path)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at, last_epoch=step - 1)
-    device = next(model.parameters()).device
+    device = input_device(model)
     model.train()
     last, micro, tokens, loss_total = float("nan"), 0, 0, 0.0
     start = time.perf_counter()

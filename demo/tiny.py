@@ -11,7 +11,9 @@ from offsite.demo import domain
 from offsite.demo.base import train_tokenizer
 
 
-def make_tiny_model(out: Path, num_layers: int = 6, seed: int = 0, hidden_size: int = 32) -> Path:
+def make_tiny_model(out: Path, num_layers: int = 6, seed: int = 0, hidden_size: int = 32,
+                    dtype: torch.dtype = torch.float32, max_shard_size: int | str = "50GB") -> Path:
+    """Saved in `dtype` (as model owners store real bases: bf16 or fp16), in files of `max_shard_size`."""
     texts = domain.make_client_records(0, 3, 300, 0.34, seed=1)
     tokenizer = train_tokenizer(texts, vocab_size=300)
     config = AutoConfig.for_model("llama", vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
@@ -20,7 +22,7 @@ def make_tiny_model(out: Path, num_layers: int = 6, seed: int = 0, hidden_size: 
                                   pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                                   eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    model.save_pretrained(str(out), safe_serialization=True)
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    model.save_pretrained(str(out), safe_serialization=True, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(str(out))
     return out

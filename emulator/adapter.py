@@ -28,9 +28,10 @@ def adapter_parameters(model: nn.Module, plan: SplitPlan, on_emulator: bool) -> 
     return _block_tensors(model, plan, on_emulator)
 
 
-def extract_adapter(model: nn.Module, plan: SplitPlan, on_emulator: bool) -> dict[str, torch.Tensor]:
-    """A detached fp32 copy of the adapter's tensors, keyed by canonical name."""
-    return {k: v.detach().float().clone() for k, v in _block_tensors(model, plan, on_emulator).items()}
+def extract_adapter(model: nn.Module, plan: SplitPlan, on_emulator: bool,
+                    dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """A detached copy of the adapter's tensors, keyed by canonical name, in `dtype` (None: as they are)."""
+    return {k: v.detach().to(dtype or v.dtype, copy=True) for k, v in _block_tensors(model, plan, on_emulator).items()}
 
 
 @torch.no_grad()

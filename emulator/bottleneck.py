@@ -51,14 +51,15 @@ def install(model: nn.Module, plan: SplitPlan, dim: int, on_emulator: bool) -> N
 
 
 def install_at(model: nn.Module, indices, dim: int) -> None:
-    """Add the two bottlenecks to the blocks at `indices` (once), on each block's device and dtype."""
+    """Add the two bottlenecks to the blocks at `indices` (once), on each block's device, in fp32 (they are
+    small, and the residual stream they add to is fp32: offsite.precision)."""
     found = find_blocks(model)
     for index in indices:
         block = found.blocks[index]
         if hasattr(block, NAME):
             continue
         anchor = next(p for p in block.parameters() if p.is_floating_point())
-        pair = fresh(model.config.hidden_size, dim).to(anchor.device, anchor.dtype)
+        pair = fresh(model.config.hidden_size, dim).to(anchor.device)
         block.add_module(NAME, pair)
         attention_module(block).register_forward_hook(_adapt_output(pair["attn"]))
         feedforward_module(block).register_forward_hook(_adapt_output(pair["ffn"]))

@@ -1,31 +1,37 @@
 """Build an emulator bundle and the adapter skeleton from a base model."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from offsite import lm
+from offsite import lm, precision
 from offsite.emulator.adapter import extract_adapter
 from offsite.emulator.blocks import find_blocks, keep_blocks, num_blocks
 from offsite.emulator.bundle import write_manifest
 from offsite.emulator.config import EmulatorConfig
 from offsite.emulator.distill import DistillConfig, distill
+from offsite.emulator.placement import Placement
 from offsite.emulator.plan import SplitPlan
 from offsite.emulator.quantize import quantize_emulator
 from offsite.emulator.strategy import low_rank_attention, middle_similarity, similarity_plan
+from offsite.errors import ConfigError
 from offsite.files import sha256_file
 from offsite.textdata import read_texts
 
 
-def load_base(path_or_id: str):
-    """Load a causal LM and its tokenizer from a local folder or a hub id (fp32, for training and eval)."""
-    model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=torch.float32)
+def load_base(path_or_id: str, placement: Placement | None = None, resident: tuple[str, ...] = ()):
+    """Load a causal LM and its tokenizer from a local folder or a hub id, in the dtype its weights are
+    stored in (transformers reads them straight into place: no fp32 copy of the model), where `placement`
+    says (default: the CPU; `resident` modules are never offloaded to disk), ready to run
+    (offsite.precision.prepare)."""
+    placed = (placement or Placement()).load_kwargs(path_or_id, resident)
+    model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype="auto", **placed)
     tokenizer = AutoTokenizer.from_pretrained(path_or_id)
     model.eval()
-    return model, tokenizer
+    return precision.prepare(model), tokenizer
 
 
 def make_emulator(model, plan: SplitPlan):
@@ -41,6 +47,7 @@ class BuildResult:
     full_params: int
     emulator_params: int
     adapter_params: int
+    dtype: torch.dtype     # the base's: the bundle (what is not quantized) and the skeleton are stored in it
 
 
 def choose_plan(model, tokenizer, cfg: EmulatorConfig) -> tuple[SplitPlan, list[list[float]] | None]:
@@ -67,22 +74,36 @@ def _distill_bf16(state) -> bool:
     return bool(broadcast_object_list([lm.cpu_has_fast_bf16()])[0])
 
 
-def build(base: str, cfg: EmulatorConfig, out_dir: str | Path, show_progress: bool = True) -> BuildResult:
+def build(base: str, cfg: EmulatorConfig, out_dir: str | Path, show_progress: bool = True,
+          placement: Placement | None = None) -> BuildResult:
     """Write the emulator bundle to `out_dir` and return the adapter skeleton (the base's adapter blocks).
 
     Without distillation the base is loaded once and cut in place: one copy of the model in memory.
     Distillation needs the full model as teacher, so it holds the full model and the emulator.
     Order: choose blocks, cut, low-rank attention, then distill (which can make up for the SVD).
     Under `accelerate launch` every process builds and distills its share; only the main one writes.
+    `placement` says where the base is loaded (a device_map spreads it over devices, CPU and disk).
     """
     out_dir = Path(out_dir)
+    if placement and placement.device_map and cfg.distilled:
+        raise ConfigError("distillation moves the teacher to one device: set device, not device_map, to distill")
+    if placement and placement.offload_folder:  # what is cut out of an offloaded base could not be saved
+        placement = replace(placement, offload_folder=None)
     state = lm.launched_state()
-    full, tokenizer = load_base(base)
+    try:
+        full, tokenizer = load_base(base, placement)
+    except ValueError as e:
+        if "offload" not in str(e):
+            raise
+        raise ConfigError(f"the base does not fit the memory that device_map may use (max_memory); jobs create "
+                          f"does not offload to disk: {e}") from None
     plan, similarity = choose_plan(full, tokenizer, cfg)
     full_params = sum(p.numel() for p in full.parameters())
-    skeleton = extract_adapter(full, plan, on_emulator=False)
+    stored = precision.stored_dtype(full)
+    skeleton = extract_adapter(full, plan, on_emulator=False, dtype=stored)
     block_path = find_blocks(full).path
-    teacher, emulator = (full, make_emulator(load_base(base)[0], plan)) if cfg.distilled else (None, make_emulator(full, plan))
+    teacher, emulator = ((full, make_emulator(load_base(base, placement)[0], plan)) if cfg.distilled
+                         else (None, make_emulator(full, plan)))
     if cfg.attn_rank:
         low_rank_attention(emulator, plan, cfg.attn_rank)
     distill_info = None
@@ -99,7 +120,7 @@ def build(base: str, cfg: EmulatorConfig, out_dir: str | Path, show_progress: bo
     if state is None or state.is_main_process:
         provenance = {"strategy": cfg.strategy, "similarity": similarity, "attn_rank": cfg.attn_rank or None,
                       "distillation": distill_info, "quantized": cfg.quantize}
-        _write_bundle(out_dir, emulator, tokenizer, plan, block_path, base, cfg.quantize, provenance)
+        _write_bundle(out_dir, emulator, tokenizer, plan, block_path, base, cfg.quantize, provenance, stored)
     if state is not None:
         state.wait_for_everyone()  # no process returns before the bundle is there
     return BuildResult(
@@ -109,17 +130,20 @@ def build(base: str, cfg: EmulatorConfig, out_dir: str | Path, show_progress: bo
         full_params=full_params,
         emulator_params=emulator_params,
         adapter_params=sum(t.numel() for t in skeleton.values()),
+        dtype=stored,
     )
 
 
 def _write_bundle(out_dir: Path, emulator, tokenizer, plan: SplitPlan, block_path: str, base: str,
-                  quantize: str | None, provenance: dict) -> None:
-    """The emulator's weights (quantized or not), tokenizer and manifest, with the base's hashes."""
+                  quantize: str | None, provenance: dict, stored: torch.dtype) -> None:
+    """The emulator's weights (quantized or not; the rest in the base's dtype `stored`), tokenizer and
+    manifest, with the base's hashes."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    weights = precision.stored_state(emulator.state_dict(), stored)  # norms ran in fp32, distilled blocks trained in it
     if quantize:
-        quantize_emulator(emulator, tokenizer, plan, block_path, quantize, out_dir)
+        quantize_emulator(emulator, weights, tokenizer, plan, block_path, quantize, out_dir)
     else:
-        emulator.save_pretrained(str(out_dir), safe_serialization=True)
+        emulator.save_pretrained(str(out_dir), safe_serialization=True, state_dict=weights)
         tokenizer.save_pretrained(str(out_dir))
     base_hashes = {p.name: sha256_file(p) for p in sorted(Path(base).glob("*.safetensors"))} if Path(base).is_dir() else {"hub_id": base}
     write_manifest(out_dir, plan, block_path, {"base": base_hashes, **provenance})

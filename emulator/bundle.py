@@ -8,9 +8,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from offsite import precision
 from offsite.emulator.plan import SplitPlan
 from offsite.emulator.quantize import keep_differentiable
 from offsite.errors import IntegrityError
@@ -63,10 +63,11 @@ def verify_bundle(folder: str | Path) -> dict:
 
 
 def load_bundle(folder: str | Path, device: str = "cpu"):
-    """Verify, then load the emulator model (onto `device`), its tokenizer and plan."""
+    """Verify, then load the emulator model (onto `device`, in the dtype it is stored in, ready to run:
+    offsite.precision.prepare), its tokenizer and plan."""
     manifest = verify_bundle(folder)
     placement = {} if device == "cpu" else {"device_map": {"": device}}  # bitsandbytes packs on the target device
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, **placement)
+    model = precision.prepare(AutoModelForCausalLM.from_pretrained(str(folder), dtype="auto", **placement))
     keep_differentiable(model)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     return model, tokenizer, SplitPlan.from_dict(manifest["plan"])

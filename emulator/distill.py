@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from offsite import lm
+from offsite import lm, precision
 from offsite.emulator.blocks import find_blocks
 from offsite.emulator.plan import SplitPlan
 from offsite.errors import ConfigError
@@ -180,6 +180,7 @@ def distill(teacher, student_model, plan: SplitPlan, windows: list[list[int]], p
     student = {f"{blocks.path}.{i}.{name}": p for i in middle for name, p in blocks.blocks[i].named_parameters()}
     for p in student.values():
         p.requires_grad_(True)
+    precision.master_weights(list(student.values()))  # a bf16 base's kept middle trains in fp32, saved back in bf16
     device = accelerator.device
     teacher.to(device)
     model = accelerator.prepare(student_model)  # DDP: averages the gradients of the kept middle over processes

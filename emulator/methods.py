@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from offsite import precision
 from offsite.emulator import bottleneck
 from offsite.emulator.adapter import adapter_parameters, extract_adapter, freeze_all_but_adapter, load_adapter
 from offsite.emulator.blocks import find_blocks
@@ -82,15 +83,16 @@ def _block_name(path: str) -> re.Pattern:
     return re.compile(rf"^(?:base_model\.model\.)?{re.escape(path)}\.(\d+)\.(.+)$")
 
 
-def _canonical(state: dict[str, torch.Tensor], model: nn.Module, plan: SplitPlan) -> dict[str, torch.Tensor]:
-    """peft state names on the emulator -> canonical names (full model's indices, no peft prefix)."""
+def _canonical(state: dict[str, torch.Tensor], model: nn.Module, plan: SplitPlan,
+               dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """peft state names on the emulator -> canonical names (full model's indices, no peft prefix), in `dtype`."""
     path = find_blocks(model).path
     pattern, out = _block_name(path), {}
     for name, tensor in state.items():
         m = pattern.match(name)
         if m is None:
             raise InvalidUpdateError(f"method tensor {name} is not inside a block")
-        out[f"{path}.{plan.emulator_order[int(m.group(1))]}.{m.group(2)}"] = tensor.detach().float().clone()
+        out[f"{path}.{plan.emulator_order[int(m.group(1))]}.{m.group(2)}"] = tensor.detach().to(dtype or tensor.dtype, copy=True)
     return out
 
 
@@ -180,15 +182,16 @@ def fresh_extras(model: nn.Module, plan: SplitPlan, cfg: MethodConfig) -> dict[s
     """The tensors the method keeps beside the adapter blocks, freshly initialised, for the job's first
     global adapter (empty for methods that change only the blocks). `model` is the emulator; unchanged.
     Prompt tuning starts from the embeddings of randomly drawn vocabulary tokens (Lester et al., 2021),
-    prefix tuning from peft's initialisation."""
+    prefix tuning from peft's initialisation. In the base's dtype, as the rest of the global adapter."""
+    stored = precision.stored_dtype(model)
     if cfg.name == "bottleneck":
-        return bottleneck.fresh_state(model, plan, cfg.bottleneck_dim)
+        return precision.stored_state(bottleneck.fresh_state(model, plan, cfg.bottleneck_dim), stored)
     if cfg.name == "prompt":
         table = model.get_input_embeddings().weight
-        return {PROMPT: table[torch.randint(0, table.shape[0], (cfg.virtual_tokens,))].detach().float().clone()}
+        return {PROMPT: table[torch.randint(0, table.shape[0], (cfg.virtual_tokens,))].detach().to(stored, copy=True)}
     if cfg.name == "prefix":
         from peft import get_peft_model_state_dict, get_peft_model
-        return {PROMPT: get_peft_model_state_dict(get_peft_model(model, _prompt_config(cfg)))[PROMPT].float().clone()}
+        return {PROMPT: get_peft_model_state_dict(get_peft_model(model, _prompt_config(cfg)))[PROMPT].to(stored, copy=True)}
     return {}
 
 
@@ -220,10 +223,11 @@ def apply(model: nn.Module, plan: SplitPlan, cfg: MethodConfig, adapter: dict[st
 def attach(model: nn.Module, plan: SplitPlan, cfg: MethodConfig, on_emulator: bool = True,
            total_steps: int = 1) -> tuple[nn.Module, list[nn.Parameter]]:
     """Make `model` (as `apply` returned it) train with the method: returns the (possibly peft-wrapped)
-    model and its trainables. Everything outside the method (embeddings, emulator middle, head) stays
-    frozen. `total_steps` is the round's optimizer steps (AdaLoRA schedules its rank budget over them)."""
+    model and its trainables, in fp32 (offsite.precision.master_weights). Everything outside the method
+    (embeddings, emulator middle, head) stays frozen, in its stored dtype. `total_steps` is the round's
+    optimizer steps (AdaLoRA schedules its rank budget over them)."""
     if cfg.name == "full":
-        return model, freeze_all_but_adapter(model, plan, on_emulator)
+        return model, precision.master_weights(freeze_all_but_adapter(model, plan, on_emulator))
     for p in model.parameters():
         p.requires_grad_(False)
     if cfg.name in ("bitfit", "bottleneck"):
@@ -235,10 +239,10 @@ def attach(model: nn.Module, plan: SplitPlan, cfg: MethodConfig, on_emulator: bo
     else:
         from peft import get_peft_model
         model = get_peft_model(model, _peft_config(cfg, model, plan, on_emulator, total_steps))
-        return model, [p for p in model.parameters() if p.requires_grad]
+        return model, precision.master_weights([p for p in model.parameters() if p.requires_grad])
     for p in trainable:
         p.requires_grad_(True)
-    return model, trainable
+    return model, precision.master_weights(trainable)
 
 
 def training_hooks(model: nn.Module, cfg: MethodConfig) -> dict:
@@ -256,23 +260,26 @@ def training_hooks(model: nn.Module, cfg: MethodConfig) -> dict:
     return {"regularizer": orthogonality, "after_optimizer_step": model.base_model.update_and_allocate}
 
 
-def trainable_state(model: nn.Module, plan: SplitPlan, cfg: MethodConfig, on_emulator: bool = True) -> dict[str, torch.Tensor]:
-    """What a client uploads: only the method's trainable tensors, fp32, canonical names."""
+def trainable_state(model: nn.Module, plan: SplitPlan, cfg: MethodConfig, on_emulator: bool = True,
+                    dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """What a client uploads: only the method's trainable tensors, canonical names, in `dtype` (the job's
+    upload dtype; None: as they trained)."""
     if cfg.name in ("full", "bitfit", "bottleneck"):
-        full = extract_adapter(model, plan, on_emulator)
+        full = extract_adapter(model, plan, on_emulator, dtype)
         if cfg.name == "full":
             return full
         names = _bitfit_names(model, plan, on_emulator) if cfg.name == "bitfit" else filter(bottleneck.is_bottleneck, full)
         return {n: full[n] for n in sorted(names)}
     from peft import get_peft_model_state_dict
     if cfg.name in VIRTUAL:
-        return {PROMPT: get_peft_model_state_dict(model)[PROMPT].detach().float().clone()}
+        tokens = get_peft_model_state_dict(model)[PROMPT]
+        return {PROMPT: tokens.detach().to(dtype or tokens.dtype, copy=True)}
     config = model.peft_config["default"]
     pattern = getattr(config, "rank_pattern", None)
     if cfg.name == "adalora":  # peft would cut pruned ranks out; fixed shapes (pruned = 0) keep one spec for all
         config.rank_pattern = None
     try:
-        return _canonical(get_peft_model_state_dict(model), model.get_base_model(), plan)
+        return _canonical(get_peft_model_state_dict(model), model.get_base_model(), plan, dtype)
     finally:
         if cfg.name == "adalora":
             config.rank_pattern = pattern
@@ -290,10 +297,12 @@ def propose(emulator: nn.Module | None, plan: SplitPlan, cfg: MethodConfig, star
             update: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The global adapter an update proposes: `start` with the update's tensors replaced, or for the
     methods that merge, with the update merged in by peft. `emulator` is a scratch model, needed only
-    when `cfg.merges`: its adapter blocks are overwritten."""
+    when `cfg.merges`: its adapter blocks are overwritten, in fp32, so that a merge into a half-precision
+    adapter rounds once, when the round's mean is cast to the adapter's dtype, not once per update."""
     if not cfg.merges:
         return {**start, **update}
     from peft import get_peft_model, set_peft_model_state_dict
+    precision.master_weights(list(adapter_parameters(emulator, plan, on_emulator=True).values()))
     load_adapter(emulator, plan, start, on_emulator=True)
     wrapped = get_peft_model(emulator, _peft_config(cfg, emulator, plan, on_emulator=True))
     result = set_peft_model_state_dict(wrapped, _emulator_names(update, emulator, plan))

@@ -15,11 +15,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from offsite import precision
 from offsite.emulator import bottleneck, methods
 from offsite.emulator.build import load_base
 from offsite.emulator.methods import MethodConfig
 from offsite.emulator.plan import SplitPlan
-from offsite.errors import IntegrityError
+from offsite.errors import ConfigError, IntegrityError
 
 PEFT_DIR, BOTTLENECK_FILE = "peft", "bottleneck.safetensors"
 
@@ -30,16 +31,37 @@ def plug_in(base: str, plan: SplitPlan, adapter: dict[str, torch.Tensor], method
     return methods.apply(model, plan, method, adapter, on_emulator=False), tokenizer
 
 
-def export(model, tokenizer, out_dir: str | Path) -> Path:
-    """Save `model` (as `plug_in` returned it) as a standard folder, its method's extras beside it."""
+def shard_size(base: str) -> int | None:
+    """The largest weights file of a sharded local base (so that its export is sharded like it), else None."""
+    index = Path(base) / "model.safetensors.index.json"
+    if not index.is_file():
+        return None
+    files = set(json.loads(index.read_text())["weight_map"].values())
+    return max((Path(base) / f).stat().st_size for f in files)
+
+
+def export(model, tokenizer, out_dir: str | Path, dtype: torch.dtype | None = None,
+           max_shard_size: int | None = None) -> Path:
+    """Save `model` (as `plug_in` returned it) as a standard folder, its method's extras beside it: every
+    floating-point tensor in `dtype` (None: as the model holds it), in files of at most `max_shard_size`
+    bytes (None: transformers' default). Tensors are cast one at a time: no second copy of the model."""
     from peft import PeftModel
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     state = base.state_dict()
     extras = {k: v.detach().contiguous() for k, v in state.items() if bottleneck.is_bottleneck(k)}
-    base.save_pretrained(str(out_dir), safe_serialization=True,
-                         state_dict={k: v for k, v in state.items() if k not in extras})
+    weights = {k: v for k, v in state.items() if k not in extras}
+    if dtype is not None:
+        if dtype != precision.stored_dtype(base) and any(v.device.type == "meta" for v in weights.values()):
+            raise ConfigError(f"an export in {precision.dtype_name(dtype)} needs the base in memory: part of it is "
+                              "offloaded to disk, where it stays as stored; export in the base's dtype instead")
+        # offloaded (meta) tensors stay as they are: save_pretrained reads them back from disk shard by shard
+        weights = {k: v if v.device.type == "meta" else v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
+        extras = precision.stored_state(extras, dtype)
+        base.config.dtype = dtype
+    base.save_pretrained(str(out_dir), safe_serialization=True, state_dict=weights,
+                         **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     if isinstance(model, PeftModel):
         model.save_pretrained(str(out_dir / PEFT_DIR), safe_serialization=True)
     if extras:
@@ -53,7 +75,7 @@ def export(model, tokenizer, out_dir: str | Path) -> Path:
 def load_export(folder: str | Path):
     """Load an exported folder with whatever its method added: the model to run, and its tokenizer."""
     folder = Path(folder)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    model = precision.prepare(AutoModelForCausalLM.from_pretrained(str(folder), dtype="auto"))
     if (folder / BOTTLENECK_FILE).is_file():
         from safetensors import safe_open
         with safe_open(str(folder / BOTTLENECK_FILE), "pt") as f:

@@ -1,6 +1,6 @@
 """Real quantization of the emulator's frozen middle with bitsandbytes (int8 or NF4), packed in the bundle.
 
-The adapter blocks, embeddings and LM head stay in full precision: the client trains the adapter on top
+The adapter blocks, embeddings and LM head stay in the base's dtype: the client trains the adapter on top
 of the quantized middle (QLoRA-style). The result is a standard Hugging Face folder whose config carries
 `quantization_config`, so `from_pretrained` loads the packed weights as they are.
 """
@@ -37,15 +37,17 @@ def adapter_module_names(block_path: str, plan: SplitPlan) -> list[str]:
     return [f"{block_path}.{plan.emulator_index(i)}" for i in plan.adapter_blocks]
 
 
-def quantize_emulator(emulator, tokenizer, plan: SplitPlan, block_path: str, mode: str, out_dir: Path):
-    """Save `emulator` to `out_dir` with its middle blocks quantized; return the quantized model."""
+def quantize_emulator(emulator, weights: dict[str, torch.Tensor], tokenizer, plan: SplitPlan, block_path: str,
+                      mode: str, out_dir: Path):
+    """Save `emulator` (its `weights`, in the base's dtype) to `out_dir` with its middle blocks quantized;
+    what is not quantized keeps the base's dtype. Returns the quantized model."""
     config = bnb_config(mode, adapter_module_names(block_path, plan))
     staging = Path(tempfile.mkdtemp(prefix=".fp32-", dir=out_dir.parent))
     try:
-        emulator.save_pretrained(str(staging), safe_serialization=True)
+        emulator.save_pretrained(str(staging), safe_serialization=True, state_dict=weights)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            quantized = AutoModelForCausalLM.from_pretrained(str(staging), quantization_config=config, dtype=torch.float32)
+            quantized = AutoModelForCausalLM.from_pretrained(str(staging), quantization_config=config, dtype="auto")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     out_dir.mkdir(parents=True, exist_ok=True)
