@@ -25,7 +25,7 @@ from offsite.files import atomic_write, sha256_file
 from offsite.protos.offsite.v1 import coordinator_pb2 as pb
 from offsite.protos.offsite.v1 import coordinator_pb2_grpc as pb_grpc
 from offsite.sealing import SealContext, seal
-from offsite.tensors import from_bytes, to_bytes
+from offsite.tensors import from_bytes, load_blob, to_bytes
 from offsite.textdata import read_examples
 from offsite.transport import enroll_target, secure_channel
 
@@ -199,7 +199,7 @@ def _train(stub, task, trainer: LocalTrainer, me, cfg: ClientConfig, live: Liven
     method = _method(task)
     key = f"{task.job_id}/{task.round}/{task.adapter_sha256}/{method}/{train_cfg}/{sha256_file(cfg.data)}"
     checkpoint = Checkpointer(cfg.workdir / "checkpoints", hashlib.sha256(key.encode()).hexdigest(), cfg.checkpoint_every)
-    result = trainer.train_round(from_bytes(adapter_path.read_bytes()), task.skeleton_digest, train_cfg, method,
+    result = trainer.train_round(load_blob(adapter_path), task.skeleton_digest, train_cfg, method,
                                  desc=f"{me.client_id} round {task.round + 1}/{task.total_rounds}",
                                  show_progress=cfg.show_progress, on_step=on_step, checkpoint=checkpoint,
                                  upload_dtype=precision.parse_dtype(t.upload_dtype) if t.upload_dtype else None)

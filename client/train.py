@@ -64,11 +64,15 @@ class LocalTrainer:
             raise IntegrityError("the global adapter does not match the job's skeleton digest")
         model, _, _ = load_bundle(self.bundle_dir, self.device)
         torch.manual_seed(cfg.seed)  # a method's fresh modules (LoRA's A) start the same every time
-        model = methods.apply(model, self.plan, method, start)
+        model = methods.apply(model, self.plan, method, start, share=True)  # `start` is not needed after this
         if cfg.gradient_checkpointing:  # non-reentrant: gradients reach the bottom adapter through frozen inputs
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         before = self._heldout_loss(model)
         model, params = methods.attach(model, self.plan, method, total_steps=lm.total_steps(len(self.train_set), cfg))
+        shared = {t.data_ptr() for t in start.values()}
+        for p in params:  # what trains gets storage of its own: the caller's `start` stays as it was
+            if p.data_ptr() in shared:
+                p.data = p.data.clone()
         self.model = model  # the round's model, for inspection after training
         stats = lm.train(model, self.train_set, params, self.tokenizer.pad_token_id, cfg, desc, show_progress, on_step,
                          checkpoint, optimizer=_paged_adamw_8bit if self.device.startswith("cuda") else None,

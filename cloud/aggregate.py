@@ -19,9 +19,12 @@ Tensors = dict[str, torch.Tensor]
 
 
 class WeightedMean:
-    """Streaming weighted mean: a float64 running sum, one update in memory at a time."""
+    """Streaming weighted mean: a running sum (float64 unless told otherwise), one update in memory at a
+    time. The coordinator sums a half-precision adapter in float32: half the memory of float64 (at 7 B,
+    gigabytes), and its rounding is 2^16 times finer than the bf16 cast that follows."""
 
-    def __init__(self) -> None:
+    def __init__(self, dtype: torch.dtype = torch.float64) -> None:
+        self.dtype = dtype
         self._sum: Tensors = {}
         self._weight = 0.0
         self._count = 0
@@ -31,7 +34,7 @@ class WeightedMean:
         if not (math.isfinite(weight) and weight > 0):
             raise InvalidUpdateError(f"update weight must be positive and finite, got {weight}")
         if not self._count:
-            self._sum = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in tensors.items()}
+            self._sum = {k: torch.zeros_like(v, dtype=self.dtype) for k, v in tensors.items()}
         elif {k: v.shape for k, v in tensors.items()} != {k: v.shape for k, v in self._sum.items()}:
             raise InvalidUpdateError("update tensor names or shapes differ from the first update's")
         for k, v in tensors.items():
@@ -44,10 +47,11 @@ class WeightedMean:
         return self._count
 
     def result(self) -> Tensors:
-        """The float64 mean; the strategy casts it to the global adapter's dtypes."""
+        """The mean, in the sum's dtype (divided in place: no second copy; the sum is spent); the strategy
+        casts it to the global adapter's dtypes."""
         if not self._count:
             raise InvalidUpdateError("no updates to aggregate")
-        return {k: v / self._weight for k, v in self._sum.items()}
+        return {k: v.div_(self._weight) for k, v in self._sum.items()}
 
 
 class Strategy(Protocol):

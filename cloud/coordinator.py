@@ -566,7 +566,7 @@ class Coordinator:
             result, how = self._combine_robustly(job_id, rec.round, cfg, updates, proposals())
         else:
             mean = (ClippedNoisedMean(start, dp, methods.touched(cfg.method_config(), art["update_spec"])) if dp.enabled
-                    else WeightedMean())
+                    else WeightedMean(torch.float32 if _half(start) else torch.float64))
             for proposal, weight in zip(proposals(), round_weights(cfg, updates)):
                 mean.add(proposal, weight)
             result, how = mean.result(), f"{len(updates)} updates aggregated"
@@ -622,6 +622,10 @@ class Coordinator:
             self._drop_upload(up.upload_id)
         if done and self.on_training_done:
             self.on_training_done(job_id)
+
+
+def _half(adapter: dict[str, torch.Tensor]) -> bool:
+    return any(v.dtype in (torch.bfloat16, torch.float16) for v in adapter.values())
 
 
 def _upload_spec(cfg: JobConfig, art: dict) -> TensorSpec:

@@ -16,7 +16,7 @@ from offsite.emulator.plan import SplitPlan
 from offsite.emulator.build import load_base
 from offsite.emulator.plugin import export, shard_size
 from offsite.files import write_json
-from offsite.tensors import from_bytes
+from offsite.tensors import load_blob
 from offsite.textdata import read_texts
 
 
@@ -37,7 +37,7 @@ def finalize(cfg: JobConfig, artifacts: dict, state: State, blobs: BlobStore, jo
     """
     started = time.perf_counter()
     plan = SplitPlan.from_dict(artifacts["plan"])
-    adapter = from_bytes(blobs.get(artifacts["adapters"][-1]))
+    adapter = load_blob(blobs.open_path(artifacts["adapters"][-1]))
     method = cfg.method_config()
     placement = cfg.placement(job_dir)
     emulator, tokenizer, _ = load_bundle(artifacts["bundle_dir"], placement.device)  # the base's tokenizer, as the bundle carries it
@@ -46,14 +46,14 @@ def finalize(cfg: JobConfig, artifacts: dict, state: State, blobs: BlobStore, jo
     general = lm.encode(tokenizer, read_texts(cfg.protection_data), cfg.max_length) if cfg.protection_data else None
     emulator_zero_shot = _evaluate(emulator, sets, pad)
     emulator_general = round(lm.mean_token_loss(emulator, general, pad), 4) if general else None
-    emulator_with_adapter = _evaluate(methods.apply(emulator, plan, method, adapter), sets, pad)
+    emulator_with_adapter = _evaluate(methods.apply(emulator, plan, method, adapter, share=True), sets, pad)
     del emulator
     manifest = read_manifest(artifacts["bundle_dir"])  # the adapter blocks are written into: never offloaded
     full, tokenizer = load_base(cfg.base_model, placement, tuple(f"{manifest['block_path']}.{i}" for i in plan.adapter_blocks))
     columns = {"full_zero_shot": _evaluate(full, sets, pad), "emulator_zero_shot": emulator_zero_shot}
     protection = {"full": round(lm.mean_token_loss(full, general, pad), 4), "emulator": emulator_general} if general else None
     columns["emulator_with_adapter"] = emulator_with_adapter
-    plugged = methods.apply(full, plan, method, adapter, on_emulator=False)
+    plugged = methods.apply(full, plan, method, adapter, on_emulator=False, share=True)  # both only read it
     columns["plug_in"] = _evaluate(plugged, sets, pad)
     evaluation = {name: {col: values[name] for col, values in columns.items()} for name in columns["plug_in"]}
     export_dir = Path(cfg.export_dir or job_dir / "export")

@@ -35,8 +35,11 @@ def extract_adapter(model: nn.Module, plan: SplitPlan, on_emulator: bool,
 
 
 @torch.no_grad()
-def load_adapter(model: nn.Module, plan: SplitPlan, adapter: dict[str, torch.Tensor], on_emulator: bool) -> None:
-    """Copy `adapter` into the model's adapter blocks; the names must match exactly."""
+def load_adapter(model: nn.Module, plan: SplitPlan, adapter: dict[str, torch.Tensor], on_emulator: bool,
+                 share: bool = False) -> None:
+    """Copy `adapter` into the model's adapter blocks; the names must match exactly. With `share`, a tensor
+    of the parameter's dtype and device becomes the parameter's storage instead of being copied (no second
+    copy of the adapter; the model may then change `adapter` in place: the caller must not need it)."""
     params = _block_tensors(model, plan, on_emulator)
     if set(params) != set(adapter):
         missing, extra = sorted(set(params) - set(adapter)), sorted(set(adapter) - set(params))
@@ -44,7 +47,11 @@ def load_adapter(model: nn.Module, plan: SplitPlan, adapter: dict[str, torch.Ten
     for name, param in params.items():
         if param.shape != adapter[name].shape:
             raise InvalidUpdateError(f"adapter tensor {name} has shape {list(adapter[name].shape)}, model has {list(param.shape)}")
-        param.copy_(adapter[name].to(param.dtype))
+        value = adapter[name]
+        if share and value.dtype == param.dtype and value.device == param.device:
+            param.data = value
+        else:
+            param.copy_(value.to(param.dtype))
 
 
 def freeze_all_but_adapter(model: nn.Module, plan: SplitPlan, on_emulator: bool) -> list[nn.Parameter]:

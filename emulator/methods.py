@@ -196,14 +196,15 @@ def fresh_extras(model: nn.Module, plan: SplitPlan, cfg: MethodConfig) -> dict[s
 
 
 def apply(model: nn.Module, plan: SplitPlan, cfg: MethodConfig, adapter: dict[str, torch.Tensor],
-          on_emulator: bool = True) -> nn.Module:
+          on_emulator: bool = True, share: bool = False) -> nn.Module:
     """`model` (the emulator, or the full model with `on_emulator=False`) with the global `adapter` in
-    effect: its blocks loaded, and the method's extras installed (bottleneck modules, or a peft wrapper
-    holding the virtual tokens). Returns the model to run, which may be a wrapper of `model`."""
+    effect: its blocks loaded (with `share`, `adapter`'s tensors become theirs: see load_adapter), and the
+    method's extras installed (bottleneck modules, or a peft wrapper holding the virtual tokens). Returns
+    the model to run, which may be a wrapper of `model`."""
     if cfg.name == "bottleneck":
         bottleneck.install(model, plan, cfg.bottleneck_dim, on_emulator)
     extras = {k: v for k, v in adapter.items() if k == PROMPT}
-    load_adapter(model, plan, {k: v for k, v in adapter.items() if k != PROMPT}, on_emulator)
+    load_adapter(model, plan, {k: v for k, v in adapter.items() if k != PROMPT}, on_emulator, share)
     if cfg.name not in VIRTUAL:
         if extras:
             raise InvalidUpdateError(f"adapter has virtual tokens, which method {cfg.name} does not use")

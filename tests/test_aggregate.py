@@ -21,6 +21,20 @@ def test_weighted_mean_by_examples():
     assert out["w"].tolist() == [3.0, 6.0] and out["b"].tolist() == [2.0]
 
 
+def test_a_float32_sum_holds_half_the_memory_and_stays_far_finer_than_a_bf16_cast():
+    torch.manual_seed(0)
+    updates = [torch.randn(1000).to(torch.bfloat16) for _ in range(200)]
+    wide, narrow = WeightedMean(), WeightedMean(torch.float32)
+    for i, u in enumerate(updates):
+        wide.add({"w": u}, 1.0 + i % 7)
+        narrow.add({"w": u}, 1.0 + i % 7)
+    exact, approx = wide.result()["w"], narrow.result()["w"]
+    assert approx.dtype == torch.float32 and approx.element_size() * 2 == exact.element_size()
+    cast_error = (exact.to(torch.bfloat16).double() - exact).abs().max()
+    assert (approx.double() - exact).abs().max() < cast_error / 1000
+    assert torch.equal(approx.to(torch.bfloat16), exact.to(torch.bfloat16))
+
+
 def test_fedavg_helper_equal_weights_is_plain_mean_and_dtype_kept():
     like = {"w": torch.zeros(3, dtype=torch.bfloat16)}
     out = fedavg([({"w": torch.full((3,), float(i))}, 5.0) for i in range(4)], like)

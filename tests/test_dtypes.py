@@ -174,6 +174,8 @@ def test_a_lora_round_on_a_bf16_base_uploads_aggregates_and_exports_in_its_dtype
         payload = to_bytes(result.update)
         envelope = _sealed(c, client, signer, 0, payload)
         c.submit_update(client, UploadHeader("j", 0, 16, len(envelope), hashlib.sha256(envelope).hexdigest(), None), envelope)
+        frozen = trainer.model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
+        assert frozen.data_ptr() == start["model.layers.0.self_attn.q_proj.weight"].data_ptr()  # held once, not copied
     assert done == ["j"]
     _, cfg, art = c.job("j")
     new = from_bytes(c.blobs.get(art["adapters"][1]))
