@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -63,7 +64,22 @@ def offsite(*args: str) -> list[str]:
 
 
 def start(cmd: list[str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    """Start `cmd`, with a thread that samples its memory every 20 ms until it exits (see finish)."""
+    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    proc.peak = {"VmHWM": 0, "RssAnon": 0}
+
+    def sample() -> None:
+        while proc.poll() is None:
+            try:
+                now = status(proc.pid)
+            except (FileNotFoundError, ProcessLookupError):
+                return
+            proc.peak = {k: max(v, now.get(k, 0)) for k, v in proc.peak.items()}
+            time.sleep(0.02)
+
+    proc.sampler = threading.Thread(target=sample, daemon=True)
+    proc.sampler.start()
+    return proc
 
 
 def status(pid: int) -> dict[str, int]:
@@ -78,19 +94,12 @@ def status(pid: int) -> dict[str, int]:
 
 
 def finish(proc: subprocess.Popen, what: str, log: Path) -> dict[str, int]:
-    """Wait for `proc`, sampling /proc every 20 ms; its peak RSS (VmHWM) and peak anonymous RSS. Not
-    ru_maxrss: the kernel carries that over from the forked parent across exec."""
-    peak = {"VmHWM": 0, "RssAnon": 0}
-    while proc.poll() is None:
-        try:
-            now = status(proc.pid)
-        except (FileNotFoundError, ProcessLookupError):
-            break
-        peak = {k: max(v, now.get(k, 0)) for k, v in peak.items()}
-        time.sleep(0.02)
+    """Wait for `proc`; its peak RSS (VmHWM) and peak anonymous RSS, as sampled. Not ru_maxrss: the
+    kernel carries that over from the forked parent across exec."""
     if proc.wait():
         raise RuntimeError(f"{what} exited {proc.returncode}; see {log}")
-    return {"rss": peak["VmHWM"], "anon": peak["RssAnon"]}
+    proc.sampler.join()
+    return {"rss": proc.peak["VmHWM"], "anon": proc.peak["RssAnon"]}
 
 
 def size(folder: Path) -> int:

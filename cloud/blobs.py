@@ -56,6 +56,17 @@ class BlobStore:
             os.replace(staging, path)
         return digest
 
+    def put_tensors(self, tensors: dict) -> str:
+        """Store tensors as a safetensors file written straight to disk (no bytes copy of them in memory)."""
+        from offsite.tensors import save_tensors
+
+        staging = self.root / f".tensors.{os.getpid()}.{threading.get_ident()}.tmp"
+        try:
+            save_tensors(tensors, staging)
+            return self.put_file(staging)
+        finally:
+            staging.unlink(missing_ok=True)
+
     def get(self, digest: str) -> bytes:
         return self.open_path(digest).read_bytes()
 

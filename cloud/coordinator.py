@@ -4,6 +4,8 @@ The gRPC servicer only translates messages to these calls; tests drive this clas
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import json
 import logging
@@ -45,7 +47,7 @@ from offsite.precision import dtype_name
 from offsite.secagg import vector
 from offsite.secagg.protocol import Advert, Reveal, SealedShares
 from offsite.sealing import OVERHEAD, SealContext, open_sealed, raw_public
-from offsite.tensors import TensorSpec, check_matches, from_bytes, l2_norm, load_blob, payload_bounds, spec_digest, spec_of, to_bytes
+from offsite.tensors import TensorSpec, check_matches, from_bytes, l2_norm, load_blob, payload_bounds, save_tensors, spec_digest, spec_of
 from offsite.transport import CHUNK_BYTES
 
 WAIT_S = 2.0
@@ -135,7 +137,7 @@ class Coordinator:
         torch.manual_seed(cfg.seed)  # the method's fresh tensors (virtual tokens, bottlenecks) are repeatable
         initial = {**result.skeleton, **methods.fresh_extras(emulator, result.plan, method)}
         spec = spec_of(initial)
-        attached, _ = methods.attach(methods.apply(emulator, result.plan, method, initial), result.plan, method)
+        attached, _ = methods.attach(methods.apply(emulator, result.plan, method, initial, share=True), result.plan, method)
         try:  # one token through the emulator: a method this model cannot run fails here, not on every client
             with torch.no_grad():
                 attached(input_ids=torch.ones(1, 2, dtype=torch.long))
@@ -153,7 +155,7 @@ class Coordinator:
             "update_spec": update_spec,
             "upload_dtype": dtype_name(upload_dtype),
             "skeleton_digest": spec_digest(spec),
-            "adapters": [self.blobs.put(to_bytes(initial))],  # adapters[r] = global adapter that round r starts from
+            "adapters": [self.blobs.put_tensors(initial)],  # adapters[r] = global adapter that round r starts from
             "params": {"full": result.full_params, "emulator": result.emulator_params, "adapter": result.adapter_params},
         }
         if cfg.secure_aggregation:  # the tensors a masked input covers: those the method can change
@@ -439,7 +441,8 @@ class Coordinator:
             if cfg.max_update_norm and not cfg.secure_aggregation:
                 reason = "norm"
                 start = load_blob(self.blobs.open_path(art["adapters"][header.round]))
-                self._check_norm(self._propose(header.job_id, cfg, art, start, tensors), start, cfg.max_update_norm)
+                with self._proposal(header.job_id, cfg, art, start, tensors) as proposal:
+                    self._check_norm(proposal, start, cfg.max_update_norm)
         except InvalidUpdateError as e:
             self._reject(header.job_id, header.round, client.client_id, str(e), reason)
             raise
@@ -458,16 +461,20 @@ class Coordinator:
             self._close_if_due(header.job_id)
         return header.round, count
 
-    def _propose(self, job_id: str, cfg: JobConfig, art: dict, start: dict[str, torch.Tensor],
-                 update: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The global adapter an update proposes (see offsite.emulator.methods)."""
+    @contextlib.contextmanager
+    def _proposal(self, job_id: str, cfg: JobConfig, art: dict, start: dict[str, torch.Tensor],
+                  update: dict[str, torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
+        """The global adapter an update proposes (see offsite.emulator.methods), for the with block only:
+        for the methods that merge, it is the scratch emulator's own adapter blocks (no copy of them),
+        which nobody else merges into until the block ends."""
         method, plan = cfg.method_config(), SplitPlan.from_dict(art["plan"])
         if not method.merges:
-            return methods.propose(None, plan, method, start, update)
+            yield methods.propose(None, plan, method, start, update)
+            return
         with self._scratch_lock:  # peft merges into one scratch emulator per job
             if job_id not in self._scratch:
                 self._scratch[job_id] = load_bundle(art["bundle_dir"])[0]
-            return methods.propose(self._scratch[job_id], plan, method, start, update)
+            yield methods.propose(self._scratch[job_id], plan, method, start, update, copy=False)
 
     @staticmethod
     def _check_norm(update: dict[str, torch.Tensor], start: dict[str, torch.Tensor], bound: float) -> None:
@@ -560,7 +567,8 @@ class Coordinator:
 
         def proposals():  # each update as the dense adapter it proposes: exact for LoRA and IA3 too
             for u in updates:
-                yield self._propose(job_id, cfg, art, start, load_blob(self.blobs.open_path(u.blob_sha256)))
+                with self._proposal(job_id, cfg, art, start, load_blob(self.blobs.open_path(u.blob_sha256))) as proposal:
+                    yield proposal  # the consumer adds or spills it before the next one is made
 
         if cfg.combine != "mean":
             result, how = self._combine_robustly(job_id, rec.round, cfg, updates, proposals())
@@ -586,7 +594,7 @@ class Coordinator:
             paths = []
             for i, proposal in enumerate(proposals):
                 paths.append(folder / f"{i}.safetensors")
-                paths[-1].write_bytes(to_bytes(proposal))
+                save_tensors(proposal, paths[-1])
             rule, how = robust.make_combiner(cfg.combine, **cfg.combine_params), f"{cfg.combine} of {len(updates)} updates"
             if hasattr(rule, "select"):  # Krum and multi-Krum: say whose proposals were kept
                 chosen = rule.select(paths).selected
@@ -606,15 +614,16 @@ class Coordinator:
         else:
             state = load_blob(self.blobs.open_path(art["strategy_state"])) if art.get("strategy_state") else {}
             new_global, new_state = strategy.step(start, mean, state)
-            art["strategy_state"] = self.blobs.put(to_bytes(new_state)) if new_state else None
-        art["adapters"].append(self.blobs.put(to_bytes(new_global)))
+            art["strategy_state"] = self.blobs.put_tensors(new_state) if new_state else None
+        art["adapters"].append(self.blobs.put_tensors(new_global))
         failpoints.hit("cloud.round.closing")  # the new adapter is stored; the job row has not moved yet
         done = rec.round + 1 >= cfg.rounds
         log.info("job %s: round %d/%d closed (%s) with %s", job_id, rec.round + 1, cfg.rounds, why, strategy.name)
         self._runs.pop(job_id, None)
         if done:
             with self._scratch_lock:  # the scratch emulator's memory goes back before finalization loads the base
-                self._scratch.pop(job_id, None)
+                if self._scratch.pop(job_id, None) is not None:
+                    gc.collect()
         self.state.update_job(job_id, round=rec.round + 1, artifacts_json=json.dumps(art),
                               status="finalizing" if done else "running")
         self.metrics.rounds_completed.labels(job_id).inc()

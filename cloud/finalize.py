@@ -1,6 +1,7 @@
 """The end of a job: plug the aggregated adapter into the full model, evaluate, export, report."""
 from __future__ import annotations
 
+import gc
 import math
 import time
 from pathlib import Path
@@ -48,6 +49,7 @@ def finalize(cfg: JobConfig, artifacts: dict, state: State, blobs: BlobStore, jo
     emulator_general = round(lm.mean_token_loss(emulator, general, pad), 4) if general else None
     emulator_with_adapter = _evaluate(methods.apply(emulator, plan, method, adapter, share=True), sets, pad)
     del emulator
+    gc.collect()  # a model's modules refer to each other: only the collector frees it, and with it its mapped pages
     manifest = read_manifest(artifacts["bundle_dir"])  # the adapter blocks are written into: never offloaded
     full, tokenizer = load_base(cfg.base_model, placement, tuple(f"{manifest['block_path']}.{i}" for i in plan.adapter_blocks))
     columns = {"full_zero_shot": _evaluate(full, sets, pad), "emulator_zero_shot": emulator_zero_shot}

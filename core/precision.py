@@ -80,26 +80,44 @@ def choose(device: str | torch.device = "cpu") -> Compute:
     return Compute(False, "bf16 matmuls measured no faster than fp32 on this CPU")
 
 
+ROWS_PER_CAST = 1 << 22  # weight values cast at once (16 MiB in fp32): an LM head is cast a slice at a time
+
+
+def _slices(weight: torch.Tensor, transposed: bool) -> list[tuple[int, int]]:
+    """Output-row ranges of `weight` of at most ROWS_PER_CAST values each."""
+    rows, width = (weight.shape[1], weight.shape[0]) if transposed else weight.shape
+    step = max(1, ROWS_PER_CAST // max(width, 1))
+    return [(i, min(i + step, rows)) for i in range(0, rows, step)]
+
+
+def _rows(weight: torch.Tensor, transposed: bool, lo: int, hi: int, dtype: torch.dtype) -> torch.Tensor:
+    """Output rows lo..hi of the weight as (rows x in), cast to `dtype`."""
+    return (weight[:, lo:hi].t() if transposed else weight[lo:hi]).to(dtype)
+
+
 class _UpcastMatmul(torch.autograd.Function):
-    """x @ W^T (+ b) with W cast to x's dtype for the call only; backward recasts W instead of keeping the
-    cast. Gradients for W and b (in their own dtype) only where they require them: frozen weights are
-    the point, and for them x is not even kept."""
+    """x @ W^T (+ b) with W cast to x's dtype for the call only, a slice of rows at a time; backward recasts
+    W instead of keeping the cast. Gradients for W and b (in their own dtype) only where they require
+    them: frozen weights are the point, and for them x is not even kept."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool):
         ctx.transposed, ctx.has_bias = transposed, bias is not None
         ctx.save_for_backward(weight, x if ctx.needs_input_grad[1] else None)
-        w = weight.to(x.dtype)
-        b = None if bias is None else bias.to(x.dtype)
-        return F.linear(x, w.t() if transposed else w, b)
+        parts = [F.linear(x, _rows(weight, transposed, lo, hi, x.dtype), None if bias is None else bias[lo:hi].to(x.dtype))
+                 for lo, hi in _slices(weight, transposed)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         weight, x = ctx.saved_tensors
-        w = weight.to(grad.dtype)
-        grad_x = grad @ (w.t() if ctx.transposed else w) if ctx.needs_input_grad[0] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            for lo, hi in _slices(weight, ctx.transposed):
+                part = grad[..., lo:hi] @ _rows(weight, ctx.transposed, lo, hi, grad.dtype)
+                grad_x = part if grad_x is None else grad_x.add_(part)
         grad_w = grad_b = None
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1]:  # a weight that trains is small enough to take whole
             g = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1])  # out x in
             grad_w = (g.t() if ctx.transposed else g).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:

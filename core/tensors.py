@@ -8,7 +8,7 @@ import math
 import torch
 from pathlib import Path
 
-from safetensors.torch import load, load_file, save
+from safetensors.torch import load, load_file, save, save_file
 
 from offsite.errors import InvalidUpdateError
 
@@ -29,6 +29,11 @@ def from_bytes(data: bytes) -> dict[str, torch.Tensor]:
         return load(data)
     except Exception as e:  # safetensors raises its own error types for malformed headers
         raise InvalidUpdateError(f"not a valid safetensors payload: {e}") from e
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Tensors as a safetensors file, written straight from the tensors (no bytes copy in memory)."""
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
 
 
 def load_blob(path: str | Path) -> dict[str, torch.Tensor]:

@@ -295,11 +295,12 @@ def touched(cfg: MethodConfig, update_names) -> set[str]:
 
 
 def propose(emulator: nn.Module | None, plan: SplitPlan, cfg: MethodConfig, start: dict[str, torch.Tensor],
-            update: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            update: dict[str, torch.Tensor], copy: bool = True) -> dict[str, torch.Tensor]:
     """The global adapter an update proposes: `start` with the update's tensors replaced, or for the
     methods that merge, with the update merged in by peft. `emulator` is a scratch model, needed only
     when `cfg.merges`: its adapter blocks are overwritten, in fp32, so that a merge into a half-precision
-    adapter rounds once, when the round's mean is cast to the adapter's dtype, not once per update."""
+    adapter rounds once, when the round's mean is cast to the adapter's dtype, not once per update.
+    Without `copy` the result is the scratch's own tensors, which the next proposal overwrites."""
     if not cfg.merges:
         return {**start, **update}
     from peft import get_peft_model, set_peft_model_state_dict
@@ -310,4 +311,6 @@ def propose(emulator: nn.Module | None, plan: SplitPlan, cfg: MethodConfig, star
     if result.unexpected_keys:
         raise InvalidUpdateError(f"update has tensors the method does not: {result.unexpected_keys[:3]}")
     merged = wrapped.merge_and_unload()
-    return extract_adapter(merged, plan, on_emulator=True)
+    if copy:
+        return extract_adapter(merged, plan, on_emulator=True)
+    return {k: v.detach() for k, v in adapter_parameters(merged, plan, on_emulator=True).items()}
