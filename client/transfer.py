@@ -7,6 +7,8 @@ import hashlib
 import json
 import logging
 import os
+import queue
+import threading
 from pathlib import Path
 
 from offsite import failpoints
@@ -35,8 +37,61 @@ def _verified_prefix(part: Path, info: pb.BlobInfo) -> tuple[int, "hashlib._Hash
     return good, whole
 
 
+class _ChunkWriter:
+    """Checks, hashes and writes received chunks on a thread of its own, so that the receiving thread only
+    receives (hashlib and file writes release the GIL). At most `DEPTH` chunks wait; a chunk that does not
+    match the manifest stops it, and everything before that chunk is on disk."""
+
+    DEPTH = 4
+    SYNC_EVERY = 16  # chunks: dirty pages are flushed as they come, so the final fsync is short
+
+    def __init__(self, f, info: pb.BlobInfo, have: int, whole, name: str):
+        self.f, self.info, self.have, self.whole, self.name = f, info, have, whole, name
+        self.error: BaseException | None = None
+        self._queue: queue.Queue = queue.Queue(self.DEPTH)
+        self._thread = threading.Thread(target=self._run, name=f"download {name}", daemon=True)
+        self._thread.start()
+
+    def put(self, index: int, data: bytes) -> None:
+        self._hand((index, data))
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        """Wait until every chunk put is written and synced; raise what stopped the writer, if anything."""
+        self._hand(None)
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def _hand(self, item) -> None:
+        while self._thread.is_alive():  # a writer that stopped takes nothing more
+            try:
+                return self._queue.put(item, timeout=0.2)
+            except queue.Full:
+                continue
+
+    def _run(self) -> None:
+        try:
+            while (item := self._queue.get()) is not None:
+                index, data = item
+                if index != self.have or hashlib.sha256(data).hexdigest() != self.info.chunk_sha256[self.have]:
+                    raise IntegrityError(f"chunk {index} of {self.name} does not match the blob's chunk manifest; "
+                                         f"kept the {self.have} verified chunks before it")
+                self.f.write(data)  # unbuffered: a chunk is in the file (the page cache) once it is counted
+                self.whole.update(data)
+                self.have += 1
+                failpoints.hit("client.download.chunk")
+                if self.have % self.SYNC_EVERY == 0:
+                    os.fdatasync(self.f.fileno())
+            os.fsync(self.f.fileno())
+        except BaseException as e:  # the receiving thread raises it
+            self.error = e
+
+
 def download_blob(stub, digest: str, dest: Path) -> Path:
-    """Fetch blob `digest` into `dest` unless a verified copy is there; fetch only the chunks it lacks."""
+    """Fetch blob `digest` into `dest` unless a verified copy is there; fetch only the chunks it lacks.
+    Receiving and checking run side by side (`_ChunkWriter`)."""
     if dest.is_file() and sha256_file(dest) == digest:
         return dest
     info = stub.GetBlobInfo(pb.BlobInfoRequest(sha256=digest))
@@ -46,18 +101,13 @@ def download_blob(stub, digest: str, dest: Path) -> Path:
     if have:
         log.info("resuming %s: %d of %d chunks already here", dest.name, have, total)
     if have < total:
-        with open(part, "ab") as f:
-            for chunk in stub.Download(pb.DownloadRequest(sha256=digest, first_chunk=have)):
-                data = chunk.data
-                if chunk.index != have or hashlib.sha256(data).hexdigest() != info.chunk_sha256[have]:
-                    raise IntegrityError(f"chunk {chunk.index} of {dest.name} does not match the blob's chunk manifest; "
-                                         f"kept the {have} verified chunks before it")
-                f.write(data)
-                f.flush()
-                whole.update(data)
-                have += 1
-                failpoints.hit("client.download.chunk")
-            os.fsync(f.fileno())
+        with open(part, "ab", buffering=0) as f:
+            writer = _ChunkWriter(f, info, have, whole, dest.name)
+            try:  # a refused chunk ends the loop; the call, dropped, is cancelled
+                for chunk in stub.Download(pb.DownloadRequest(sha256=digest, first_chunk=have)):
+                    writer.put(chunk.index, chunk.data)
+            finally:
+                writer.close()
     if whole.hexdigest() != digest:  # binds the chunk manifest to the digest the task named
         part.unlink()
         raise IntegrityError(f"download of {dest.name} does not match its SHA-256 {digest[:16]}...; discarded")

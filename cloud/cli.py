@@ -157,7 +157,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="where building the emulator and finalization compute (cpu, cuda, cuda:N); "
                    "overrides the job file's [job] device")
     p.add_argument("--device-map", choices=DEVICE_MAPS, help="accelerate's placement of a base larger than one device "
-                   "over the GPUs, the CPU and (in finalization) disk; overrides [job] device_map")
+                   "over the GPUs, the CPU and disk; overrides [job] device_map")
     p.set_defaults(func=cmd_jobs_create)
     clients = sub.add_parser("clients", help="manage enrolled clients").add_subparsers(dest="clients_command", required=True)
     p = clients.add_parser("revoke", help="lock a client out at once")

@@ -1,7 +1,7 @@
 """Build an emulator bundle and the adapter skeleton from a base model."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -87,20 +87,12 @@ def build(base: str, cfg: EmulatorConfig, out_dir: str | Path, show_progress: bo
     out_dir = Path(out_dir)
     if placement and placement.device_map and cfg.distilled:
         raise ConfigError("distillation moves the teacher to one device: set device, not device_map, to distill")
-    if placement and placement.offload_folder:  # what is cut out of an offloaded base could not be saved
-        placement = replace(placement, offload_folder=None)
     state = lm.launched_state()
-    try:
-        full, tokenizer = load_base(base, placement)
-    except ValueError as e:
-        if "offload" not in str(e):
-            raise
-        raise ConfigError(f"the base does not fit the memory that device_map may use (max_memory); jobs create "
-                          f"does not offload to disk: {e}") from None
+    full, tokenizer = load_base(base, placement)  # offloaded blocks stay on disk; saving reads them back one by one
     plan, similarity = choose_plan(full, tokenizer, cfg)
     full_params = sum(p.numel() for p in full.parameters())
     stored = precision.stored_dtype(full)
-    skeleton = extract_adapter(full, plan, on_emulator=False, dtype=stored)
+    skeleton = Placement.onloaded(full, extract_adapter(full, plan, on_emulator=False, dtype=stored))
     block_path = find_blocks(full).path
     teacher, emulator = ((full, make_emulator(load_base(base, placement)[0], plan)) if cfg.distilled
                          else (None, make_emulator(full, plan)))

@@ -1,9 +1,9 @@
 """Where the model owner's models live: one device, or accelerate's big-model placement.
 
 A 70 B base does not fit one GPU: with `device_map` ("auto", "balanced", "sequential") accelerate spreads
-its blocks over the GPUs, then the CPU, then disk (`offload_folder`), and its hooks move activations
-between them. `jobs create` and finalization load the base this way; the emulator, a fraction of the
-base, goes to `device`.
+its blocks over the GPUs, then the CPU, then disk (read back from the checkpoint, or `offload_folder`),
+and its hooks move activations between them. `jobs create` and finalization load the base this way
+(saving reads offloaded blocks back one at a time); the emulator, a fraction of the base, goes to `device`.
 """
 from __future__ import annotations
 
@@ -32,6 +32,13 @@ class Placement:
         for key, value in self.max_memory.items():
             if not (_DEVICE.match(key) and isinstance(value, str) and _MEMORY.match(value)):
                 raise ConfigError(f"max_memory takes device = size, e.g. \"cuda:0\" = \"70GiB\", got {key!r:.40} = {value!r:.40}")
+
+    @staticmethod
+    def onloaded(model, tensors: dict) -> dict:
+        """`tensors` (named as in `model`) with every one that is offloaded (a meta tensor) read back from disk."""
+        from transformers.integrations.accelerate import load_offloaded_parameter
+
+        return {k: load_offloaded_parameter(model, k).to(v.dtype) if v.device.type == "meta" else v for k, v in tensors.items()}
 
     def _memory(self) -> dict:
         return {(int(k.split(":")[1]) if k.startswith("cuda:") else 0 if k == "cuda" else k): v for k, v in self.max_memory.items()}

@@ -224,3 +224,15 @@ def _file_tensors(folder: Path) -> dict[str, torch.Tensor]:
         with safe_open(str(path), "pt") as f:
             out.update({k: f.get_tensor(k) for k in f.keys()})
     return out
+
+
+def test_a_bundle_built_from_a_base_placed_over_cpu_and_disk_equals_one_built_in_memory(tmp_path):
+    folder = make_tiny_model(tmp_path / "base", hidden_size=64, dtype=torch.bfloat16)
+    cfg = EmulatorConfig(bottom=2, top=2, emulator_layers=1)
+    placed = Placement(device_map="auto", max_memory={"cpu": "150KB"}, offload_folder=str(tmp_path / "offload"))
+    a = build(str(folder), cfg, tmp_path / "a", show_progress=False, placement=placed)
+    b = build(str(folder), cfg, tmp_path / "b", show_progress=False)
+    assert "disk" in load_base(str(folder), placed)[0].hf_device_map.values()  # the placement did put blocks on disk
+    ta, tb = _file_tensors(tmp_path / "a"), _file_tensors(tmp_path / "b")
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert a.skeleton.keys() == b.skeleton.keys() and all(torch.equal(a.skeleton[k], b.skeleton[k]) for k in a.skeleton)
