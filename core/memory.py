@@ -5,8 +5,10 @@ glibc serves an allocation from its heap unless it is larger than a threshold th
 evaluating with half-precision weights casts each layer's weight for one call, frees it and casts the
 next, blocks of a few MiB to tens of MiB, so the heap grows to hold them all: on a 1.1 B base the client
 held 1.6 GB more than it used after a forward and backward pass, 0.45 GB with a fixed 1 MiB threshold
-(same speed, within noise). Setting the threshold once (mallopt, M_MMAP_THRESHOLD) fixes it for the
-process; MALLOC_MMAP_THRESHOLD_ in the environment does the same from outside.
+(three training steps took 90 s against 84 s, on a loaded machine). The fixed threshold costs small
+models more (each activation of a few MiB gets fresh pages: the demo model's steps ran up to 2x slower),
+so offsite.precision.prepare sets it only for models with large half-precision weights.
+MALLOC_MMAP_THRESHOLD_ in the environment decides instead, from outside.
 """
 from __future__ import annotations
 

@@ -25,9 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from offsite.errors import ConfigError
+from offsite.memory import return_freed_memory
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HALF = (torch.bfloat16, torch.float16)
+LARGE = 1 << 22  # values in a weight whose fp32 cast (16 MiB) is worth pages of its own
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -172,6 +174,8 @@ def prepare(model: nn.Module) -> nn.Module:
     fp32. Large frozen tensors keep their stored dtype. A model stored in fp32 is left as it is."""
     if stored_dtype(model) not in HALF:
         return model
+    if max((p.numel() for p in model.parameters() if p.dim() == 2), default=0) >= LARGE:
+        return_freed_memory()  # the per-layer casts would otherwise stay with the heap (offsite.memory)
     for module in model.modules():
         cls = _upcast_class(module)
         if cls is not None:
