@@ -19,7 +19,7 @@ from offsite.client.train import LocalTrainer, RoundResult
 from offsite.emulator.methods import MethodConfig
 from offsite.client.retry import with_retry
 from offsite.client.secure import SecAggLost, masked_input, secure_submit
-from offsite.client.transfer import download_blob, download_bundle, upload
+from offsite.client.transfer import coordinator_stub, download_blob, download_bundle, upload
 from offsite.errors import ConfigError, DataError
 from offsite.files import atomic_write, sha256_file
 from offsite.protos.offsite.v1 import coordinator_pb2 as pb
@@ -110,7 +110,7 @@ def run(cfg: ClientConfig) -> dict:
             stub = pb_grpc.CoordinatorStub(channel)
             me = with_retry(lambda: enroll(stub, _token(cfg), cfg.workdir), "enroll", cfg.retry_s)
     with secure_channel(cfg.server, cfg.ca_file, me.tls_key_pem, me.certificate_pem) as channel:
-        stub = pb_grpc.CoordinatorStub(channel)
+        stub = coordinator_stub(channel)
         log.info("client %s: %d training examples from %s", me.client_id, len(texts), cfg.data)
         trainer, rounds_done, upload_bytes = None, [], 0
 

@@ -11,14 +11,25 @@ import queue
 import threading
 from pathlib import Path
 
-from offsite import failpoints
+from offsite import chunks, failpoints
 from offsite.emulator.bundle import MANIFEST, verify_bundle
 from offsite.errors import IntegrityError
 from offsite.files import atomic_write, sha256_file
 from offsite.protos.offsite.v1 import coordinator_pb2 as pb
+from offsite.protos.offsite.v1 import coordinator_pb2_grpc as pb_grpc
 
 log = logging.getLogger("offsite.client")
 PARTS_PER_CALL = 16  # an UploadChunks call carries at most this many chunks, then reports the durable offset
+
+
+def coordinator_stub(channel) -> pb_grpc.CoordinatorStub:
+    """The coordinator's stub, with a Download that reads each chunk by hand, as a view of the received bytes
+    (offsite.chunks.decode), rather than through two copies in protobuf."""
+    stub = pb_grpc.CoordinatorStub(channel)
+    stub.Download = channel.unary_stream("/offsite.v1.Coordinator/Download", _registered_method=True,
+                                         request_serializer=pb.DownloadRequest.SerializeToString,
+                                         response_deserializer=chunks.decode)
+    return stub
 
 
 def _verified_prefix(part: Path, info: pb.BlobInfo) -> tuple[int, "hashlib._Hash"]:
@@ -38,27 +49,32 @@ def _verified_prefix(part: Path, info: pb.BlobInfo) -> tuple[int, "hashlib._Hash
 
 
 class _ChunkWriter:
-    """Checks, hashes and writes received chunks on a thread of its own, so that the receiving thread only
-    receives (hashlib and file writes release the GIL). At most `DEPTH` chunks wait; a chunk that does not
-    match the manifest stops it, and everything before that chunk is on disk."""
+    """Writes received chunks, and feeds them to the whole-blob SHA-256, on a thread of its own, so that the
+    receiving thread only receives (hashlib and file writes release the GIL). At most `DEPTH` chunks wait.
+
+    Chunks are not hashed one by one as they land: TLS already authenticates every byte in transit, and the
+    whole-blob SHA-256 against the digest the task named is the check that counts. The chunk manifest earns
+    its keep where bytes sat on a disk: a partial file found on restart, and a download whose whole hash did
+    not match (`download_blob` then keeps the chunks before the first bad one). Nor is the file synced: every
+    reader verifies it first (`download_blob`, `verify_bundle`), so a file torn by a crash is fetched again,
+    from its last good chunk."""
 
     DEPTH = 4
-    SYNC_EVERY = 16  # chunks: dirty pages are flushed as they come, so the final fsync is short
 
-    def __init__(self, f, info: pb.BlobInfo, have: int, whole, name: str):
-        self.f, self.info, self.have, self.whole, self.name = f, info, have, whole, name
+    def __init__(self, f, have: int, whole, name: str):
+        self.f, self.have, self.whole, self.name = f, have, whole, name
         self.error: BaseException | None = None
         self._queue: queue.Queue = queue.Queue(self.DEPTH)
         self._thread = threading.Thread(target=self._run, name=f"download {name}", daemon=True)
         self._thread.start()
 
     def put(self, index: int, data: bytes) -> None:
-        self._hand((index, data))
         if self.error is not None:
             raise self.error
+        self._hand((index, data))
 
     def close(self) -> None:
-        """Wait until every chunk put is written and synced; raise what stopped the writer, if anything."""
+        """Wait until every chunk put is written; raise what stopped the writer, if anything."""
         self._hand(None)
         self._thread.join()
         if self.error is not None:
@@ -75,16 +91,13 @@ class _ChunkWriter:
         try:
             while (item := self._queue.get()) is not None:
                 index, data = item
-                if index != self.have or hashlib.sha256(data).hexdigest() != self.info.chunk_sha256[self.have]:
-                    raise IntegrityError(f"chunk {index} of {self.name} does not match the blob's chunk manifest; "
-                                         f"kept the {self.have} verified chunks before it")
+                if index != self.have:
+                    raise IntegrityError(f"chunk {index} of {self.name} arrived where chunk {self.have} belongs; "
+                                         f"kept the {self.have} chunks before it")
                 self.f.write(data)  # unbuffered: a chunk is in the file (the page cache) once it is counted
                 self.whole.update(data)
                 self.have += 1
                 failpoints.hit("client.download.chunk")
-                if self.have % self.SYNC_EVERY == 0:
-                    os.fdatasync(self.f.fileno())
-            os.fsync(self.f.fileno())
         except BaseException as e:  # the receiving thread raises it
             self.error = e
 
@@ -102,17 +115,29 @@ def download_blob(stub, digest: str, dest: Path) -> Path:
         log.info("resuming %s: %d of %d chunks already here", dest.name, have, total)
     if have < total:
         with open(part, "ab", buffering=0) as f:
-            writer = _ChunkWriter(f, info, have, whole, dest.name)
+            writer = _ChunkWriter(f, have, whole, dest.name)
             try:  # a refused chunk ends the loop; the call, dropped, is cancelled
                 for chunk in stub.Download(pb.DownloadRequest(sha256=digest, first_chunk=have)):
                     writer.put(chunk.index, chunk.data)
             finally:
                 writer.close()
-    if whole.hexdigest() != digest:  # binds the chunk manifest to the digest the task named
-        part.unlink()
-        raise IntegrityError(f"download of {dest.name} does not match its SHA-256 {digest[:16]}...; discarded")
+    if whole.hexdigest() != digest:
+        raise _mismatch(part, info, digest, dest.name)
     os.replace(part, dest)
     return dest
+
+
+def _mismatch(part: Path, info: pb.BlobInfo, digest: str, name: str) -> IntegrityError:
+    """The error for a download whose whole hash is wrong, after cutting the file back to its chunks that
+    match the manifest, so that the retry fetches only the rest (and a manifest at odds with the digest
+    fails every time, naming no chunk)."""
+    good, whole = _verified_prefix(part, info)
+    if good == len(info.chunk_sha256) or whole.hexdigest() == digest:
+        part.unlink()
+        return IntegrityError(f"download of {name} does not match its SHA-256 {digest[:16]}... although every "
+                              f"chunk matches the blob's chunk manifest; discarded")
+    return IntegrityError(f"chunk {good} of {name} does not match the blob's chunk manifest; "
+                          f"kept the {good} verified chunks before it")
 
 
 def download_bundle(stub, manifest_digest: str, folder: Path) -> Path:

@@ -214,20 +214,3 @@ def privacy_message(c) -> pb.Privacy:
 def roster_entry(advert, identity_key: bytes) -> pb.RosterEntry:
     return pb.RosterEntry(client_id=advert.client_id, cipher_public_key=advert.cipher_pk, mask_public_key=advert.mask_pk,
                           signature=advert.signature, identity_public_key=identity_key)
-
-
-
-def chunk_message(index: int, data: bytes) -> bytes:
-    """pb.Chunk(index=index, data=data) serialized by hand, as protobuf does it: one copy of the data where
-    building and serializing the message make two (the download's hot path; 10-20% of its server time)."""
-    head = (b"\x08" + _varint(index) if index else b"") + b"\x12" + _varint(len(data))
-    return head + data
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)

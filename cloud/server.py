@@ -221,7 +221,7 @@ class _Edge:
         return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
 
-_SERIALIZED_BY_SERVICE = {"Download"}  # its chunks arrive as bytes already (offsite.cloud.serde.chunk_message)
+_SERIALIZED_BY_SERVICE = {"Download"}  # its chunks arrive as bytes already (offsite.chunks.encode)
 
 
 def _as_is(data: bytes) -> bytes:

@@ -7,6 +7,7 @@ from typing import Iterator
 
 import grpc
 
+from offsite import chunks
 from offsite.cloud import serde
 from offsite.cloud.coordinator import Coordinator
 from offsite.cloud.state import ClientRecord
@@ -67,8 +68,8 @@ class CoordinatorService:
 
     def Download(self, request: pb.DownloadRequest, peer: str | None) -> Iterator[bytes]:
         """The chunks as serialized pb.Chunk messages, lazily: the checks run when the first one is asked for."""
-        chunks = self.coordinator.download(self.authenticate(peer), self._job(""), request.sha256, request.first_chunk)
-        return (serde.chunk_message(i, data) for i, data in chunks)
+        parts = self.coordinator.download(self.authenticate(peer), self._job(""), request.sha256, request.first_chunk)
+        return (chunks.encode(i, data) for i, data in parts)
 
     def BeginUpload(self, request: pb.UploadHeader, peer: str | None) -> pb.UploadSession:
         session = self.coordinator.begin_upload(self.authenticate(peer), serde.upload_header(request))

@@ -5,7 +5,9 @@ import math
 
 import pytest
 from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import DecodeError
 
+from offsite import chunks
 from offsite.cloud import serde
 from offsite.errors import InvalidRequestError
 from offsite.protos.offsite.v1 import coordinator_pb2 as pb
@@ -116,6 +118,25 @@ def test_edges_and_nested_fields(message, where):
 
 
 @pytest.mark.parametrize("index, size", [(0, 1), (1, 127), (127, 128), (128, 1 << 20), (2**31, 3)])
-def test_a_chunk_serialized_by_hand_is_protobufs_own_encoding(index, size):
+def test_a_chunk_written_and_read_by_hand_is_protobufs_own_encoding(index, size):
     data = bytes(range(256)) * (size // 256) + bytes(size % 256)
-    assert serde.chunk_message(index, data) == pb.Chunk(index=index, data=data).SerializeToString()
+    raw = chunks.encode(index, data)
+    assert raw == pb.Chunk(index=index, data=data).SerializeToString()
+    got = chunks.decode(raw)
+    assert (got.index, bytes(got.data)) == (index, data) and isinstance(got.data, memoryview)  # no copy
+
+
+@pytest.mark.parametrize("message", [
+    pb.Chunk(data=b"abc"), pb.Chunk(index=3), pb.Chunk(), pb.Chunk(index=2**31, data=b"x" * 300)])
+def test_a_chunk_in_any_valid_layout_reads_as_protobuf_reads_it(message):
+    raw = message.SerializeToString()
+    for layout in (raw, b"\x12\x01z" + raw, raw + b"\x08\x07"):  # a field twice: the last one counts
+        expected = pb.Chunk.FromString(layout)
+        got = chunks.decode(layout)
+        assert (got.index, bytes(got.data)) == (expected.index, expected.data)
+
+
+def test_a_truncated_chunk_is_refused_like_protobuf_refuses_it():
+    raw = chunks.encode(5, b"x" * 200)
+    with pytest.raises(DecodeError):
+        chunks.decode(raw[:-1])

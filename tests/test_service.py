@@ -310,6 +310,25 @@ def test_download_fetches_only_missing_chunks_and_refuses_a_garbage_chunk(env):
     with pytest.raises(IntegrityError, match="chunk 1"):
         download_blob(Tampering(), task.adapter_sha256, env.tmp / "again.safetensors")
     assert (env.tmp / "again.safetensors.part").stat().st_size == CHUNK  # only the verified chunk is kept
+    assert download_blob(stub, task.adapter_sha256, env.tmp / "again.safetensors").read_bytes() == blob  # the rest
+
+    class Consistent(Tampering):  # a chunk manifest that agrees with the bad chunk: the whole SHA-256 stops it
+        def GetBlobInfo(self, request):
+            info = stub.GetBlobInfo(request)
+            info.chunk_sha256[1] = hashlib.sha256(b"x" + blob[CHUNK + 1 : 2 * CHUNK]).hexdigest()
+            return info
+
+    with pytest.raises(IntegrityError, match="although every chunk matches"):
+        download_blob(Consistent(), task.adapter_sha256, env.tmp / "third.safetensors")
+    assert not (env.tmp / "third.safetensors.part").exists()
+
+    class Reordered(Tampering):
+        def Download(self, request):
+            got = list(stub.Download(request))
+            yield from [got[1], got[0]] + got[2:]
+
+    with pytest.raises(IntegrityError, match="chunk 1 .* arrived where chunk 0 belongs"):
+        download_blob(Reordered(), task.adapter_sha256, env.tmp / "fourth.safetensors")
 
 
 def test_heartbeat_records_activity_and_says_when_the_round_closed(env):
