@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
-from offsite import lm, precision
+from offsite import lm
 from offsite.checkpoint import Checkpointer
 from offsite.emulator import methods
-from offsite.emulator.bundle import load_bundle
+from offsite.emulator.bundle import describe_bundle, load_bundle
 from offsite.errors import IntegrityError
 from offsite.tensors import spec_digest, spec_of
 from offsite.textdata import Example
@@ -41,9 +41,7 @@ class LocalTrainer:
     def __init__(self, bundle_dir: Path, examples: list[Example | str], heldout: list[Example | str] | None,
                  max_length: int, pack: bool = False, device: str = "cpu"):
         self.bundle_dir, self.device = bundle_dir, device
-        model, self.tokenizer, self.plan = load_bundle(bundle_dir)
-        self.stored_dtype = precision.stored_dtype(model)  # the bundle's: what its frozen weights stay in
-        del model
+        self.tokenizer, self.plan, self.stored_dtype = describe_bundle(bundle_dir)  # frozen weights stay in that dtype
         rows = self._encode(examples, 10**9 if pack else max_length)
         self.train_set = lm.pack(rows, max_length) if pack else rows  # packed: fewer, fuller sequences
         self.heldout = self._encode(heldout, max_length) if heldout else None

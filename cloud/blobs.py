@@ -40,7 +40,8 @@ class BlobStore:
     def put_file(self, src: str | Path) -> str:
         """Store a file without reading it into memory: hashed piece by piece, then hard-linked in (one copy
         on disk: `src` must never change afterwards, as a job's bundle files do not), or copied where the
-        store is on another file system."""
+        store is on another file system. A link shares the file's mode: `src` becomes owner-only (0600),
+        as every blob is."""
         src = Path(src)
         digest = sha256_file(src)
         path = self.path(digest)

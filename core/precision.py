@@ -45,13 +45,18 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def stored_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype the model's weights are stored in: its config's (from_pretrained records what it loaded),
-    else its input embeddings', which `prepare` never changes."""
-    dtype = getattr(model.config, "dtype", None)
+def config_dtype(config) -> torch.dtype | None:
+    """The dtype a model config records (from_pretrained and save_pretrained write what they hold), if any."""
+    dtype = getattr(config, "dtype", None)
     if isinstance(dtype, str):
         dtype = DTYPES.get(dtype)
-    return dtype if isinstance(dtype, torch.dtype) else model.get_input_embeddings().weight.dtype
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
+def stored_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the model's weights are stored in: its config's, else its input embeddings', which
+    `prepare` never changes."""
+    return config_dtype(model.config) or model.get_input_embeddings().weight.dtype
 
 
 @dataclass(frozen=True)
@@ -82,13 +87,13 @@ def choose(device: str | torch.device = "cpu") -> Compute:
     return Compute(False, "bf16 matmuls measured no faster than fp32 on this CPU")
 
 
-ROWS_PER_CAST = 1 << 22  # weight values cast at once (16 MiB in fp32): an LM head is cast a slice at a time
+VALUES_PER_CAST = 1 << 22  # weight values cast at once (16 MiB in fp32): an LM head is cast a slice at a time
 
 
 def _slices(weight: torch.Tensor, transposed: bool) -> list[tuple[int, int]]:
-    """Output-row ranges of `weight` of at most ROWS_PER_CAST values each."""
+    """Output-row ranges of `weight` of at most VALUES_PER_CAST values each."""
     rows, width = (weight.shape[1], weight.shape[0]) if transposed else weight.shape
-    step = max(1, ROWS_PER_CAST // max(width, 1))
+    step = max(1, VALUES_PER_CAST // max(width, 1))
     return [(i, min(i + step, rows)) for i in range(0, rows, step)]
 
 
@@ -205,5 +210,6 @@ def master_weights(params: list[nn.Parameter]) -> list[nn.Parameter]:
 
 
 def stored_state(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """`tensors` with every floating-point tensor cast to `dtype` (others, e.g. token ids, as they are)."""
-    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    """`tensors` with every floating-point tensor cast to `dtype`; others (token ids) and offloaded ones
+    (meta tensors, which save_pretrained reads back from disk as stored) as they are."""
+    return {k: v.to(dtype) if v.is_floating_point() and v.device.type != "meta" else v for k, v in tensors.items()}

@@ -13,7 +13,7 @@ from offsite.emulator.blocks import find_blocks, keep_blocks, num_blocks
 from offsite.emulator.bundle import write_manifest
 from offsite.emulator.config import EmulatorConfig
 from offsite.emulator.distill import DistillConfig, distill
-from offsite.emulator.placement import Placement
+from offsite.emulator.placement import Placement, onloaded
 from offsite.emulator.plan import SplitPlan
 from offsite.emulator.quantize import quantize_emulator
 from offsite.emulator.strategy import low_rank_attention, middle_similarity, similarity_plan
@@ -92,7 +92,7 @@ def build(base: str, cfg: EmulatorConfig, out_dir: str | Path, show_progress: bo
     plan, similarity = choose_plan(full, tokenizer, cfg)
     full_params = sum(p.numel() for p in full.parameters())
     stored = precision.stored_dtype(full)
-    skeleton = Placement.onloaded(full, extract_adapter(full, plan, on_emulator=False, dtype=stored))
+    skeleton = onloaded(full, extract_adapter(full, plan, on_emulator=False, dtype=stored))
     block_path = find_blocks(full).path
     teacher, emulator = ((full, make_emulator(load_base(base, placement)[0], plan)) if cfg.distilled
                          else (None, make_emulator(full, plan)))

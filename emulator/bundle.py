@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from transformers import AutoModelForCausalLM, AutoTokenizer
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from offsite import precision
 from offsite.emulator.plan import SplitPlan
@@ -71,3 +72,26 @@ def load_bundle(folder: str | Path, device: str = "cpu"):
     keep_differentiable(model)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     return model, tokenizer, SplitPlan.from_dict(manifest["plan"])
+
+
+def describe_bundle(folder: str | Path) -> tuple[object, SplitPlan, torch.dtype]:
+    """Verify, then read the bundle's tokenizer, plan and stored dtype without loading its weights."""
+    manifest = verify_bundle(folder)
+    dtype = precision.config_dtype(AutoConfig.from_pretrained(str(folder))) or _header_dtype(Path(folder))
+    return AutoTokenizer.from_pretrained(str(folder)), SplitPlan.from_dict(manifest["plan"]), dtype
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def _header_dtype(folder: Path) -> torch.dtype:
+    """For a config that names no dtype: the first floating-point tensor's, as a file header says
+    (transformers' dtype="auto" does the same)."""
+    from safetensors import safe_open
+
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            for key in f.keys():
+                if (dtype := _SAFETENSORS_DTYPES.get(f.get_slice(key).get_dtype())) is not None:
+                    return dtype
+    return torch.float32

@@ -33,13 +33,6 @@ class Placement:
             if not (_DEVICE.match(key) and isinstance(value, str) and _MEMORY.match(value)):
                 raise ConfigError(f"max_memory takes device = size, e.g. \"cuda:0\" = \"70GiB\", got {key!r:.40} = {value!r:.40}")
 
-    @staticmethod
-    def onloaded(model, tensors: dict) -> dict:
-        """`tensors` (named as in `model`) with every one that is offloaded (a meta tensor) read back from disk."""
-        from transformers.integrations.accelerate import load_offloaded_parameter
-
-        return {k: load_offloaded_parameter(model, k).to(v.dtype) if v.device.type == "meta" else v for k, v in tensors.items()}
-
     def _memory(self) -> dict:
         return {(int(k.split(":")[1]) if k.startswith("cuda:") else 0 if k == "cuda" else k): v for k, v in self.max_memory.items()}
 
@@ -83,3 +76,10 @@ class Placement:
             if placed.get(name) == "disk":
                 placed[name] = "cpu"
         return placed
+
+
+def onloaded(model, tensors: dict) -> dict:
+    """`tensors` (named as in `model`) with every one that is offloaded (a meta tensor) read back from disk."""
+    from transformers.integrations.accelerate import load_offloaded_parameter
+
+    return {k: load_offloaded_parameter(model, k).to(v.dtype) if v.device.type == "meta" else v for k, v in tensors.items()}

@@ -56,9 +56,7 @@ def export(model, tokenizer, out_dir: str | Path, dtype: torch.dtype | None = No
         if dtype != precision.stored_dtype(base) and any(v.device.type == "meta" for v in weights.values()):
             raise ConfigError(f"an export in {precision.dtype_name(dtype)} needs the base in memory: part of it is "
                               "offloaded to disk, where it stays as stored; export in the base's dtype instead")
-        # offloaded (meta) tensors stay as they are: save_pretrained reads them back from disk shard by shard
-        weights = {k: v if v.device.type == "meta" else v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
-        extras = precision.stored_state(extras, dtype)
+        weights, extras = precision.stored_state(weights, dtype), precision.stored_state(extras, dtype)
         base.config.dtype = dtype
     base.save_pretrained(str(out_dir), safe_serialization=True, state_dict=weights,
                          **({"max_shard_size": max_shard_size} if max_shard_size else {}))

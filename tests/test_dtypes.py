@@ -20,7 +20,7 @@ from offsite.cloud.job import JobConfig
 from offsite.demo.tiny import make_tiny_model
 from offsite.emulator import methods
 from offsite.emulator.build import build, load_base
-from offsite.emulator.bundle import load_bundle
+from offsite.emulator.bundle import _header_dtype, describe_bundle, load_bundle
 from offsite.emulator.config import EmulatorConfig
 from offsite.emulator.placement import Placement
 from offsite.emulator.plugin import export, plug_in, shard_size
@@ -56,6 +56,10 @@ def test_the_bundle_and_the_skeleton_keep_the_bases_dtype(base, tmp_path):
     base_bytes = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     bundle_bytes = sum(p.stat().st_size for p in (tmp_path / "bundle").glob("*.safetensors"))
     assert bundle_bytes < (5 / 6 + 0.03) * base_bytes  # 5 of 6 blocks (and the embeddings), at the base's width per value
+    assert describe_bundle(tmp_path / "bundle")[2] == dtype  # what a client reads before it loads any weight
+    config = json.loads((tmp_path / "bundle" / "config.json").read_text())
+    (tmp_path / "bundle" / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "dtype"}))
+    assert _header_dtype(tmp_path / "bundle") == dtype
 
 
 def test_an_nf4_bundle_keeps_what_it_does_not_quantize_in_the_bases_dtype(tmp_path):
@@ -71,7 +75,7 @@ def test_an_nf4_bundle_keeps_what_it_does_not_quantize_in_the_bases_dtype(tmp_pa
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_upcast_matmul_gives_the_gradients_of_an_fp32_copy_of_the_weights(dtype, transposed, per_cast, monkeypatch):
-    monkeypatch.setattr(precision, "ROWS_PER_CAST", per_cast)
+    monkeypatch.setattr(precision, "VALUES_PER_CAST", per_cast)
     torch.manual_seed(0)
     weight = torch.randn(6, 5).to(dtype)
     weight = weight.t().contiguous() if transposed else weight  # GPT-2's Conv1D stores in x out
