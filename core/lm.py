@@ -15,13 +15,12 @@ from functools import lru_cache
 from typing import Callable, Iterable, Iterator
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from offsite.checkpoint import Checkpointer
+from offsite.chunked_loss import IGNORE, next_token_loss_sum, token_loss_sum  # noqa: F401 (lm is where callers find them)
 from offsite.errors import ConfigError
 
-IGNORE = -100
 log = logging.getLogger("offsite")
 
 
@@ -113,19 +112,6 @@ def batches(
             mask[j, :n] = 1
             scored[j, :n] = True if isinstance(r, list) else torch.tensor(r[1])
         yield ids, mask, ids.masked_fill(~scored, IGNORE)
-
-
-def next_token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy of each position's logits against the next token, and how many were scored."""
-    logits, target = logits[:, :-1].float(), labels[:, 1:]
-    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE, reduction="sum")
-    return loss, int((target != IGNORE).sum())
-
-
-def token_loss_sum(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy of `model` over real tokens, and how many tokens were scored.
-    Logits for virtual tokens a model prepends (prompt tuning) are cut off: only the input's are scored."""
-    return next_token_loss_sum(model(input_ids=ids, attention_mask=mask).logits[:, -ids.shape[1]:], labels)
 
 
 def launched_state():
