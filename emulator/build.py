@@ -1,6 +1,8 @@
 """Build an emulator bundle and the adapter skeleton from a base model."""
 from __future__ import annotations
 
+import gc
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from offsite.emulator.config import EmulatorConfig
 from offsite.emulator.distill import DistillConfig, distill
 from offsite.emulator.placement import Placement, onloaded
 from offsite.emulator.plan import SplitPlan
-from offsite.emulator.quantize import quantize_emulator
+from offsite.emulator.quantize import quantize_saved
 from offsite.emulator.strategy import low_rank_attention, middle_similarity, similarity_plan
 from offsite.errors import ConfigError
 from offsite.files import sha256_file
@@ -96,6 +98,7 @@ def build(base: str, cfg: EmulatorConfig, out_dir: str | Path, show_progress: bo
     block_path = find_blocks(full).path
     teacher, emulator = ((full, make_emulator(load_base(base, placement)[0], plan)) if cfg.distilled
                          else (None, make_emulator(full, plan)))
+    del full  # the emulator is what is left of it, or (distilled) `teacher` holds it until it is done
     if cfg.attn_rank:
         low_rank_attention(emulator, plan, cfg.attn_rank)
     distill_info = None
@@ -112,7 +115,20 @@ def build(base: str, cfg: EmulatorConfig, out_dir: str | Path, show_progress: bo
     if state is None or state.is_main_process:
         provenance = {"strategy": cfg.strategy, "similarity": similarity, "attn_rank": cfg.attn_rank or None,
                       "distillation": distill_info, "quantized": cfg.quantize}
-        _write_bundle(out_dir, emulator, tokenizer, plan, block_path, base, cfg.quantize, provenance, stored)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        weights = precision.stored_state(emulator.state_dict(), stored)  # norms ran in fp32, distilled blocks trained in it
+        if cfg.quantize:  # bitsandbytes packs while it loads: from a saved copy, with the emulator let go first
+            with tempfile.TemporaryDirectory(prefix=".unpacked-", dir=out_dir.parent) as staging:
+                emulator.save_pretrained(staging, safe_serialization=True, state_dict=weights)
+                del emulator, weights
+                gc.collect()
+                quantize_saved(Path(staging), tokenizer, plan, block_path, cfg.quantize, out_dir)
+        else:
+            emulator.save_pretrained(str(out_dir), safe_serialization=True, state_dict=weights)
+            tokenizer.save_pretrained(str(out_dir))
+        base_hashes = ({p.name: sha256_file(p) for p in sorted(Path(base).glob("*.safetensors"))} if Path(base).is_dir()
+                       else {"hub_id": base})
+        write_manifest(out_dir, plan, block_path, {"base": base_hashes, **provenance})
     if state is not None:
         state.wait_for_everyone()  # no process returns before the bundle is there
     return BuildResult(
@@ -124,18 +140,3 @@ def build(base: str, cfg: EmulatorConfig, out_dir: str | Path, show_progress: bo
         adapter_params=sum(t.numel() for t in skeleton.values()),
         dtype=stored,
     )
-
-
-def _write_bundle(out_dir: Path, emulator, tokenizer, plan: SplitPlan, block_path: str, base: str,
-                  quantize: str | None, provenance: dict, stored: torch.dtype) -> None:
-    """The emulator's weights (quantized or not; the rest in the base's dtype `stored`), tokenizer and
-    manifest, with the base's hashes."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    weights = precision.stored_state(emulator.state_dict(), stored)  # norms ran in fp32, distilled blocks trained in it
-    if quantize:
-        quantize_emulator(emulator, weights, tokenizer, plan, block_path, quantize, out_dir)
-    else:
-        emulator.save_pretrained(str(out_dir), safe_serialization=True, state_dict=weights)
-        tokenizer.save_pretrained(str(out_dir))
-    base_hashes = {p.name: sha256_file(p) for p in sorted(Path(base).glob("*.safetensors"))} if Path(base).is_dir() else {"hub_id": base}
-    write_manifest(out_dir, plan, block_path, {"base": base_hashes, **provenance})

@@ -7,8 +7,6 @@ of the quantized middle (QLoRA-style). The result is a standard Hugging Face fol
 from __future__ import annotations
 
 import re
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -37,23 +35,17 @@ def adapter_module_names(block_path: str, plan: SplitPlan) -> list[str]:
     return [f"{block_path}.{plan.emulator_index(i)}" for i in plan.adapter_blocks]
 
 
-def quantize_emulator(emulator, weights: dict[str, torch.Tensor], tokenizer, plan: SplitPlan, block_path: str,
-                      mode: str, out_dir: Path):
-    """Save `emulator` (its `weights`, in the base's dtype) to `out_dir` with its middle blocks quantized;
-    what is not quantized keeps the base's dtype. Returns the quantized model."""
+def quantize_saved(folder: Path, tokenizer, plan: SplitPlan, block_path: str, mode: str, out_dir: Path) -> None:
+    """Save the emulator saved unpacked in `folder` (in the base's dtype) to `out_dir` with its middle
+    blocks quantized; what is not quantized keeps the base's dtype. bitsandbytes packs while it loads, so
+    the caller saves the emulator and lets it go first: one copy of it in memory, not two."""
     config = bnb_config(mode, adapter_module_names(block_path, plan))
-    staging = Path(tempfile.mkdtemp(prefix=".fp32-", dir=out_dir.parent))
-    try:
-        emulator.save_pretrained(str(staging), safe_serialization=True, state_dict=weights)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            quantized = AutoModelForCausalLM.from_pretrained(str(staging), quantization_config=config, dtype="auto")
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantized = AutoModelForCausalLM.from_pretrained(str(folder), quantization_config=config, dtype="auto")
     out_dir.mkdir(parents=True, exist_ok=True)
     quantized.save_pretrained(str(out_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(out_dir))
-    return quantized
 
 
 def keep_differentiable(model) -> None:
