@@ -135,6 +135,17 @@ def cmd_clients_revoke(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from offsite.cloud.exports import export_job
+
+    coordinator = open_coordinator(args.state)
+    _, cfg, art = coordinator.job(args.job)
+    result = export_job(cfg, art, coordinator.blobs, coordinator.layout.jobs / args.job, args.out, args.format,
+                        len(coordinator.state.updates(args.job)), args.rank)
+    print(f"job {args.job}: exported {result.format} to {result.folder} after {result.rounds} rounds: {result.detail}")
+    return 0
+
+
 def cmd_probe(args) -> int:
     return health_probe.run(args)  # also `python -m offsite.cloud.probe`: the same check without loading torch
 
@@ -183,6 +194,17 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--state", required=True)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+    p = sub.add_parser("export", help="write a job's latest global adapter: plugged into the full model, or as a PEFT "
+                                      "LoRA adapter on it (for vLLM, LoRAX)")
+    p.add_argument("--state", required=True)
+    p.add_argument("--job", required=True)
+    p.add_argument("--format", choices=("merged", "peft"), default="merged",
+                   help="merged: a plain model folder (what finalization writes); peft: a LoRA job's change as LoRA "
+                        "factors keyed to the full model's layers")
+    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--rank", type=int, help="peft: LoRA rank of the factors (default: the job's r times the updates it "
+                                            "aggregated, the most the change can need, capped by the layers' widths)")
+    p.set_defaults(func=cmd_export)
     p = sub.add_parser("probe", help="health check (liveness/readiness): exit 0 iff the coordinator is serving")
     health_probe.add_arguments(p)
     p.set_defaults(func=cmd_probe)

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from offsite import lm, precision
+from offsite.cli import main as cli_main
 from offsite.client.train import LocalTrainer
 from offsite.cloud.blobs import BlobStore
 from offsite.cloud.coordinator import UploadHeader
@@ -191,6 +192,22 @@ def test_a_lora_round_on_a_bf16_base_uploads_aggregates_and_exports_in_its_dtype
     export_dir = Path(report["export_dir"])
     assert set(_file_dtypes(export_dir).values()) == {"BF16"}
     assert len(json.loads((export_dir / "model.safetensors.index.json").read_text())["weight_map"]) == len(_file_dtypes(folder))
+
+    # `offsite cloud export`, both formats: merged is the finalized export again; peft, on the plain base, its logits
+    state = str(c.layout.root)
+    assert cli_main(["cloud", "export", "--state", state, "--job", "j", "--format", "merged", "--out", str(tmp_path / "m")]) == 0
+    assert _file_dtypes(tmp_path / "m") == _file_dtypes(export_dir)
+    assert cli_main(["cloud", "export", "--state", state, "--job", "j", "--format", "peft", "--out", str(tmp_path / "p")]) == 0
+    assert json.loads((tmp_path / "p" / "adapter_config.json").read_text())["r"] == 8 * 2  # r x the 2 updates merged
+    assert set(_file_dtypes(tmp_path / "p").values()) == {"BF16"}
+    from peft import PeftModel
+    ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(str(export_dir)).float()(input_ids=ids).logits
+        base = AutoModelForCausalLM.from_pretrained(str(folder)).float()
+        got = PeftModel.from_pretrained(base, str(tmp_path / "p")).eval()(input_ids=ids).logits
+        untouched = AutoModelForCausalLM.from_pretrained(str(folder)).float()(input_ids=ids).logits
+    assert (got - want).abs().max() < 0.1 * (want - untouched).abs().max()  # bf16 rounding apart, the same change
 
 
 def test_placement_is_checked():
