@@ -7,8 +7,7 @@ next, blocks of a few MiB to tens of MiB, so the heap grows to hold them all: on
 held 1.6 GB more than it used after a forward and backward pass, 0.45 GB with a fixed 1 MiB threshold
 (three training steps took 90 s against 84 s, on a loaded machine). The fixed threshold costs small
 models more (each activation of a few MiB gets fresh pages: the demo model's steps ran up to 2x slower),
-so offsite.precision.prepare sets it only for models with large half-precision weights, and
-offsite.chunked_loss where a batch's logits take several slices.
+so offsite.precision.prepare sets it only for models with large half-precision weights.
 MALLOC_MMAP_THRESHOLD_ in the environment decides instead, from outside.
 """
 from __future__ import annotations

@@ -57,6 +57,8 @@ CHILD = r"""
 import resource, sys, torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from offsite import chunked_loss
+from offsite.memory import return_freed_memory
+return_freed_memory()  # as a process holding a large half-precision model has it (offsite.precision.prepare)
 torch.manual_seed(0)
 model = LlamaForCausalLM(LlamaConfig(vocab_size=64000, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                      num_attention_heads=4, num_key_value_heads=2)).train()
