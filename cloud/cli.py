@@ -1,7 +1,7 @@
 """`offsite cloud ...`: init, jobs create, serve, status.
 
 What needs torch (the coordinator, the emulator) is imported inside the commands that use it, so `init`,
-`clients revoke`, `probe` and `--help` answer in a fraction of a second.
+`clients revoke`, `keys`, `probe` and `--help` answer in a fraction of a second.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+from offsite.cloud import api_keys
 from offsite.cloud import probe as health_probe
 from offsite.cloud.identity import StateLayout, init_state
 from offsite.cloud.limits import Limits
@@ -135,6 +136,46 @@ def cmd_clients_revoke(args) -> int:
     return 0
 
 
+def cmd_keys_create(args) -> int:
+    now = time.time()
+    if args.expires_in_days is not None and args.expires_in_days <= 0:
+        raise ConfigError(f"--expires-in-days must be positive, got {args.expires_in_days}")
+    expires_at = (api_keys.parse_expiry(args.expires) if args.expires
+                  else now + args.expires_in_days * 86400 if args.expires_in_days is not None else None)
+    secret, key = api_keys.create_key(StateLayout(Path(args.state)).open_state(), args.job, args.label, expires_at, now)
+    print(f"API key {key.key_id} for job(s) {', '.join(key.jobs)}, expires {api_keys.format_time(key.expires_at)}")
+    print(secret)
+    print("This secret is shown only once and cannot be recovered: give it to its user now. "
+          f"`offsite cloud keys revoke --state {args.state} {key.key_id}` locks it out.")
+    return 0
+
+
+def cmd_keys_list(args) -> int:
+    keys = StateLayout(Path(args.state)).open_state().api_keys()
+    now = time.time()
+    if args.json:  # never the hash: it is all a brute-force search would need
+        print(json.dumps([{"key_id": k.key_id, "jobs": list(k.jobs), "label": k.label, "status": api_keys.key_status(k, now),
+                           "created_at": k.created_at, "expires_at": k.expires_at, "revoked_at": k.revoked_at,
+                           "last_used": k.last_used} for k in keys], indent=2))
+        return 0
+    if not keys:
+        print("no API keys; `offsite cloud keys create` makes one")
+    for k in keys:
+        f = api_keys.format_time
+        print(f"key {k.key_id}: {api_keys.key_status(k, now)}; jobs {', '.join(k.jobs)}; label {k.label!r}; "
+              f"created {f(k.created_at)}; expires {f(k.expires_at)}; revoked {f(k.revoked_at, 'no')}; "
+              f"last used {f(k.last_used)}")
+    return 0
+
+
+def cmd_keys_revoke(args) -> int:
+    if args.key_id.startswith(api_keys.KEY_PREFIX):  # a pasted secret: say so without echoing it
+        raise ConfigError("give the key id that `offsite cloud keys list` shows, not the secret")
+    StateLayout(Path(args.state)).open_state().revoke_api_key(args.key_id)
+    print(f"API key {args.key_id} revoked: it is refused from the next request on")
+    return 0
+
+
 def cmd_export(args) -> int:
     from offsite.cloud.exports import export_job
 
@@ -175,6 +216,25 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--state", required=True)
     p.add_argument("client_id")
     p.set_defaults(func=cmd_clients_revoke)
+    keys = sub.add_parser("keys", help="API keys that let downstream users query fine-tuned models").add_subparsers(
+        dest="keys_command", required=True)
+    p = keys.add_parser("create", help="make a key for some jobs' models; prints its secret once")
+    p.add_argument("--state", required=True)
+    p.add_argument("--job", action="append", required=True, help="a job whose model the key may query (repeatable)")
+    p.add_argument("--label", default="", help="who or what the key is for, shown by `keys list`")
+    expiry = p.add_mutually_exclusive_group()
+    expiry.add_argument("--expires", help="when the key stops working: a date (2027-01-31: as that day begins, UTC) "
+                                          "or an ISO 8601 time; default: never")
+    expiry.add_argument("--expires-in-days", type=float, help="the key stops working this many days from now")
+    p.set_defaults(func=cmd_keys_create)
+    p = keys.add_parser("list", help="every key: id, jobs, label, times (never a secret or a hash)")
+    p.add_argument("--state", required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_keys_list)
+    p = keys.add_parser("revoke", help="lock a key out at once")
+    p.add_argument("--state", required=True)
+    p.add_argument("key_id")
+    p.set_defaults(func=cmd_keys_revoke)
     p = sub.add_parser("serve", help="run the coordinator (gRPC over mutual TLS)")
     p.add_argument("--state", required=True)
     p.add_argument("--address", default="127.0.0.1:50051", help="host:port for mutual-TLS calls; port 0 picks a free one")

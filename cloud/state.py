@@ -6,6 +6,7 @@ test (tests/test_state.py) runs against every implementation.
 """
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import threading
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Callable, Protocol
 from urllib.parse import urlsplit
 
-from offsite.errors import AlreadyExistsError, ConfigError, NotFoundError
+from offsite.errors import AlreadyExistsError, ConfigError, NotFoundError, shown
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,20 @@ class UploadRecord:
     train_loss: float | None = None   # what the client reported in its header, kept until the update is counted
 
 
+@dataclass(frozen=True)
+class ApiKeyRecord:
+    """A key that lets a downstream user query the models of some jobs (offsite.cloud.api_keys).
+    Only the secret's hash is kept, so a leaked database does not let anyone query."""
+    key_id: str
+    key_hash: str
+    jobs: tuple[str, ...]            # the job ids whose models this key may query
+    label: str
+    created_at: float
+    expires_at: float | None = None  # None: never
+    revoked_at: float | None = None
+    last_used: float | None = None   # updated at most about once a minute (offsite.cloud.api_keys.TOUCH_INTERVAL_S)
+
+
 class State(Protocol):
     def add_token(self, token_hash: str, name: str, expires_at: float) -> None: ...
     def consume_token(self, token_hash: str, now: float) -> str | None: ...
@@ -90,6 +105,11 @@ class State(Protocol):
     def open_uploads(self) -> list[UploadRecord]: ...
     def upload_bytes(self, client_id: str | None = None) -> int: ...
     def close_upload(self, upload_id: str) -> None: ...
+    def add_api_key(self, record: ApiKeyRecord) -> None: ...
+    def api_key_by_hash(self, key_hash: str) -> ApiKeyRecord | None: ...
+    def api_keys(self) -> list[ApiKeyRecord]: ...
+    def revoke_api_key(self, key_id: str) -> None: ...
+    def touch_api_key(self, key_id: str, now: float) -> None: ...
 
 
 _SCHEMA = """
@@ -107,8 +127,12 @@ CREATE TABLE IF NOT EXISTS rejections (job_id TEXT NOT NULL, round INTEGER NOT N
     reason TEXT NOT NULL, at DOUBLE PRECISION NOT NULL);
 CREATE TABLE IF NOT EXISTS uploads (upload_id TEXT PRIMARY KEY, job_id TEXT NOT NULL, round INTEGER NOT NULL,
     client_id TEXT NOT NULL, num_examples INTEGER NOT NULL, size BIGINT NOT NULL, sha256 TEXT NOT NULL,
-    train_loss DOUBLE PRECISION)
+    train_loss DOUBLE PRECISION);
+CREATE TABLE IF NOT EXISTS api_keys (key_id TEXT PRIMARY KEY, key_hash TEXT NOT NULL UNIQUE, jobs TEXT NOT NULL,
+    label TEXT NOT NULL DEFAULT '', created_at DOUBLE PRECISION NOT NULL, expires_at DOUBLE PRECISION,
+    revoked_at DOUBLE PRECISION, last_used DOUBLE PRECISION)
 """
+# api_keys.jobs is a JSON list of job ids; expires_at NULL means the key never expires.
 
 
 @dataclass(frozen=True)
@@ -258,6 +282,37 @@ class SqlState:
 
     def close_upload(self, upload_id: str) -> None:
         self._run("DELETE FROM uploads WHERE upload_id = ?", (upload_id,))
+
+    def add_api_key(self, record: ApiKeyRecord) -> None:
+        try:
+            self._run("INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                      (record.key_id, record.key_hash, json.dumps(list(record.jobs)), record.label, record.created_at,
+                       record.expires_at, record.revoked_at, record.last_used))
+        except self._dialect.integrity_error:
+            raise AlreadyExistsError(f"API key {record.key_id} already exists") from None
+
+    _API_KEY = "SELECT key_id, key_hash, jobs, label, created_at, expires_at, revoked_at, last_used FROM api_keys"
+
+    @staticmethod
+    def _api_key(row: tuple) -> ApiKeyRecord:
+        return ApiKeyRecord(row[0], row[1], tuple(json.loads(row[2])), *row[3:])
+
+    def api_key_by_hash(self, key_hash: str) -> ApiKeyRecord | None:
+        rows = self._run(self._API_KEY + " WHERE key_hash = ?", (key_hash,))
+        return self._api_key(rows[0]) if rows else None
+
+    def api_keys(self) -> list[ApiKeyRecord]:
+        return [self._api_key(r) for r in self._run(self._API_KEY + " ORDER BY created_at, key_id")]
+
+    def revoke_api_key(self, key_id: str) -> None:
+        """Revoking twice keeps the first time."""
+        rows = self._run("UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE key_id = ? RETURNING key_id",
+                         (time.time(), key_id))
+        if not rows:
+            raise NotFoundError(f"no API key {shown(key_id)}")
+
+    def touch_api_key(self, key_id: str, now: float) -> None:
+        self._run("UPDATE api_keys SET last_used = ? WHERE key_id = ?", (now, key_id))
 
 
 class SqliteState(SqlState):

@@ -113,6 +113,35 @@ def test_train_loss_and_bytes_round_trip(state):
     assert state.client("c1").signing_key == bytes(range(256))
 
 
+def test_api_keys_round_trip_in_creation_order(state):
+    from offsite.cloud.state import ApiKeyRecord
+    second = ApiKeyRecord("k2", "h2", ("j1",), "", 20.0)
+    first = ApiKeyRecord("k1", "h1", ("j1", "j2"), "alice's notebook", 10.0, expires_at=99.5)
+    state.add_api_key(second)
+    state.add_api_key(first)
+    assert state.api_keys() == [first, second]
+    assert state.api_key_by_hash("h1") == first and state.api_key_by_hash("k1") is None
+    with pytest.raises(AlreadyExistsError):  # the same id again
+        state.add_api_key(ApiKeyRecord("k1", "h3", ("j1",), "", 30.0))
+    with pytest.raises(AlreadyExistsError):  # the same secret's hash again
+        state.add_api_key(ApiKeyRecord("k3", "h1", ("j1",), "", 30.0))
+    assert [k.key_id for k in state.api_keys()] == ["k1", "k2"]
+
+
+def test_api_keys_revoked_once_and_touched(state):
+    from offsite.cloud.state import ApiKeyRecord
+    state.add_api_key(ApiKeyRecord("k1", "h1", ("j1",), "", 10.0))
+    state.touch_api_key("k1", 1234.5)
+    state.touch_api_key("nope", 1.0)  # an unknown key is nothing to touch
+    assert state.api_key_by_hash("h1").last_used == 1234.5
+    state.revoke_api_key("k1")
+    first = state.api_key_by_hash("h1").revoked_at
+    state.revoke_api_key("k1")
+    assert first is not None and state.api_key_by_hash("h1").revoked_at == first  # revoking twice keeps the first time
+    with pytest.raises(NotFoundError):
+        state.revoke_api_key("k2")
+
+
 @pytest.mark.parametrize("url, message", [
     ("mysql://u@h/db", "sqlite:/// or postgresql://"),
     ("sqlite://relative.db", "sqlite:/// or postgresql://"),
