@@ -51,18 +51,22 @@ def install(model: nn.Module, plan: SplitPlan, dim: int, on_emulator: bool) -> N
 
 
 def install_at(model: nn.Module, indices, dim: int) -> None:
-    """Add the two bottlenecks to the blocks at `indices` (once), on each block's device, in fp32 (they are
-    small, and the residual stream they add to is fp32: offsite.precision)."""
+    """Add the two bottlenecks to the blocks at `indices` (once)."""
     found = find_blocks(model)
     for index in indices:
-        block = found.blocks[index]
-        if hasattr(block, NAME):
-            continue
-        anchor = next(p for p in block.parameters() if p.is_floating_point())
-        pair = fresh(model.config.hidden_size, dim).to(anchor.device)
-        block.add_module(NAME, pair)
-        attention_module(block).register_forward_hook(_adapt_output(pair["attn"]))
-        feedforward_module(block).register_forward_hook(_adapt_output(pair["ffn"]))
+        install_in_block(found.blocks[index], model.config.hidden_size, dim)
+
+
+def install_in_block(block: nn.Module, width: int, dim: int) -> None:
+    """Add the two bottlenecks to one block (once), on the block's device, in fp32 (they are small, and
+    the residual stream they add to is fp32: offsite.precision)."""
+    if hasattr(block, NAME):
+        return
+    anchor = next(p for p in block.parameters() if p.is_floating_point())
+    pair = fresh(width, dim).to(anchor.device)
+    block.add_module(NAME, pair)
+    attention_module(block).register_forward_hook(_adapt_output(pair["attn"]))
+    feedforward_module(block).register_forward_hook(_adapt_output(pair["ffn"]))
 
 
 def fresh_state(model: nn.Module, plan: SplitPlan, dim: int) -> dict[str, torch.Tensor]:

@@ -1,0 +1,165 @@
+"""What one job adds to its base model, held beside the one shared copy of the base.
+
+A job's global adapter is its adapter blocks (dense: the mean of merged LoRA/IA3 updates is not low-rank,
+so a LoRA job's aggregated change is held as the blocks it makes) plus what its method keeps beside them.
+A `JobAdapter` holds only what differs from the base: its own copy of each adapter block whose tensors
+changed (with bottleneck modules inside where the method adds them), prompt tuning's virtual token
+embeddings, or prefix tuning's keys and values for every layer. `AdapterCache` loads them on first use and
+evicts the least recently used under a byte budget, never one that a running request holds.
+"""
+from __future__ import annotations
+
+import copy
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from offsite.emulator import bottleneck, methods
+from offsite.emulator.methods import MethodConfig
+from offsite.emulator.plan import SplitPlan
+from offsite.errors import ConfigError, InvalidUpdateError, UnsupportedModelError
+
+
+class AdapterMemoryError(Exception):
+    """An adapter does not fit in the budget, even with every idle adapter evicted."""
+
+
+@dataclass
+class JobAdapter:
+    job_id: str
+    blocks: dict[int, nn.Module]                          # block index -> the job's version of that block
+    prompt: torch.Tensor | None = None                    # prompt tuning: (virtual tokens, hidden) input embeddings
+    prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # prefix tuning: per layer (1, heads, tokens, dim) k, v
+    nbytes: int = 0
+    users: int = field(default=0, repr=False)             # running requests that hold it
+
+    @property
+    def virtual_tokens(self) -> int:
+        if self.prompt is not None:
+            return self.prompt.shape[0]
+        return self.prefix[0][0].shape[-2] if self.prefix else 0
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def build_adapter(job_id: str, model: nn.Module, base_blocks: list[nn.Module], block_path: str, plan: SplitPlan,
+                  method: MethodConfig, adapter: dict[str, torch.Tensor]) -> JobAdapter:
+    """The job's part, from its global adapter (canonical names): a copy of a base block only where the
+    job's tensors differ from the base's."""
+    if plan.num_blocks != len(base_blocks):
+        raise InvalidUpdateError(f"job {job_id} was split from a {plan.num_blocks}-block model; this base has {len(base_blocks)}")
+    extras = {k: v for k, v in adapter.items() if k == methods.PROMPT}
+    blocks: dict[int, nn.Module] = {}
+    for index in plan.adapter_blocks:
+        prefix = f"{block_path}.{index}."
+        mine = {k[len(prefix):]: v for k, v in adapter.items() if k.startswith(prefix)}
+        base = base_blocks[index]
+        own = dict(base.named_parameters())
+        if method.name != "bottleneck" and set(mine) == set(own) and all(
+                torch.equal(own[n].detach(), v.to(own[n].dtype)) for n, v in mine.items()):
+            continue  # unchanged (prompt and prefix tuning leave the blocks as they are): the base's serves
+        block = copy.deepcopy(base)
+        if method.name == "bottleneck":
+            bottleneck.install_in_block(block, model.config.hidden_size, method.bottleneck_dim)
+        params = dict(block.named_parameters())
+        if set(params) != set(mine):
+            missing, extra = sorted(set(params) - set(mine)), sorted(set(mine) - set(params))
+            raise InvalidUpdateError(f"job {job_id}: adapter block {index} does not fit the base: missing {missing[:3]}, extra {extra[:3]}")
+        with torch.no_grad():
+            for name, param in params.items():
+                if param.shape != mine[name].shape:
+                    raise InvalidUpdateError(f"job {job_id}: {prefix}{name} has shape {list(mine[name].shape)}, the base {list(param.shape)}")
+                param.copy_(mine[name].to(param.dtype))
+        blocks[index] = block.eval()
+    job = JobAdapter(job_id, blocks)
+    if method.name == "prompt":
+        job.prompt = extras[methods.PROMPT].to(model.get_input_embeddings().weight.device)
+    elif method.name == "prefix":
+        job.prefix = _prefix_cache(model, plan, method, extras[methods.PROMPT])
+    job.nbytes = (_nbytes(t for b in blocks.values() for t in b.state_dict().values())
+                  + (_nbytes([job.prompt]) if job.prompt is not None else 0)
+                  + (_nbytes(t for kv in job.prefix for t in kv) if job.prefix else 0))
+    return job
+
+
+def _prefix_cache(model: nn.Module, plan: SplitPlan, method: MethodConfig, tokens: torch.Tensor):
+    """Prefix tuning's per-layer keys and values for the full model, laid out as peft's `get_prompt` lays
+    them out (its reshape, without running a wrapper around the shared base)."""
+    from peft import PrefixTuningConfig
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_PREFIX_TUNING_POSTPROCESS_MAPPING
+    from peft.utils.other import _prepare_prompt_learning_config
+
+    model_type = model.config.model_type
+    if model_type in TRANSFORMERS_MODELS_TO_PREFIX_TUNING_POSTPROCESS_MAPPING or "gemma" in model_type:
+        raise UnsupportedModelError(f"serving a prefix-tuned {model_type} job is not supported: its prefix needs "
+                                    "peft's per-family cache layout")
+    cfg = _prepare_prompt_learning_config(PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=method.virtual_tokens),
+                                          model.config)
+    full = methods._full_depth(tokens, plan).to(model.dtype)
+    heads = cfg.num_attention_heads
+    kv = full.view(1, cfg.num_virtual_tokens, cfg.num_layers * 2, heads, cfg.token_dim // heads)
+    per_layer = kv.permute([2, 0, 3, 1, 4]).split(2)  # a decoder has one transformer submodule: (k, v) per layer
+    return [(layer[0].contiguous(), layer[1].contiguous()) for layer in per_layer]
+
+
+class AdapterCache:
+    """Resident job adapters, least recently used first, within `budget` bytes (None: no limit)."""
+
+    def __init__(self, load: Callable[[str], JobAdapter], budget: int | None = None):
+        if budget is not None and budget < 0:
+            raise ConfigError(f"adapter memory must be >= 0 bytes, got {budget}")
+        self._load, self.budget = load, budget
+        self._resident: OrderedDict[str, JobAdapter] = OrderedDict()
+        self._lock = threading.Lock()
+        self.loads = self.evictions = 0
+
+    def acquire(self, job_id: str) -> JobAdapter:
+        """The job's adapter, loaded if it is not resident, held until `release`."""
+        with self._lock:
+            job = self._resident.get(job_id)
+            if job is not None:
+                self._resident.move_to_end(job_id)
+                job.users += 1
+                return job
+        job = self._load(job_id)  # outside the lock: loading reads a blob from disk
+        with self._lock:
+            if job_id in self._resident:      # another caller loaded it meanwhile
+                job = self._resident[job_id]
+            else:
+                self._make_room(job)
+                self._resident[job_id] = job
+                self.loads += 1
+            self._resident.move_to_end(job_id)
+            job.users += 1
+            return job
+
+    def release(self, job: JobAdapter) -> None:
+        with self._lock:
+            job.users -= 1
+
+    def _make_room(self, job: JobAdapter) -> None:
+        if self.budget is None:
+            return
+        for job_id in list(self._resident):
+            if self.resident_bytes + job.nbytes <= self.budget:
+                break
+            if self._resident[job_id].users == 0:
+                del self._resident[job_id]
+                self.evictions += 1
+        if self.resident_bytes + job.nbytes > self.budget:
+            raise AdapterMemoryError(f"job {job.job_id}'s adapter needs {job.nbytes:,} bytes; the adapter memory "
+                                     f"({self.budget:,} bytes) holds {self.resident_bytes:,} in adapters now in use")
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(j.nbytes for j in self._resident.values())
+
+    def resident(self) -> list[str]:
+        with self._lock:
+            return list(self._resident)
