@@ -191,6 +191,16 @@ def cmd_probe(args) -> int:
     return health_probe.run(args)  # also `python -m offsite.cloud.probe`: the same check without loading torch
 
 
+def cmd_infer(args) -> int:
+    from offsite.cloud.infer.server import parse_size, run_infer
+    from offsite.cloud.infer.service import ServeConfig
+
+    config = ServeConfig(device=args.device, adapter_memory=parse_size(args.adapter_memory) if args.adapter_memory else None,
+                         max_batch=args.max_batch, max_queue=args.max_queue, request_timeout=args.request_timeout,
+                         max_tokens=args.max_tokens)
+    return run_infer(args.state, args.address, config, args.port_file, args.grace)
+
+
 def register(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("init", help="create a state folder: CA, server certificate, keys, enrollment tokens")
@@ -250,6 +260,20 @@ def register(parser: argparse.ArgumentParser) -> None:
                    help="change one of the limits on time, calls, connections and spool bytes (repeatable; "
                         f"docs/operations.md says what each bounds). Defaults: {Limits.describe()}")
     p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("infer", help="serve every finished job's model, and its base, over an OpenAI-compatible API (TLS)")
+    p.add_argument("--state", required=True)
+    p.add_argument("--address", default="127.0.0.1:8443", help="host:port for HTTPS; port 0 picks a free one")
+    p.add_argument("--port-file", help="write the bound port here as JSON {port}")
+    p.add_argument("--device", default="cpu", help="where the base models and adapters go (cpu, cuda, cuda:N)")
+    p.add_argument("--adapter-memory", help="bytes of job adapters held beside each base, e.g. 4GiB; the least "
+                   "recently used are evicted beyond it (default: no limit)")
+    p.add_argument("--max-batch", type=int, default=32, help="requests decoded together")
+    p.add_argument("--max-queue", type=int, default=256, help="requests waiting for a batch row; more get 429")
+    p.add_argument("--request-timeout", type=float, default=300.0, help="seconds a request may take from arrival")
+    p.add_argument("--max-tokens", type=int, default=4096, help="the most tokens one request may ask for")
+    p.add_argument("--grace", type=float, default=30.0, help="seconds to let requests in flight finish on SIGTERM")
+    p.set_defaults(func=cmd_infer)
+
     p = sub.add_parser("status", help="jobs, rounds and clients")
     p.add_argument("--state", required=True)
     p.add_argument("--json", action="store_true")

@@ -24,13 +24,13 @@ PLAN = SplitPlan.uniform(6, 2, 2, 1)
 TOKENS = 10
 
 
-def job_adapter(make, cfg: MethodConfig, seed: int):
+def job_adapter(make, cfg: MethodConfig, seed: int, plan: SplitPlan = PLAN):
     """A trained-looking global adapter for `cfg` on the base `make()` builds."""
-    emulator = lambda: make_emulator(make(), PLAN)
-    start = initial(emulator(), cfg, PLAN)
-    trained, _ = methods.attach(methods.apply(emulator(), PLAN, cfg, start), PLAN, cfg)
-    update = _randomize(methods.trainable_state(trained, PLAN, cfg), seed)
-    return methods.propose(emulator(), PLAN, cfg, start, update) if cfg.merges else {**start, **update}
+    emulator = lambda: make_emulator(make(), plan)
+    start = initial(emulator(), cfg, plan)
+    trained, _ = methods.attach(methods.apply(emulator(), plan, cfg, start), plan, cfg)
+    update = _randomize(methods.trainable_state(trained, plan, cfg), seed)
+    return methods.propose(emulator(), plan, cfg, start, update) if cfg.merges else {**start, **update}
 
 
 def reference(model, prompt: list[int], eos: int, cached: bool) -> list[int]:
