@@ -47,4 +47,6 @@ def checks(report: dict, min_gap_closure: float = 0.5) -> list[str]:
         problems.append(f"gap_closure {report['gap_closure']} < {min_gap_closure}")
     if abs(report["export_reload_plug_in"] - report["eval"]["all"]["plug_in"]) > 1e-3:
         problems.append(f"exported model reloads with loss {report['export_reload_plug_in']}, not the plug-in's")
+    if "served" in report and not report["served"]["matches_export"]:
+        problems.append(f"the served job answered {report['served']['answer']!r}, not what generate gives on its export")
     return problems

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import ssl
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -182,6 +184,7 @@ def run_demo(out: Path, s: DemoSettings, dp_noises: list[float] = ()) -> bool:
     report["central_epochs"] = s.epochs * s.rounds
     report["federated_seconds"] = round(federated_s, 1)
     report["export_reload_plug_in"] = reload_check(Path(report["export_dir"]), folders, s.max_length)
+    report["served"] = serve_and_ask(out / "cloud", Path(report["export_dir"]), out / "logs")
     if dp_noises:
         report["dp_sweep"] = dp_sweep(out, s, base_dir, folders, list(dp_noises))
         if report["dp_sweep"] is None:
@@ -193,6 +196,52 @@ def run_demo(out: Path, s: DemoSettings, dp_noises: list[float] = ()) -> bool:
         print(f"CHECK FAILED: {p}")
     print(f"report: {out / 'report.json'}; exported model: {report['export_dir']}")
     return not problems
+
+
+QUESTION = "MATCH Monday: Fairhaven Rangers 4-2 Calder Athletic ("   # the result follows from the score
+
+
+def _post(url: str, body: dict | None, secret: str, ca: Path) -> dict:
+    """One call to the inference API over TLS (the standard library's client; README shows the openai one)."""
+    request = urllib.request.Request(url, data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Authorization": f"Bearer {secret}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, context=ssl.create_default_context(cafile=str(ca)), timeout=120) as reply:
+        return json.loads(reply.read())
+
+
+def serve_and_ask(state: Path, export_dir: Path, logs: Path, job: str = "demo") -> dict:
+    """The last step of Offsite-Tuning: serve the finished job (`offsite cloud infer`), make an API key for
+    it, and ask it and its base one question through the OpenAI-compatible API; the served answer must be
+    what plain transformers' greedy `generate` gives on the exported model."""
+    from offsite.cloud import api_keys
+    from offsite.cloud.identity import StateLayout
+
+    layout = StateLayout(state)
+    secret, _ = api_keys.create_key(layout.open_state(), [job], label="make demo")
+    port_file = state / "infer-port"
+    log = open(logs / "infer.log", "w")
+    server = subprocess.Popen(_offsite("cloud", "infer", "--state", str(state), "--address", "127.0.0.1:0",
+                                       "--port-file", str(port_file)), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_for(port_file, server, 120)
+        url = f"https://localhost:{json.loads(port_file.read_text())['port']}/v1"
+        models = [m["id"] for m in _post(url + "/models", None, secret, layout.ca_cert)["data"]]
+        answers = {m: _post(url + "/completions", {"model": m, "prompt": QUESTION, "max_tokens": 24, "temperature": 0},
+                            secret, layout.ca_cert)["choices"][0]["text"] for m in models}
+    finally:
+        server.terminate()
+        server.wait(60)
+        log.close()
+    model = AutoModelForCausalLM.from_pretrained(str(export_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(export_dir))
+    ids = tokenizer(QUESTION, return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:]
+    base = next(m for m in models if m != job)
+    served = {"question": QUESTION, "answer": answers[job], "base_model": base, "base_answer": answers[base],
+              "matches_export": answers[job] == tokenizer.decode(out, skip_special_tokens=True)}
+    print(f"demo: asked the served job through https://localhost/v1/completions: {QUESTION!r}\n"
+          f"  fine-tuned job {job!r}: {served['answer']!r}\n  its base {base!r}: {served['base_answer']!r}")
+    return served
 
 
 def reload_check(export_dir: Path, folders: list[Path], max_length: int) -> float:
