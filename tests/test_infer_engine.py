@@ -17,6 +17,7 @@ from offsite.emulator.build import load_base, make_emulator
 from offsite.emulator.methods import METHODS, MethodConfig
 from offsite.emulator.plan import SplitPlan
 from offsite.emulator.plugin import export, load_export
+from offsite.errors import ConfigError
 from tests.test_families import tiny
 from tests.test_methods import _randomize, initial
 
@@ -130,12 +131,13 @@ def test_families_mixed_batches_equal_their_plugged_models(family, names):
         adapter = job_adapter(lambda: tiny(family), cfg, seed=i)
         plugged[name] = methods.apply(tiny(family), PLAN, cfg, {k: v.clone() for k, v in adapter.items()}, on_emulator=False).eval()
         jobs[name] = (cfg, adapter)
-    served = Served(tiny(family), jobs, eos=2)
     cases = [([None, *names][i % (len(names) + 1)], p) for i, p in enumerate(prompts(8, 96, seed=3))]
-    pending = [(m, p, served.submit(m, p)[1]) for m, p in cases]
-    for model, prompt, events in pending:
-        expected = reference(plugged[model] if model else tiny(family), prompt, 2, cached=False)
-        assert collect(events)[0] == expected, model
+    # before serving: a model built while the engine loads adapters would share the global RNG with it
+    expected = [reference(plugged[m] if m else tiny(family), p, 2, cached=False) for m, p in cases]
+    served = Served(tiny(family), jobs, eos=2)
+    pending = [(m, served.submit(m, p)[1]) for m, p in cases]
+    for (model, events), tokens in zip(pending, expected):
+        assert collect(events)[0] == tokens, model
     served.engine.drain()
 
 
@@ -211,4 +213,21 @@ def test_prompt_and_prefix_jobs_share_the_base_blocks(tiny_model, every_method):
     for name in ("prompt", "prefix"):
         assert served._load(name).blocks == {}
     assert set(served._load("lora").blocks) == set(PLAN.adapter_blocks)
+    served.engine.drain()
+
+
+def test_a_request_past_the_context_fails_alone(tiny_model, every_method):
+    """Virtual tokens count against the context: such a request ends with an error naming it, and the
+    batch it would have joined runs on."""
+    jobs, _ = every_method
+    base, tokenizer = load_base(str(tiny_model))
+    served = Served(base, jobs, tokenizer.eos_token_id)
+    context = base.config.max_position_embeddings
+    with pytest.raises(ConfigError, match="context"):
+        served.submit(None, [5] * context, Sampling(max_tokens=1, temperature=0))
+    _, running = served.submit("lora", [5, 6], Sampling(max_tokens=TOKENS, temperature=0))
+    _, events = served.submit("prompt", [5] * (context - TOKENS), Sampling(max_tokens=TOKENS, temperature=0))
+    tokens, end = collect(events)
+    assert end.finish == "error" and isinstance(end.error, ConfigError) and "virtual tokens" in str(end.error)
+    assert len(collect(running)[0]) == TOKENS
     served.engine.drain()

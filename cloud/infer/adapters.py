@@ -65,8 +65,9 @@ def build_adapter(job_id: str, model: nn.Module, base_blocks: list[nn.Module], b
                 torch.equal(own[n].detach(), v.to(own[n].dtype)) for n, v in mine.items()):
             continue  # unchanged (prompt and prefix tuning leave the blocks as they are): the base's serves
         block = copy.deepcopy(base)
-        if method.name == "bottleneck":
-            bottleneck.install_in_block(block, model.config.hidden_size, method.bottleneck_dim)
+        if method.name == "bottleneck":  # its fresh init is overwritten below: it must not draw from others' RNG
+            with torch.random.fork_rng(devices=[]):
+                bottleneck.install_in_block(block, model.config.hidden_size, method.bottleneck_dim)
         params = dict(block.named_parameters())
         if set(params) != set(mine):
             missing, extra = sorted(set(params) - set(mine)), sorted(set(mine) - set(params))

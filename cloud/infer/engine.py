@@ -179,6 +179,7 @@ class Engine:
                     self._expire_waiting()
                 if self._draining and not self._waiting and not self._rows:
                     return
+                self._expire_waiting()   # a waiting request whose client left frees its queue place now
                 admitted = self._take_ready()
             for request in admitted:
                 self._admit(request)
@@ -224,6 +225,11 @@ class Engine:
             if request._adapter.exception() is not None:
                 return self._end_waiting(request, "error", request._adapter.exception())
             adapter = request._adapter.result()
+        virtual = adapter.virtual_tokens if adapter is not None else 0
+        if virtual + len(request.prompt) + request.sampling.max_tokens > self.max_context:
+            return self._end_waiting(request, "error", ConfigError(
+                f"prompt ({len(request.prompt)} tokens) + the job's {virtual} virtual tokens + max_tokens "
+                f"({request.sampling.max_tokens}) exceed the model's context of {self.max_context} tokens"))
         try:
             cache, mask, logits = self._prefill(request, adapter)
         except Exception as e:
