@@ -17,7 +17,7 @@ from offsite.emulator.build import load_base, make_emulator
 from offsite.emulator.methods import METHODS, MethodConfig
 from offsite.emulator.plan import SplitPlan
 from offsite.emulator.plugin import export, load_export
-from offsite.errors import ConfigError
+from offsite.errors import ConfigError, InvalidUpdateError
 from tests.test_families import tiny
 from tests.test_methods import _randomize, initial
 
@@ -230,4 +230,19 @@ def test_a_request_past_the_context_fails_alone(tiny_model, every_method):
     tokens, end = collect(events)
     assert end.finish == "error" and isinstance(end.error, ConfigError) and "virtual tokens" in str(end.error)
     assert len(collect(running)[0]) == TOKENS
+    served.engine.drain()
+
+
+def test_an_adapter_that_does_not_fit_the_base_is_refused(tiny_model, every_method):
+    jobs, _ = every_method
+    base, tokenizer = load_base(str(tiny_model))
+    served = Served(base, jobs, tokenizer.eos_token_id)
+    cfg, adapter = jobs["full"]
+    name = next(iter(adapter))
+    for broken in ({**adapter, name: adapter[name][:1]}, {k: v for k, v in adapter.items() if k != name},
+                   {**adapter, name.rsplit(".", 1)[0] + ".surplus": adapter[name]}):
+        served.jobs["broken"] = (cfg, broken)
+        tokens, end = collect(served.submit("broken", [5, 6])[1])
+        assert end.finish == "error" and isinstance(end.error, InvalidUpdateError), broken.keys() - adapter.keys()
+    assert collect(served.submit("full", [5, 6])[1])[1].finish in ("length", "stop")
     served.engine.drain()

@@ -64,19 +64,21 @@ def build_adapter(job_id: str, model: nn.Module, base_blocks: list[nn.Module], b
         if method.name != "bottleneck" and set(mine) == set(own) and all(
                 torch.equal(own[n].detach(), v.to(own[n].dtype)) for n, v in mine.items()):
             continue  # unchanged (prompt and prefix tuning leave the blocks as they are): the base's serves
-        block = copy.deepcopy(base)
+        if method.name != "bottleneck" and set(mine) - set(own):
+            raise InvalidUpdateError(f"job {job_id}: adapter block {index} has tensors the base lacks: {sorted(set(mine) - set(own))[:3]}")
+        block = _copy_with(base, mine, f"job {job_id}: {prefix}")
         if method.name == "bottleneck":  # its fresh init is overwritten below: it must not draw from others' RNG
             with torch.random.fork_rng(devices=[]):
                 bottleneck.install_in_block(block, model.config.hidden_size, method.bottleneck_dim)
-        params = dict(block.named_parameters())
-        if set(params) != set(mine):
-            missing, extra = sorted(set(params) - set(mine)), sorted(set(mine) - set(params))
-            raise InvalidUpdateError(f"job {job_id}: adapter block {index} does not fit the base: missing {missing[:3]}, extra {extra[:3]}")
-        with torch.no_grad():
-            for name, param in params.items():
-                if param.shape != mine[name].shape:
-                    raise InvalidUpdateError(f"job {job_id}: {prefix}{name} has shape {list(mine[name].shape)}, the base {list(param.shape)}")
-                param.copy_(mine[name].to(param.dtype))
+            own = dict(block.named_parameters())
+            if set(own) != set(mine):
+                missing, extra = sorted(set(own) - set(mine)), sorted(set(mine) - set(own))
+                raise InvalidUpdateError(f"job {job_id}: adapter block {index} does not fit the base: missing {missing[:3]}, extra {extra[:3]}")
+            with torch.no_grad():
+                for name, param in own.items():
+                    if bottleneck.is_bottleneck(f".{name}"):
+                        _check_shape(param, mine[name], f"job {job_id}: {prefix}{name}")
+                        param.copy_(mine[name])
         blocks[index] = block.eval()
     job = JobAdapter(job_id, blocks)
     if method.name == "prompt":
@@ -87,6 +89,27 @@ def build_adapter(job_id: str, model: nn.Module, base_blocks: list[nn.Module], b
                   + (_nbytes([job.prompt]) if job.prompt is not None else 0)
                   + (_nbytes(t for kv in job.prefix for t in kv) if job.prefix else 0))
     return job
+
+
+def _check_shape(param: torch.Tensor, value: torch.Tensor, what: str) -> None:
+    if param.shape != value.shape:
+        raise InvalidUpdateError(f"{what} has shape {list(value.shape)}, the base {list(param.shape)}")
+
+
+def _copy_with(base: nn.Module, tensors: dict[str, torch.Tensor], what: str) -> nn.Module:
+    """A copy of `base` whose parameters are `tensors` (in the base's dtypes; the very tensors where they
+    already are): deepcopy's memo stands the new parameters in for the base's, so the base's weights are
+    never copied only to be overwritten. Buffers (small) are copied."""
+    memo = {}
+    for name, param in base.named_parameters():
+        if name not in tensors:
+            continue   # a bottleneck block's base has no such tensors yet; the rest is checked by the caller
+        _check_shape(param, tensors[name], f"{what}{name}")
+        memo[id(param)] = nn.Parameter(tensors[name].to(param.dtype), requires_grad=False)
+    missing = [n for n, p in base.named_parameters() if id(p) not in memo]
+    if missing:
+        raise InvalidUpdateError(f"{what}: the adapter lacks {missing[:3]}")
+    return copy.deepcopy(base, memo)
 
 
 def _prefix_cache(model: nn.Module, plan: SplitPlan, method: MethodConfig, tokens: torch.Tensor):
