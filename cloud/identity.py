@@ -63,6 +63,8 @@ class StateLayout:
     def uploads(self) -> Path: return self.root / "uploads"
     @property
     def scratch(self) -> Path: return self.root / "scratch"   # a round's proposals while a robust rule combines them
+    @property
+    def serving(self) -> Path: return self.root / "serving"   # one summary per `cloud infer` process, for the status page
 
 
 def hash_secret(secret: str) -> str:

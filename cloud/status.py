@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from offsite.cloud import privacy
@@ -16,6 +18,7 @@ if TYPE_CHECKING:
     from offsite.cloud.coordinator import Coordinator
 
 LOSS_SHOWN_MAX = 1e6  # a client-reported training loss above this is shown as this (the wire refuses more)
+SERVING_FRESH_S = 60.0  # an inference server's summary older than this is from one that stopped without removing it
 
 
 def read_status(coordinator: Coordinator) -> dict:
@@ -36,7 +39,22 @@ def read_status(coordinator: Coordinator) -> dict:
                             "rejected": [{"round": r, "client_id": c, "reason": why} for r, c, why in state.rejections(job.job_id)],
                             "train_loss": train_loss_by_round(updates),
                             "eval": json.loads(report.read_text())["eval"] if job.status == "done" and report.is_file() else None})
+    out["serving"] = serving_summaries(coordinator.layout.serving)
     return finite(out)
+
+
+def serving_summaries(folder: Path, now: float | None = None) -> list[dict]:
+    """What each running `offsite cloud infer` process last wrote (offsite.cloud.infer.api), by instance."""
+    now = time.time() if now is None else now
+    out = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            summary = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue   # being replaced, or not ours
+        if isinstance(summary, dict) and now - float(summary.get("updated_at", 0)) <= SERVING_FRESH_S:
+            out.append({"instance": path.stem, **summary})
+    return out
 
 
 def finite(value):

@@ -120,6 +120,25 @@ def _clients(clients: list[dict], now: float) -> str:
                                         "revoked"], rows, numeric=(3, 4, 5))
 
 
+def _serving(instances: list[dict]) -> str:
+    """What each inference server (`offsite cloud infer`) reports: per model, requests and tokens."""
+    if not instances:
+        return ""
+    e, parts = escape, ["<h2>Serving</h2>"]
+    for inst in instances:
+        bases = "; ".join(f"{e(name)}: queue {b['queue']}, batch {b['batch']}, {len(b['resident_adapters'])} adapter(s) "
+                          f"resident ({b['resident_bytes']:,} bytes)" for name, b in inst.get("bases", {}).items())
+        parts.append(f"<h3>{e(inst['instance'])}{' (draining)' if inst.get('draining') else ''}</h3>"
+                     f'<p class="muted">{bases or "no base loaded"}</p>')
+        rows = [[e(m), f"{v['requests']:,}", f"{v['errors']:,}", f"{v['tokens_in']:,}", f"{v['tokens_out']:,}",
+                 "-" if v["mean_ttft_s"] is None else f"{v['mean_ttft_s'] * 1000:.0f} ms"]
+                for m, v in inst.get("models", {}).items()]
+        if rows:
+            parts.append(_table(["model", "requests", "errors", "prompt tokens", "completion tokens", "mean time to first token"],
+                                rows, numeric=(1, 2, 3, 4, 5)))
+    return "".join(parts)
+
+
 def render(status: dict, now: float | None = None) -> str:
     """The whole page for a `read_status` dict."""
     now = time.time() if now is None else now
@@ -130,4 +149,4 @@ def render(status: dict, now: float | None = None) -> str:
             f"<style>{_STYLE}</style></head><body><h1>offsite coordinator</h1>"
             f'<p class="muted">Read-only status at {stamp}; refreshes every {REFRESH_S} s. '
             'Also: <a href="/api/status">/api/status</a> (JSON), <a href="/metrics">/metrics</a> (Prometheus).</p>'
-            f"{jobs}{_clients(status['clients'], now)}</body></html>")
+            f"{jobs}{_serving(status.get('serving', []))}{_clients(status['clients'], now)}</body></html>")

@@ -70,13 +70,14 @@ def server(tiny_model, tmp_path_factory):
     ca = str(StateLayout(state_dir).ca_cert)
     time.sleep(max(0.0, 1.6 - (time.monotonic() - deadline + 120)))  # the expiring key has expired by now
     opened: list = []
-    yield dict(url=url, ca=ca, keys=keys, base=base, jobs=jobs, proc=proc, opened=opened)
+    yield dict(url=url, ca=ca, keys=keys, base=base, jobs=jobs, proc=proc, opened=opened, state=state_dir)
     for c in opened:   # an idle TLS connection would hold the server's graceful shutdown until it closes
         c.close()
     proc.terminate()
     code = proc.wait(30)
     print(proc.stdout.read())
     assert code == 0
+    assert not list(StateLayout(state_dir).serving.glob("*.json"))   # removed at a clean exit
 
 
 def client(server, key="lora"):
@@ -172,3 +173,22 @@ def test_chat_needs_a_template_and_a_body_has_a_limit(server):
         metrics = http.get(server["url"] + "/metrics").text
         assert 'offsite_infer_requests_total{model="j-lora",status="200"}' in metrics
         assert "offsite_infer_time_to_first_token_seconds_bucket" in metrics
+
+
+def test_the_coordinators_status_page_shows_what_is_served(server):
+    from offsite.cloud import status_page
+    from offsite.cloud.status import serving_summaries
+
+    client(server).completions.create(model="j-lora", prompt="hi", max_tokens=2, temperature=0)
+    folder = StateLayout(server["state"]).serving
+    deadline = time.monotonic() + 15
+    while True:
+        summaries = serving_summaries(folder)
+        if summaries and summaries[0]["models"].get("j-lora", {}).get("requests", 0) >= 1:
+            break
+        assert time.monotonic() < deadline, summaries
+        time.sleep(0.5)
+    assert summaries[0]["bases"]["chat-base"]["resident_adapters"]
+    page = status_page.render({"jobs": [], "clients": [], "serving": summaries})
+    assert "<h2>Serving</h2>" in page and "j-lora" in page and "mean time to first token" in page
+    assert serving_summaries(folder, now=time.time() + 3600) == []   # a stopped server's last word goes stale

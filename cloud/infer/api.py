@@ -9,10 +9,12 @@ need no key. Only translation lives here; the decisions are InferenceService's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
 import uuid
+from pathlib import Path
 from typing import Literal
 
 from fastapi import Depends, FastAPI, Request as HttpRequest
@@ -27,6 +29,7 @@ from offsite.cloud.infer.engine import DrainingError, Event, QueueFullError, Req
 from offsite.cloud.infer.service import ForbiddenError, InferenceService
 from offsite.cloud.infer.text import TextStream
 from offsite.errors import AuthError, ConfigError, NotFoundError, OffsiteError
+from offsite.files import atomic_write
 
 log = logging.getLogger("offsite.cloud.infer")
 MAX_BODY_BYTES = 1 << 20        # a request body larger than this is refused before it is parsed
@@ -127,8 +130,31 @@ class ChatBody(_Common):
 
 
 # --- the app -----------------------------------------------------------------------------------------
-def create_app(service: InferenceService) -> FastAPI:
-    app = FastAPI(title="offsite inference", docs_url=None, redoc_url=None, openapi_url=None)
+SUMMARY_S = 5.0   # how often the summary for the coordinator's status page is written
+
+
+def create_app(service: InferenceService, summary_path: Path | None = None) -> FastAPI:
+    """The app; with `summary_path`, the service's summary is written there every SUMMARY_S seconds (from
+    the event loop, the thread that updates it) for the coordinator's status page, and removed at exit."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        if summary_path is None:
+            yield
+            return
+
+        async def write_summaries() -> None:
+            while True:
+                atomic_write(summary_path, json.dumps(service.summary()).encode())
+                await asyncio.sleep(SUMMARY_S)
+        task = asyncio.create_task(write_summaries())
+        try:
+            yield
+        finally:
+            task.cancel()
+            summary_path.unlink(missing_ok=True)
+
+    app = FastAPI(title="offsite inference", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
 
     @app.exception_handler(ApiError)
@@ -265,6 +291,7 @@ def create_app(service: InferenceService) -> FastAPI:
             return {"prompt_tokens": len(ids), "completion_tokens": timing.count, "total_tokens": len(ids) + timing.count}
 
         def done(status: int) -> None:
+            service.record(model, status, len(ids), timing.count, None if timing.first is None else timing.first - timing.arrived)
             m = service.metrics
             m.requests.labels(model, status).inc()
             m.tokens_in.labels(model).inc(len(ids))

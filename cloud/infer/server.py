@@ -51,7 +51,9 @@ def run_infer(state_dir: str, address: str, config: ServeConfig, port_file: str 
     bases = service.load_all()
     log.info("serving %d finished job(s) on %d base model(s)", len(service.catalog.jobs()), len(bases))
     sock = _bind(address)
-    server = _Server(uvicorn.Config(create_app(service), ssl_certfile=str(layout.server_cert), ssl_keyfile=str(layout.server_key),
+    layout.serving.mkdir(exist_ok=True)
+    summary = layout.serving / f"{socket.gethostname()}-{sock.getsockname()[1]}.json"
+    server = _Server(uvicorn.Config(create_app(service, summary), ssl_certfile=str(layout.server_cert), ssl_keyfile=str(layout.server_key),
                                     log_level="warning", timeout_graceful_shutdown=int(grace), access_log=False), service)
     if port_file:
         atomic_write(Path(port_file), json.dumps({"port": sock.getsockname()[1]}).encode())

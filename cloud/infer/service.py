@@ -63,12 +63,24 @@ class InferenceMetrics:
         self.resident_bytes = Gauge("offsite_infer_resident_adapter_bytes", "Bytes of job adapters held", ["base"], registry=r)
 
 
+@dataclass
+class ModelStats:
+    """What the status page shows per model (the histograms behind it are on /metrics)."""
+    requests: int = 0
+    errors: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    ttft_sum: float = 0.0
+    ttft_count: int = 0
+
+
 class InferenceService:
     def __init__(self, state: State, blobs: BlobStore, config: ServeConfig = ServeConfig()):
         self.state, self.config = state, config
         self.catalog = Catalog(state, blobs)
         self.metrics = InferenceMetrics()
         self._served: dict[str, Served] = {}
+        self.stats: dict[str, ModelStats] = {}
         self._lock = threading.Lock()
         self.draining = False
 
@@ -130,6 +142,27 @@ class InferenceService:
 
     def deadline(self) -> float:
         return time.monotonic() + self.config.request_timeout
+
+    def record(self, model: str, status: int, tokens_in: int, tokens_out: int, ttft: float | None) -> None:
+        """One answered request (called on the event loop's thread only)."""
+        stats = self.stats.setdefault(model, ModelStats())
+        stats.requests += 1
+        stats.errors += status >= 400
+        stats.tokens_in += tokens_in
+        stats.tokens_out += tokens_out
+        if ttft is not None:
+            stats.ttft_sum, stats.ttft_count = stats.ttft_sum + ttft, stats.ttft_count + 1
+
+    def summary(self) -> dict:
+        """This process's serving, as the coordinator's status page shows it."""
+        return {"updated_at": time.time(), "draining": self.draining,
+                "models": {m: {"requests": s.requests, "errors": s.errors, "tokens_in": s.tokens_in, "tokens_out": s.tokens_out,
+                               "mean_ttft_s": s.ttft_sum / s.ttft_count if s.ttft_count else None}
+                           for m, s in sorted(self.stats.items())},
+                "bases": {served.name: {"queue": served.engine.queue_depth, "batch": served.engine.batch_size,
+                                        "resident_adapters": served.adapters.resident(),
+                                        "resident_bytes": served.adapters.resident_bytes}
+                          for served in list(self._served.values())}}
 
     def observe(self) -> None:
         """Refresh the gauges (at scrape time)."""
