@@ -1,10 +1,11 @@
 """What one job adds to its base model, held beside the one shared copy of the base.
 
-A job's global adapter is its adapter blocks (dense: the mean of merged LoRA/IA3 updates is not low-rank,
-so a LoRA job's aggregated change is held as the blocks it makes) plus what its method keeps beside them.
-A `JobAdapter` holds only what differs from the base: its own copy of each adapter block whose tensors
-changed (with bottleneck modules inside where the method adds them), prompt tuning's virtual token
-embeddings, or prefix tuning's keys and values for every layer. `AdapterCache` loads them on first use and
+A job's global adapter is its adapter blocks, dense (the coordinator averages merged updates), plus what
+its method keeps beside them. A `JobAdapter` holds only what differs from the base: for LoRA and AdaLoRA,
+whose aggregate is a sum of low-rank changes, low-rank factors of each linear layer's change, applied on
+the job's rows inside the base's own blocks (routing.Delta); otherwise its own copy of each adapter block
+whose tensors changed (with bottleneck modules inside where the method adds them); prompt tuning's virtual
+token embeddings, or prefix tuning's keys and values for every layer. `AdapterCache` loads them on first use and
 evicts the least recently used under a byte budget, never one that a running request holds.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from offsite.cloud.infer.routing import Delta
 from offsite.emulator import bottleneck, methods
 from offsite.emulator.methods import MethodConfig
 from offsite.emulator.plan import SplitPlan
@@ -28,10 +30,16 @@ class AdapterMemoryError(Exception):
     """An adapter does not fit in the budget, even with every idle adapter evicted."""
 
 
+FACTOR_METHODS = ("lora", "adalora")   # their aggregate is a sum of low-rank changes: it is served as factors
+FACTOR_TOLERANCE = 1e-5    # relative error of a change rebuilt from its factors, at most
+FACTOR_MAX_RANK = 512      # a change of higher rank is served as a dense block
+
+
 @dataclass
 class JobAdapter:
     job_id: str
     blocks: dict[int, nn.Module]                          # block index -> the job's version of that block
+    deltas: dict[tuple[int, str], Delta] = field(default_factory=dict)  # (block, linear) -> low-rank change, on the base's
     prompt: torch.Tensor | None = None                    # prompt tuning: (virtual tokens, hidden) input embeddings
     prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # prefix tuning: per layer (1, heads, tokens, dim) k, v
     nbytes: int = 0
@@ -56,6 +64,7 @@ def build_adapter(job_id: str, model: nn.Module, base_blocks: list[nn.Module], b
         raise InvalidUpdateError(f"job {job_id} was split from a {plan.num_blocks}-block model; this base has {len(base_blocks)}")
     extras = {k: v for k, v in adapter.items() if k == methods.PROMPT}
     blocks: dict[int, nn.Module] = {}
+    deltas: dict[tuple[int, str], Delta] = {}
     for index in plan.adapter_blocks:
         prefix = f"{block_path}.{index}."
         mine = {k[len(prefix):]: v for k, v in adapter.items() if k.startswith(prefix)}
@@ -64,6 +73,11 @@ def build_adapter(job_id: str, model: nn.Module, base_blocks: list[nn.Module], b
         if method.name != "bottleneck" and set(mine) == set(own) and all(
                 torch.equal(own[n].detach(), v.to(own[n].dtype)) for n, v in mine.items()):
             continue  # unchanged (prompt and prefix tuning leave the blocks as they are): the base's serves
+        if method.name in FACTOR_METHODS and set(mine) == set(own):
+            factors = _low_rank(base, own, mine)
+            if factors is not None:
+                deltas.update({(index, name): delta for name, delta in factors.items()})
+                continue
         if method.name != "bottleneck" and set(mine) - set(own):
             raise InvalidUpdateError(f"job {job_id}: adapter block {index} has tensors the base lacks: {sorted(set(mine) - set(own))[:3]}")
         block = _copy_with(base, mine, f"job {job_id}: {prefix}")
@@ -80,15 +94,47 @@ def build_adapter(job_id: str, model: nn.Module, base_blocks: list[nn.Module], b
                         _check_shape(param, mine[name], f"job {job_id}: {prefix}{name}")
                         param.copy_(mine[name])
         blocks[index] = block.eval()
-    job = JobAdapter(job_id, blocks)
+    job = JobAdapter(job_id, blocks, deltas)
     if method.name == "prompt":
         job.prompt = extras[methods.PROMPT].to(model.get_input_embeddings().weight.device)
     elif method.name == "prefix":
         job.prefix = _prefix_cache(model, plan, method, extras[methods.PROMPT])
     job.nbytes = (_nbytes(t for b in blocks.values() for t in b.state_dict().values())
+                  + _nbytes(t for d in deltas.values() for t in (d.down, d.up))
                   + (_nbytes([job.prompt]) if job.prompt is not None else 0)
                   + (_nbytes(t for kv in job.prefix for t in kv) if job.prefix else 0))
     return job
+
+
+def _low_rank(base: nn.Module, own: dict[str, torch.Tensor], mine: dict[str, torch.Tensor]) -> dict[str, Delta] | None:
+    """The block's change as low-rank deltas on its linear layers, or None if it is not that: a tensor
+    other than a linear weight changed, or a change needs more than FACTOR_MAX_RANK (or than half the
+    layer's size) to be rebuilt within FACTOR_TOLERANCE. A half-precision merge's rounding is not low-rank:
+    such a job is served dense, exactly as exported."""
+    linears = {name: m for name, m in base.named_modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"}
+    out = {}
+    for name, value in mine.items():
+        if torch.equal(own[name].detach(), value.to(own[name].dtype)):
+            continue
+        layer = name.removesuffix(".weight")
+        if not name.endswith(".weight") or layer not in linears:
+            return None
+        change = value.float() - own[name].detach().float()
+        matrix = change if type(linears[layer]).__name__ == "Conv1D" else change.T      # (in, out): y += x @ matrix
+        cap = min(FACTOR_MAX_RANK, matrix.shape[0] * matrix.shape[1] // (2 * sum(matrix.shape)))
+        if cap < 1:
+            return None
+        u, s, v = torch.svd_lowrank(matrix, q=min(cap + 8, min(matrix.shape)), niter=4)
+        keep = s > s[0] * FACTOR_TOLERANCE if s.numel() and s[0] > 0 else s > 0
+        rank = int(keep.sum())
+        if rank == 0 or rank > cap:
+            return None
+        down, up = u[:, :rank] * s[:rank], v[:, :rank].T.contiguous()
+        error = torch.linalg.matrix_norm(down @ up - matrix) / torch.linalg.matrix_norm(matrix)
+        if error > FACTOR_TOLERANCE * 10:
+            return None
+        out[layer] = Delta(down.contiguous(), up)
+    return out
 
 
 def _check_shape(param: torch.Tensor, value: torch.Tensor, what: str) -> None:

@@ -249,7 +249,7 @@ class Engine:
         ids = torch.tensor([request.prompt], device=self.device)
         virtual = adapter.virtual_tokens if adapter is not None else 0
         cache = DynamicCache()
-        self.router.route([adapter.blocks if adapter else {}])
+        self.router.route([_routes(adapter)])
         inputs: dict = {"input_ids": ids}
         start = 0
         if adapter is not None and adapter.prefix:
@@ -267,7 +267,7 @@ class Engine:
 
     @torch.no_grad()
     def _step(self) -> None:
-        self.router.route([row.adapter.blocks if row.adapter else {} for row in self._rows])
+        self.router.route([_routes(row.adapter) for row in self._rows])
         ids = torch.tensor([[row.last] for row in self._rows], device=self.device)
         positions = self._mask.sum(dim=1, keepdim=True)
         self._mask = torch.cat([self._mask, self._mask.new_ones(len(self._rows), 1)], dim=1)
@@ -349,6 +349,10 @@ class Engine:
         for layer in self._cache.layers:
             layer.keys = layer.keys.index_select(0, index)[..., first:, :]
             layer.values = layer.values.index_select(0, index)[..., first:, :]
+
+
+def _routes(adapter: JobAdapter | None) -> tuple[dict, dict]:
+    return (adapter.blocks, adapter.deltas) if adapter is not None else ({}, {})
 
 
 def _left_pad(t: torch.Tensor, length: int) -> torch.Tensor:

@@ -29,35 +29,73 @@ class Group:
     rows: torch.Tensor | None   # None: every row
 
 
+@dataclass(frozen=True)
+class Delta:
+    """A low-rank change to one linear layer of a base block: y += (x @ down) @ up, on some rows."""
+    down: torch.Tensor   # (in, rank)
+    up: torch.Tensor     # (rank, out)
+
+
 class Router:
-    """Which version of each block every row of the current batch uses; set by the engine between steps."""
+    """Which version of each block every row of the current batch uses, and which low-rank deltas its
+    rows add inside the base's blocks; set by the engine between steps."""
 
     def __init__(self, model: nn.Module):
         found = find_blocks(model)
         self.path = found.path
         self.base_blocks: list[nn.Module] = list(found.blocks)
         self._groups: dict[int, list[Group]] = {}
+        self._deltas: dict[int, list[tuple[torch.Tensor, Delta]]] = {}   # id(linear) -> (rows in its call, delta)
+        self._hooked: set[int] = set()
         for index, block in enumerate(self.base_blocks):
             found.blocks[index] = RoutedBlock(block, index, self)
 
-    def route(self, rows: list[dict[int, nn.Module]]) -> None:
-        """`rows[r]` maps block index -> the module row r runs there (missing: the base's block)."""
+    def route(self, rows: list[tuple[dict[int, nn.Module], dict[tuple[int, str], Delta]]]) -> None:
+        """`rows[r]` = (block index -> the module row r runs there, missing: the base's block;
+        (block index, linear name) -> the delta row r adds to that linear of the base's block)."""
         groups: dict[int, list[Group]] = {}
+        deltas: dict[int, list[tuple[torch.Tensor, Delta]]] = {}
         for index, base in enumerate(self.base_blocks):
             members: dict[int, tuple[nn.Module, list[int]]] = {}
-            for r, own in enumerate(rows):
+            for r, (own, _) in enumerate(rows):
                 module = own.get(index, base)
                 members.setdefault(id(module), (module, []))[1].append(r)
+            device = next(base.parameters()).device
             if len(members) > 1:
-                device = next(base.parameters()).device
                 groups[index] = [Group(m, torch.tensor(rs, device=device)) for m, rs in members.values()]
             else:
-                module = next(iter(members.values()))[0] if members else base
-                groups[index] = [Group(module, None)]
-        self._groups = groups
+                groups[index] = [Group(next(iter(members.values()))[0] if members else base, None)]
+            on_base = members.get(id(base), (base, []))[1]   # the rows the base's block runs, in its call's order
+            by_delta: dict[int, tuple[str, Delta, list[int]]] = {}
+            for position, r in enumerate(on_base):
+                for (block, name), delta in rows[r][1].items():
+                    if block == index:
+                        by_delta.setdefault(id(delta), (name, delta, []))[2].append(position)
+            for name, delta, positions in by_delta.values():
+                linear = base.get_submodule(name)
+                self._hook(linear)
+                deltas.setdefault(id(linear), []).append((torch.tensor(positions, device=device), delta))
+        self._groups, self._deltas = groups, deltas
 
     def groups(self, index: int) -> list[Group]:
         return self._groups.get(index) or [Group(self.base_blocks[index], None)]
+
+    def _hook(self, linear: nn.Module) -> None:
+        if id(linear) not in self._hooked:
+            router = self
+
+            def add_deltas(module, args, output):  # a plain function: deepcopy of the block shares it, not the router
+                return router._add_deltas(module, args, output)
+            linear.register_forward_hook(add_deltas)
+            self._hooked.add(id(linear))
+
+    def _add_deltas(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        """Each job's low-rank change to this linear, on its own rows of the call (a copy of a hooked
+        block made for a dense job is another module: it finds nothing here)."""
+        for rows, delta in self._deltas.get(id(module), ()):
+            x = args[0].index_select(0, rows)
+            output.index_add_(0, rows, (x.to(delta.down.dtype) @ delta.down @ delta.up).to(output.dtype))
+        return output
 
 
 class RoutedBlock(nn.Module):
