@@ -230,17 +230,14 @@ class Engine:
             return self._end_waiting(request, "error", ConfigError(
                 f"prompt ({len(request.prompt)} tokens) + the job's {virtual} virtual tokens + max_tokens "
                 f"({request.sampling.max_tokens}) exceed the model's context of {self.max_context} tokens"))
-        try:
+        row = _Row(request, adapter, last=0, generator=_generator(request.sampling))
+        try:  # a request that fails to start fails alone
             cache, mask, logits = self._prefill(request, adapter)
+            token = self._sample(logits, [row])[0]
         except Exception as e:
             log.exception("prefill failed")
-            if adapter is not None:
-                self.adapters.release(adapter)
-            self._count("error")
-            return request.emit(Event(finish="error", error=e))
+            return self._finish(row, "error", e)
         self.stats.tokens_in += len(request.prompt)
-        row = _Row(request, adapter, last=0, generator=_generator(request.sampling))
-        token = self._sample(logits, [row])[0]
         if self._emit(row, token):
             self._merge(row, cache, mask)
 
