@@ -33,6 +33,7 @@ class AdapterMemoryError(Exception):
 FACTOR_METHODS = ("lora", "adalora")   # their aggregate is a sum of low-rank changes: it is served as factors
 FACTOR_TOLERANCE = 1e-5    # relative error of a change rebuilt from its factors, at most
 FACTOR_MAX_RANK = 512      # a change of higher rank is served as a dense block
+FIRST_RANK_GUESS = 32      # the randomized SVD starts this wide (N clients x r is often less) and widens
 
 
 @dataclass
@@ -124,9 +125,13 @@ def _low_rank(base: nn.Module, own: dict[str, torch.Tensor], mine: dict[str, tor
         cap = min(FACTOR_MAX_RANK, matrix.shape[0] * matrix.shape[1] // (2 * sum(matrix.shape)))
         if cap < 1:
             return None
-        u, s, v = torch.svd_lowrank(matrix, q=min(cap + 8, min(matrix.shape)), niter=4)
-        keep = s > s[0] * FACTOR_TOLERANCE if s.numel() and s[0] > 0 else s > 0
-        rank = int(keep.sum())
+        q = min(FIRST_RANK_GUESS, cap)
+        while True:  # a randomized SVD of a few more columns than the rank, widened until the rank fits
+            u, s, v = torch.svd_lowrank(matrix, q=min(q + 8, min(matrix.shape)), niter=4)
+            rank = int((s > s[0] * FACTOR_TOLERANCE).sum()) if s.numel() and s[0] > 0 else 0
+            if rank < q or q >= cap:
+                break
+            q = min(4 * q, cap)
         if rank == 0 or rank > cap:
             return None
         down, up = u[:, :rank] * s[:rank], v[:, :rank].T.contiguous()
