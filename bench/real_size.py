@@ -210,7 +210,7 @@ def export_matches(base: Path, export: Path, state: Path) -> float:
 
     coordinator = Coordinator.open(state)
     _, _, art = coordinator.job("real")
-    adapter = load_blob(coordinator.blobs.open_path(art["adapters"][-1]))
+    adapter = load_blob(coordinator.blobs.open_path(coordinator.state.global_adapters("real")[-1]))
     ids = torch.randint(3, 400, (1, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         plugged, _ = plug_in(str(base), SplitPlan.from_dict(art["plan"]), adapter)

@@ -104,7 +104,7 @@ def bench_download(args, tmp: Path) -> dict:
     digest = coordinator.blobs.put(data)
     _, _, art = coordinator.job("bench")
     art["bundle_files"]["bench.bin"] = digest  # the job now offers the big blob like a bundle file
-    coordinator.state.update_job("bench", artifacts_json=json.dumps(art))
+    coordinator.state.update_artifacts("bench", artifacts_json=json.dumps(art))
 
     running = start_server(coordinator, layout, "127.0.0.1:0", "127.0.0.1:0")
     bare, bare_port = bare_server(data, CHUNK_BYTES, layout)

@@ -160,7 +160,13 @@ def run(cfg: ClientConfig) -> dict:
                 else:
                     live.report("uploading")
                     envelope = outbox.read_bytes()
-                    accepted, sent = _upload_once(stub, task, len(texts), envelope, retried, train_loss), len(envelope)
+                    try:
+                        accepted, sent = _upload_once(stub, task, len(texts), envelope, retried, train_loss), len(envelope)
+                    except RoundClosed as e:  # it trained for a round that closed without it: on to the next one
+                        log.warning("client %s: round %d closed before its update was in (%s); asking for a new task",
+                                    me.client_id, task.round + 1, e)
+                        outbox.unlink()
+                        continue
             outbox.unlink()
             upload_bytes += sent
             rounds_done.append(task.round)
@@ -220,11 +226,14 @@ def _reportable_loss(mean_loss: float, privacy: pb.Privacy) -> float | None:
 
 def _upload_once(stub, task, num_examples: int, envelope: bytes, retried, train_loss: float | None) -> str:
     """Upload until accepted. ALREADY_EXISTS means the coordinator counted this client's update for the round
-    before a crash or a lost reply (only this client's certificate can have sent it): that is success."""
+    before a crash or a lost reply (only this client's certificate can have sent it): that is success.
+    FAILED_PRECONDITION means the round is over without it: RoundClosed."""
     try:
         receipt = retried(lambda: upload(stub, task.job_id, task.round, num_examples, envelope, train_loss), "upload")
         return f"accepted as update {receipt.updates_in_round} of the round"
     except grpc.RpcError as e:
+        if e.code() == grpc.StatusCode.FAILED_PRECONDITION:  # the round closed (or the job ended) before it was in
+            raise RoundClosed(e.details()) from None
         if e.code() != grpc.StatusCode.ALREADY_EXISTS:
             raise
         return "already accepted before a restart"

@@ -20,7 +20,7 @@ from offsite.cloud import probe as health_probe
 from offsite.cloud.identity import StateLayout, init_state
 from offsite.cloud.limits import Limits
 from offsite.emulator.placement import DEVICE_MAPS
-from offsite.errors import ConfigError
+from offsite.errors import ConfigError, NotFoundError, shown
 from offsite.files import atomic_write
 from offsite.transport import CHUNK_BYTES, MAX_MESSAGE_BYTES, enroll_target
 
@@ -55,6 +55,52 @@ def cmd_jobs_create(args) -> int:
     p = art["params"]
     print(f"job {job.job_id}: {cfg.rounds} rounds; emulator keeps middle blocks {art['plan']['kept_middle']}; "
           f"params full {p['full']:,}, emulator {p['emulator']:,}, adapter {p['adapter']:,}")
+    return 0
+
+
+JOB_SUMMARY = ("job_id", "status", "round", "rounds", "method", "base_model", "clients_per_round", "seats")
+
+
+def cmd_jobs_list(args) -> int:
+    from offsite.cloud.status import read_status
+
+    jobs = read_status(open_coordinator(args.state))["jobs"]
+    if args.json:
+        print(json.dumps([{k: j[k] for k in JOB_SUMMARY} for j in jobs], indent=2))
+        return 0
+    for j in jobs:
+        print(f"{j['job_id']}: {j['status']}, round {min(j['round'] + 1, j['rounds'])}/{j['rounds']}, {j['method']} on "
+              f"{j['base_model']}, {j['clients_per_round']} updates a round from {j['seats']} selected clients")
+    if not jobs:
+        print("no jobs yet: offsite cloud jobs create --state S --config job.toml")
+    return 0
+
+
+def cmd_jobs_show(args) -> int:
+    from offsite.cloud.status import read_status
+
+    jobs = {j["job_id"]: j for j in read_status(open_coordinator(args.state))["jobs"]}
+    if args.job not in jobs:
+        raise NotFoundError(f"no job {shown(args.job)}; `offsite cloud jobs list` shows them")
+    j = jobs[args.job]
+    if args.json:
+        print(json.dumps(j, indent=2, allow_nan=False))
+        return 0
+    print(f"job {j['job_id']}: {j['status']}, round {min(j['round'] + 1, j['rounds'])}/{j['rounds']}, {j['method']} on "
+          f"{j['base_model']}, {j['clients_per_round']} updates a round from {j['seats']} selected clients")
+    for r in j["round_log"]:
+        how = f"closed: {r['reason']}" if r["status"] == "closed" else "open"
+        print(f"  round {r['round'] + 1}: {len(r['selected'])} selected, {r['updates']} updates in; {how}")
+        if r["selected"]:
+            print(f"    selected: {', '.join(r['selected'])}")
+    for rej in j["rejected"]:
+        print(f"  rejected in round {rej['round'] + 1} from {rej['client_id']}: {rej['reason']}")
+    return 0
+
+
+def cmd_jobs_cancel(args) -> int:
+    open_coordinator(args.state).cancel_job(args.job)
+    print(f"job {args.job} cancelled: its clients are told it is done at their next call, its open round never closes")
     return 0
 
 
@@ -93,8 +139,8 @@ def cmd_serve(args) -> int:
     for job in coordinator.state.jobs():
         if job.status == "finalizing":  # a crash interrupted finalization: do it again
             finish(job.job_id)
-    while not stop.wait(1.0):
-        coordinator.tick()  # round deadlines
+    while not stop.wait(1.0):  # rounds close on the server's round worker (offsite.cloud.worker)
+        pass
     log.info("coordinator stopping; letting in-flight calls finish for up to %.0f s", args.grace)
     deadline = time.monotonic() + args.grace
     running.enter_graceful_shutdown()
@@ -181,7 +227,8 @@ def cmd_export(args) -> int:
 
     coordinator = open_coordinator(args.state)
     _, cfg, art = coordinator.job(args.job)
-    result = export_job(cfg, art, coordinator.blobs, coordinator.layout.jobs / args.job, args.out, args.format,
+    result = export_job(cfg, art, coordinator.state.global_adapters(args.job), coordinator.blobs,
+                        coordinator.layout.jobs / args.job, args.out, args.format,
                         len(coordinator.state.updates(args.job)), args.rank)
     print(f"job {args.job}: exported {result.format} to {result.folder} after {result.rounds} rounds: {result.detail}")
     return 0
@@ -221,6 +268,19 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--device-map", choices=DEVICE_MAPS, help="accelerate's placement of a base larger than one device "
                    "over the GPUs, the CPU and disk; overrides [job] device_map")
     p.set_defaults(func=cmd_jobs_create)
+    p = jobs.add_parser("list", help="every job: status, round, method, base, clients per round")
+    p.add_argument("--state", required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_jobs_list)
+    p = jobs.add_parser("show", help="one job: each round's selected clients, updates and why it closed")
+    p.add_argument("--state", required=True)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("job")
+    p.set_defaults(func=cmd_jobs_show)
+    p = jobs.add_parser("cancel", help="stop a running job; its clients stop at their next call")
+    p.add_argument("--state", required=True)
+    p.add_argument("job")
+    p.set_defaults(func=cmd_jobs_cancel)
     clients = sub.add_parser("clients", help="manage enrolled clients").add_subparsers(dest="clients_command", required=True)
     p = clients.add_parser("revoke", help="lock a client out at once")
     p.add_argument("--state", required=True)

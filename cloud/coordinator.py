@@ -32,9 +32,9 @@ from offsite.cloud.job import JobConfig
 from offsite.cloud.limits import Limits
 from offsite.cloud.metrics import Metrics
 from offsite.cloud.privacy import ClippedNoisedMean, add_noise
-from offsite.cloud import robust
+from offsite.cloud import robust, selection
 from offsite.cloud.secure_round import SecureRound
-from offsite.cloud.state import ClientRecord, JobRecord, State, UpdateRecord, UploadRecord
+from offsite.cloud.state import ClientRecord, JobRecord, State, UpdateRecord, UpdatesArrivedError, UploadRecord
 from offsite.cloud.uploads import UploadSpool
 from offsite.emulator import methods
 from offsite.emulator.build import build
@@ -50,7 +50,7 @@ from offsite.sealing import OVERHEAD, SealContext, open_sealed, raw_public
 from offsite.tensors import TensorSpec, check_matches, from_bytes, l2_norm, load_blob, payload_bounds, save_tensors, spec_digest, spec_of
 from offsite.transport import CHUNK_BYTES
 
-WAIT_S = 2.0
+WAIT_S = 2.0   # how soon a client waiting for its round's close asks again
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _HEADER_REFUSALS = {AlreadyExistsError: "duplicate", PreconditionError: "round_not_open", TooLargeError: "too_large",
                     QuotaError: "spool_quota", InvalidUpdateError: "bad_header"}  # a refused header's error -> its metric category
@@ -114,7 +114,10 @@ class Coordinator:
         self._scratch_lock = threading.Lock()
         self._runs: dict[str, SecureRound] = {}  # job id -> the current round's secure-aggregation run (memory only)
         self.on_training_done = on_training_done  # called with the job id when its last round closes
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()     # the secure-aggregation runs, held in this process's memory
+        self._closing = threading.Lock()   # one round close at a time in this process (across processes: the state's CAS)
+        self._seating = threading.Lock()   # one seat filling at a time in this process
+        self.wake = threading.Event()      # set when a round may be due: an update accepted, a seat free; the worker ticks
 
     # --- jobs -----------------------------------------------------------------------------------
 
@@ -155,7 +158,6 @@ class Coordinator:
             "update_spec": update_spec,
             "upload_dtype": dtype_name(upload_dtype),
             "skeleton_digest": spec_digest(spec),
-            "adapters": [self.blobs.put_tensors(initial)],  # adapters[r] = global adapter that round r starts from
             "params": {"full": result.full_params, "emulator": result.emulator_params, "adapter": result.adapter_params},
         }
         if cfg.secure_aggregation:  # the tensors a masked input covers: those the method can change
@@ -164,12 +166,27 @@ class Coordinator:
         if largest > cfg.max_update_bytes:
             raise ConfigError(f"an update of this job seals to up to {largest} bytes, above its max_update_bytes "
                               f"({cfg.max_update_bytes}): raise max_update_bytes")
-        self.state.add_job(cfg.job_id, cfg.to_json(), json.dumps(artifacts))
+        self.state.add_job(cfg.job_id, cfg.to_json(), json.dumps(artifacts), self.blobs.put_tensors(initial), self._now())
         return self.state.job(cfg.job_id)
 
     def job(self, job_id: str) -> tuple[JobRecord, JobConfig, dict]:
         rec = self.state.job(job_id)
         return rec, JobConfig.from_json(rec.config_json), json.loads(rec.artifacts_json)
+
+    def cancel_job(self, job_id: str) -> None:
+        """Stop a running job: its clients are told it is done at their next call, its open round never
+        closes, and its unfinished uploads are dropped. A round being aggregated right now cannot close
+        after this (the state's close is a compare-and-set on the job's status)."""
+        self.state.set_job_status(job_id, "cancelled")
+        with self._lock:
+            self._runs.pop(job_id, None)
+        with self._scratch_lock:
+            self._scratch.pop(job_id, None)
+        with self._uploads_lock:
+            for up in self.state.open_uploads():
+                if up.job_id == job_id:
+                    self._drop_upload(up.upload_id)
+        log.info("job %s cancelled", job_id)
 
     def active_job_id(self) -> str:
         running = [j for j in self.state.jobs() if j.status in ("running", "finalizing")]
@@ -210,12 +227,36 @@ class Coordinator:
 
     # --- rounds ---------------------------------------------------------------------------------
     def tick(self) -> None:
-        """Close every round whose deadline has passed with enough updates, and drop uploads that went idle
-        (the server calls this each second)."""
+        """The round worker's step (the server runs it each second and whenever `wake` is set): close every
+        round that is due, fill the seats of every open round, and drop uploads that went idle. Only this
+        and nothing on a request's path closes rounds, so no call waits for an aggregation."""
         for job in self.state.jobs():
             if job.status == "running":
                 self._close_if_due(job.job_id)
+                self._fill_seats(job.job_id)
         self.expire_uploads()
+
+    def _fill_seats(self, job_id: str) -> None:
+        """Select clients for the open round's free seats (see offsite.cloud.selection)."""
+        with self._seating:
+            self._fill_seats_locked(job_id)
+
+    def _fill_seats_locked(self, job_id: str) -> None:
+        rec, cfg, _ = self.job(job_id)
+        if rec.status != "running" or rec.round >= cfg.rounds:
+            return
+        rnd, quiet_s = self.state.round(job_id, rec.round), 3 * cfg.heartbeat_s
+        now = time.time()  # the clock the state's last_seen times come from
+        if cfg.secure_aggregation and len(rnd.selected) >= cfg.seats():
+            return  # a secure run's roster is fixed once its seats are filled
+        clients = {c.client_id: c for c in self.state.clients() if c.revoked_at is None}
+        updated = {u.client_id for u in self.state.updates(job_id, rec.round)}
+        seats = selection.seats(cfg.seats(), rnd.selected, updated, {k: c.last_seen for k, c in clients.items()}, now, quiet_s)
+        candidates = [k for k, c in clients.items() if k not in rnd.selected and now - c.last_seen <= quiet_s]  # alive ones
+        if seats.free and candidates:
+            chosen = selection.ranked(cfg.seed, job_id, rec.round, candidates)[:seats.free]
+            self.state.select_clients(job_id, rec.round, chosen, self._now())
+            log.info("job %s: round %d: selected %s", job_id, rec.round + 1, ", ".join(chosen))
 
     def expire_uploads(self) -> int:
         """Drop open uploads (and stray spool files) with no new part for `upload_idle_s`; checked at most
@@ -242,38 +283,51 @@ class Coordinator:
         return dropped
 
     def _close_if_due(self, job_id: str) -> None:
-        with self._lock:
+        with self._closing:
             rec, cfg, _ = self.job(job_id)
             if rec.status != "running":
                 return
             if cfg.secure_aggregation:
-                run = self._runs.get(job_id)
-                if run is None or run.round != rec.round:
-                    if self.state.updates(job_id, rec.round):  # masked inputs of a run this process never held
-                        self._close_secure_round(job_id, None)
-                    return
-                run.advance(self._now())
-                if run.aborted or run.result is not None:
-                    self._close_secure_round(job_id, run)
+                with self._lock:
+                    run = self._runs.get(job_id)
+                    if run is None or run.round != rec.round:
+                        if self.state.updates(job_id, rec.round):  # masked inputs of a run this process never held
+                            self._close_secure_round(job_id, None)
+                        return
+                    run.advance(self._now())
+                    if run.aborted or run.result is not None:
+                        self._close_secure_round(job_id, run)
                 return
-            updates = self.state.updates(job_id, rec.round)
-            if len(updates) >= cfg.clients_per_round:
-                self._close_round(job_id, "all expected updates are in")
-            elif (cfg.round_timeout_s and updates and len(updates) >= (cfg.min_clients or cfg.clients_per_round)
-                  and self._now() >= min(u.accepted_at for u in updates) + cfg.round_timeout_s):
-                self._close_round(job_id, f"deadline of {cfg.round_timeout_s:g} s passed with {len(updates)} updates")
+            updates, deadline = self.state.updates(job_id, rec.round), self.state.round(job_id, rec.round).deadline
+            try:
+                if len(updates) >= cfg.clients_per_round:
+                    self._close_round(job_id, "all expected updates are in")
+                elif (deadline is not None and len(updates) >= (cfg.min_clients or cfg.clients_per_round)
+                      and self._now() >= deadline):
+                    self._close_round(job_id, f"deadline of {cfg.round_timeout_s:g} s passed with {len(updates)} updates")
+            except UpdatesArrivedError as e:  # an update came in while the round was aggregated: again, with it
+                log.info("job %s: %s; aggregating again", job_id, e)
+                self.wake.set()
 
     def task(self, client: ClientRecord, job_id: str) -> Task:
-        self._close_if_due(job_id)
+        """Train when the client is selected for the open round and its update is not in yet, else wait
+        (or done). A read: it never closes a round."""
         rec, cfg, art = self.job(job_id)
         if rec.status != "running" or rec.round >= cfg.rounds:
             self.state.touch_client(client.client_id, "done")
             return Task("done", job_id, rec.round, cfg.rounds)
-        if any(u.client_id == client.client_id for u in self.state.updates(job_id, rec.round)):
-            self.state.touch_client(client.client_id, f"waiting for round {rec.round + 1} to close")
+        rnd, me = self.state.round(job_id, rec.round), client.client_id
+        if me not in rnd.selected and len(rnd.selected) < cfg.seats():  # a free seat: fill it now, not at the next tick
+            self._fill_seats(job_id)
+            rnd = self.state.round(job_id, rec.round)
+        if me not in rnd.selected:
+            self.state.touch_client(me, f"not selected for round {rec.round + 1}")
+            return Task("wait", job_id, rec.round, cfg.rounds, retry_after_s=max(WAIT_S, cfg.heartbeat_s))
+        if self.state.has_update(job_id, rec.round, me):
+            self.state.touch_client(me, f"waiting for round {rec.round + 1} to close")
             return Task("wait", job_id, rec.round, cfg.rounds, retry_after_s=WAIT_S)
-        self.state.touch_client(client.client_id, f"assigned round {rec.round + 1}")
-        return Task("train", job_id, rec.round, cfg.rounds, art["manifest"], art["adapters"][rec.round],
+        self.state.touch_client(me, f"assigned round {rec.round + 1}")
+        return Task("train", job_id, rec.round, cfg.rounds, art["manifest"], rnd.adapter_sha256,
                     art["skeleton_digest"], cfg, heartbeat_s=cfg.heartbeat_s,
                     upload_dtype=art.get("upload_dtype", "float32"))  # jobs made before upload_dtype uploaded fp32
 
@@ -287,7 +341,7 @@ class Coordinator:
     def _offered(self, job_id: str, digest: str) -> None:
         """Only the job's bundle files and global adapters are offered, never client updates."""
         _, _, art = self.job(job_id)
-        if digest not in set(art["bundle_files"].values()) | set(art["adapters"]):
+        if digest not in set(art["bundle_files"].values()) and digest not in self.state.global_adapters(job_id):
             raise NotFoundError(f"blob {digest[:16]}... is not offered by job {job_id}")
 
     def blob_info(self, client: ClientRecord, job_id: str, digest: str) -> tuple[int, int, list[str]]:
@@ -312,18 +366,19 @@ class Coordinator:
     def check_upload_header(self, client: ClientRecord, header: UploadHeader) -> None:
         """Cheap checks before any bytes are read: right job and round, not yet accepted, size."""
         try:
-            self._close_if_due(header.job_id)
             rec, cfg, art = self.job(header.job_id)
         except NotFoundError:  # not counted: a job id the client made up must not become a metric label
             raise PreconditionError(f"no job {shown(header.job_id)} is accepting updates") from None
         try:
-            if any(u.client_id == client.client_id for u in self.state.updates(header.job_id, header.round)):
+            if self.state.has_update(header.job_id, header.round, client.client_id):
                 # first: a client retrying after a crash ate its receipt learns its update counted, even if the
                 # round has closed since
                 raise AlreadyExistsError(f"an update from {client.client_id} for round {header.round} was already accepted")
             if rec.status != "running" or header.round != rec.round:
                 raise PreconditionError(f"job {header.job_id} is not accepting updates for round {header.round} "
                                         f"(status {rec.status}, open round {rec.round})")
+            if client.client_id not in self.state.round(header.job_id, header.round).selected:
+                raise PreconditionError(f"client {client.client_id} is not selected for round {header.round} of job {header.job_id}")
             if header.size > cfg.max_update_bytes:
                 raise TooLargeError(f"update of {header.size} bytes exceeds the job's limit of {cfg.max_update_bytes}")
             lo, hi = self._sealed_size(cfg, art)
@@ -440,25 +495,30 @@ class Coordinator:
             check_matches(tensors, _upload_spec(cfg, art))  # a masked input's checks are then the protocol's
             if cfg.max_update_norm and not cfg.secure_aggregation:
                 reason = "norm"
-                start = load_blob(self.blobs.open_path(art["adapters"][header.round]))
+                start = load_blob(self.blobs.open_path(self.state.round(header.job_id, header.round).adapter_sha256))
                 with self._proposal(header.job_id, cfg, art, start, tensors) as proposal:
                     self._check_norm(proposal, start, cfg.max_update_norm)
         except InvalidUpdateError as e:
             self._reject(header.job_id, header.round, client.client_id, str(e), reason)
             raise
-        with self._lock:
-            self.check_upload_header(client, header)  # the round may have moved while we decrypted
-            if cfg.secure_aggregation:
+        record = UpdateRecord(header.job_id, header.round, client.client_id, header.num_examples, self.blobs.put(plaintext),
+                              len(envelope), self._now(), header.train_loss)
+        if cfg.secure_aggregation:
+            with self._lock:  # the masked input and its record together, in the run of the round it is for
+                self.check_upload_header(client, header)  # the round may have moved while we decrypted
                 self._secure_run(header.job_id).masked(client.client_id, tensors[vector.MASKED].numpy())
-            digest = self.blobs.put(plaintext)
-            count = self.state.add_update(UpdateRecord(header.job_id, header.round, client.client_id, header.num_examples,
-                                                       digest, len(envelope), self._now(), header.train_loss))
-            self.metrics.updates_accepted.labels(header.job_id).inc()
-            log.info("job %s: round %d update from %s accepted (%d examples, %d bytes sealed)", header.job_id,
-                     header.round + 1, client.client_id, header.num_examples, len(envelope))
-            self.state.touch_client(client.client_id, f"update accepted for round {header.round + 1}")
-            failpoints.hit("cloud.update.accepted")
-            self._close_if_due(header.job_id)
+                count = self.state.add_update(record)
+        else:
+            self.check_upload_header(client, header)  # the round may have moved while we decrypted
+            count = self.state.add_update(record)  # refused once the round is closed, even by another process
+        if cfg.round_timeout_s:
+            self.state.set_deadline(header.job_id, header.round, record.accepted_at + cfg.round_timeout_s)
+        self.metrics.updates_accepted.labels(header.job_id).inc()
+        log.info("job %s: round %d update from %s accepted (%d examples, %d bytes sealed)", header.job_id,
+                 header.round + 1, client.client_id, header.num_examples, len(envelope))
+        self.state.touch_client(client.client_id, f"update accepted for round {header.round + 1}")
+        failpoints.hit("cloud.update.accepted")
+        self.wake.set()  # the round worker closes the round if this update completes it
         return header.round, count
 
     @contextlib.contextmanager
@@ -506,6 +566,8 @@ class Coordinator:
             if rec.status != "running" or round_ != rec.round:
                 raise PreconditionError(f"round {round_ + 1} of job {job_id} is not open")
             run, me, now = self._secure_run(job_id), client.client_id, self._now()
+            if me not in self.state.round(job_id, round_).selected:
+                raise PreconditionError(f"client {me} is not selected for round {round_ + 1} of job {job_id}")
             if advert is not None:
                 run.advert(Advert(me, *advert), now)
                 self.state.touch_client(me, f"secure aggregation, round {round_ + 1}")
@@ -523,7 +585,7 @@ class Coordinator:
             if run.stage == 3 and me in s.shares:
                 view["inbox"] = s.inbox(me)
             if run.aborted or run.result is not None:
-                self._close_secure_round(job_id, run)
+                self.wake.set()  # the round worker closes the round from the run
             run.raise_if_aborted()
             return view
 
@@ -531,7 +593,7 @@ class Coordinator:
         """Close the round from the run's unmasked sum (noised under DP), or without an update when the run
         aborted or was lost to a restart."""
         rec, cfg, art = self.job(job_id)
-        start = load_blob(self.blobs.open_path(art["adapters"][rec.round]))
+        start = load_blob(self.blobs.open_path(self.state.round(job_id, rec.round).adapter_sha256))
         if run is None or run.aborted:
             why = f"secure aggregation: {run.aborted if run else 'the coordinator restarted during secure aggregation'}"
             reason = "secagg_aborted"
@@ -546,13 +608,13 @@ class Coordinator:
                 reason = "weight"
             elif not cfg.max_update_norm or norm <= cfg.max_update_norm:
                 mean = {k: v.double() + change[k] if k in change else v.double() for k, v in start.items()}
-                self._advance(job_id, rec, cfg, art, start, mean, f"secure aggregation of {inputs} masked inputs")
+                self._advance(job_id, rec, cfg, art, start, mean, f"secure aggregation of {inputs} masked inputs", inputs)
                 return
             else:
                 why = f"the aggregate moves the adapter by L2 norm {norm:.4g}, above the job's bound {cfg.max_update_norm:g}"
                 reason = "norm"
         self._reject(job_id, rec.round, "(round)", why, reason)
-        self._advance(job_id, rec, cfg, art, start, None, f"without an update ({why})")
+        self._advance(job_id, rec, cfg, art, start, None, f"without an update ({why})", len(self.state.updates(job_id, rec.round)))
 
     def _close_round(self, job_id: str, why: str) -> None:
         """Aggregate the round, then let the job's server strategy turn the result into the next global
@@ -562,7 +624,7 @@ class Coordinator:
         rec, cfg, art = self.job(job_id)
         updates = self.state.updates(job_id, rec.round)
         started = time.perf_counter()
-        start = load_blob(self.blobs.open_path(art["adapters"][rec.round]))
+        start = load_blob(self.blobs.open_path(self.state.round(job_id, rec.round).adapter_sha256))
         dp = cfg.dp_config()
 
         def proposals():  # each update as the dense adapter it proposes: exact for LoRA and IA3 too
@@ -581,7 +643,7 @@ class Coordinator:
             if dp.enabled:
                 art.setdefault("dp_norms", []).append([round(n, 6) for n in mean.norms])  # before clipping, per update
         self.metrics.aggregation_seconds.observe(time.perf_counter() - started)
-        self._advance(job_id, rec, cfg, art, start, result, f"{why}; {how}")
+        self._advance(job_id, rec, cfg, art, start, result, f"{why}; {how}", len(updates))
 
     def _combine_robustly(self, job_id: str, round_: int, cfg: JobConfig, updates: list[UpdateRecord],
                           proposals: Iterator[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], str]:
@@ -605,9 +667,10 @@ class Coordinator:
             shutil.rmtree(folder, ignore_errors=True)
 
     def _advance(self, job_id: str, rec: JobRecord, cfg: JobConfig, art: dict, start: dict[str, torch.Tensor],
-                 mean: dict[str, torch.Tensor] | None, why: str) -> None:
-        """Store the next global adapter (the server strategy's step from the round's `mean`, or `start`
-        again without one) and move the job, with `art`, to the next round in one transaction."""
+                 mean: dict[str, torch.Tensor] | None, why: str, updates: int) -> None:
+        """Store the next global adapter (the server strategy's step from the round's `mean` of `updates`
+        updates, or `start` again without one) and move the job, with `art`, to the next round in one
+        compare-and-set transaction: when another coordinator closed the round first, nothing changes."""
         strategy = make_strategy(cfg.aggregator, **cfg.aggregator_params)
         if mean is None:
             new_global = start
@@ -615,17 +678,19 @@ class Coordinator:
             state = load_blob(self.blobs.open_path(art["strategy_state"])) if art.get("strategy_state") else {}
             new_global, new_state = strategy.step(start, mean, state)
             art["strategy_state"] = self.blobs.put_tensors(new_state) if new_state else None
-        art["adapters"].append(self.blobs.put_tensors(new_global))
-        failpoints.hit("cloud.round.closing")  # the new adapter is stored; the job row has not moved yet
+        result = self.blobs.put_tensors(new_global)
+        failpoints.hit("cloud.round.closing")  # the new adapter is stored; the round has not closed yet
         done = rec.round + 1 >= cfg.rounds
+        if not self.state.close_round(job_id, rec.round, updates=updates, result_sha256=result, reason=why,
+                                      artifacts_json=json.dumps(art), last=done, now=self._now()):
+            log.info("job %s: round %d was closed by another coordinator", job_id, rec.round + 1)
+            return
         log.info("job %s: round %d/%d closed (%s) with %s", job_id, rec.round + 1, cfg.rounds, why, strategy.name)
         self._runs.pop(job_id, None)
         if done:
             with self._scratch_lock:  # the scratch emulator's memory goes back before finalization loads the base
                 if self._scratch.pop(job_id, None) is not None:
                     gc.collect()
-        self.state.update_job(job_id, round=rec.round + 1, artifacts_json=json.dumps(art),
-                              status="finalizing" if done else "running")
         self.metrics.rounds_completed.labels(job_id).inc()
         for up in self.state.uploads(job_id, rec.round):  # uploads that never completed are moot now
             self._drop_upload(up.upload_id)

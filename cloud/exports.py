@@ -28,9 +28,10 @@ class ExportResult:
     detail: str
 
 
-def export_job(cfg: JobConfig, artifacts: dict, blobs: BlobStore, job_dir: Path, out_dir: str | Path, fmt: str,
-               updates: int, rank: int | None = None) -> ExportResult:
-    """Write the job's latest global adapter as `fmt` to `out_dir`. `updates` is how many client updates
+def export_job(cfg: JobConfig, artifacts: dict, adapters: list[str], blobs: BlobStore, job_dir: Path, out_dir: str | Path,
+               fmt: str, updates: int, rank: int | None = None) -> ExportResult:
+    """Write the job's latest global adapter (the last of `adapters`, its global adapters in order) as `fmt`
+    to `out_dir`. `updates` is how many client updates
     the job has aggregated: a LoRA export's default rank is the method's rank times that, the most the
     merged change can have (capped by the layers' widths)."""
     if fmt not in FORMATS:
@@ -39,9 +40,9 @@ def export_job(cfg: JobConfig, artifacts: dict, blobs: BlobStore, job_dir: Path,
     if fmt == "peft" and method.name not in LORA_METHODS:
         raise ConfigError(f"job {cfg.job_id} trains {method.name!r}: only a {' or '.join(LORA_METHODS)} job exports as a "
                           f"PEFT LoRA adapter; export it merged")
-    rounds = len(artifacts["adapters"]) - 1
+    rounds = len(adapters) - 1
     plan = SplitPlan.from_dict(artifacts["plan"])
-    adapter = load_blob(blobs.open_path(artifacts["adapters"][-1]))
+    adapter = load_blob(blobs.open_path(adapters[-1]))
     block_path = read_manifest(artifacts["bundle_dir"])["block_path"]
     full, tokenizer = load_base(cfg.base_model, cfg.placement(job_dir),
                                 tuple(f"{block_path}.{i}" for i in plan.adapter_blocks))

@@ -38,7 +38,7 @@ def finalize(cfg: JobConfig, artifacts: dict, state: State, blobs: BlobStore, jo
     """
     started = time.perf_counter()
     plan = SplitPlan.from_dict(artifacts["plan"])
-    adapter = load_blob(blobs.open_path(artifacts["adapters"][-1]))
+    adapter = load_blob(blobs.open_path(state.global_adapters(cfg.job_id)[-1]))
     method = cfg.method_config()
     placement = cfg.placement(job_dir)
     emulator, tokenizer, _ = load_bundle(artifacts["bundle_dir"], placement.device)  # the base's tokenizer, as the bundle carries it
@@ -101,7 +101,7 @@ def finalize_job(coordinator, job_id: str, log) -> None:
     _, cfg, art = coordinator.job(job_id)
     try:
         finalize(cfg, art, coordinator.state, coordinator.blobs, coordinator.layout.jobs / job_id, log=log.info)
-        coordinator.state.update_job(job_id, status="done")
+        coordinator.state.set_job_status(job_id, "done")
     except Exception:
         log.exception("job %s: finalization failed", job_id)
-        coordinator.state.update_job(job_id, status="failed")
+        coordinator.state.set_job_status(job_id, "failed")

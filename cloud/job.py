@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ class JobConfig:
     clients_per_round: int = 1            # updates that close a round at once
     min_clients: int | None = None        # fewest updates a round may close with at its deadline (default: all)
     round_timeout_s: float = 0.0          # deadline after a round's first update; 0: wait for clients_per_round
+    over_select: float = 1.0              # clients selected per round: ceil(clients_per_round * over_select) of the roster
     bottom: int = 2
     top: int = 2
     emulator_layers: int = 2
@@ -87,6 +89,9 @@ class JobConfig:
             raise ConfigError(f"job rounds must be at most {MAX_ROUNDS}, got {self.rounds}")
         if self.min_clients is not None and not 1 <= self.min_clients <= self.clients_per_round:
             raise ConfigError(f"min_clients must be in 1..clients_per_round ({self.clients_per_round}), got {self.min_clients}")
+        if not 1.0 <= self.over_select <= 4.0:
+            raise ConfigError(f"over_select must be in 1..4 (clients selected per round over clients_per_round), "
+                              f"got {self.over_select}")
         if self.round_timeout_s < 0:
             raise ConfigError(f"round_timeout_s must be >= 0, got {self.round_timeout_s}")
         if self.epochs <= 0 or self.lr <= 0:
@@ -131,6 +136,11 @@ class JobConfig:
             raise ConfigError(f"combine = {self.combine!r} with {self.combine_params or 'its defaults'} needs at least "
                               f"{rule.min_updates()} updates per round, but a round may close with {fewest} "
                               "(min_clients, else clients_per_round)")
+
+    def seats(self) -> int:
+        """How many clients each round selects: clients_per_round, over-selected so that a round whose
+        slowest clients vanish can still close (Bonawitz et al. 2019 select 130%)."""
+        return math.ceil(self.clients_per_round * self.over_select - 1e-9)
 
     def method_config(self) -> MethodConfig:
         try:

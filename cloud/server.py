@@ -32,6 +32,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from offsite.cloud import serde
 from offsite.cloud.coordinator import Coordinator
+from offsite.cloud.worker import RoundWorker
 from offsite.cloud.identity import StateLayout
 from offsite.cloud.limits import Limits
 from offsite.cloud.metrics import Metrics
@@ -263,6 +264,7 @@ class Running:
     _health: health.aio.HealthServicer
     _pool: futures.ThreadPoolExecutor
     edge: _Edge
+    worker: RoundWorker
 
     def _run(self, coroutine):
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
@@ -280,6 +282,7 @@ class Running:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join()
         self._pool.shutdown(wait=True)
+        self.worker.stop()  # after the calls drained: a drained upload may have completed a round
 
 
 def start_server(coordinator: Coordinator, layout: StateLayout, address: str, enroll_address: str,
@@ -321,4 +324,4 @@ def start_server(coordinator: Coordinator, layout: StateLayout, address: str, en
         thread.join()
         pool.shutdown(wait=False)
         raise
-    return Running(ports[0], ports[1], loop, thread, servers, health_servicer, pool, edge)
+    return Running(ports[0], ports[1], loop, thread, servers, health_servicer, pool, edge, RoundWorker(coordinator).start())

@@ -6,6 +6,7 @@ test (tests/test_state.py) runs against every implementation.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Protocol
 from urllib.parse import urlsplit
 
-from offsite.errors import AlreadyExistsError, ConfigError, NotFoundError, shown
+from offsite.errors import AlreadyExistsError, ConfigError, NotFoundError, PreconditionError, shown
 
 
 @dataclass(frozen=True)
@@ -32,13 +33,48 @@ class ClientRecord:
     bytes_out: int = 0     # bytes the coordinator served to it
 
 
+# A job's status and the statuses it may move to; set_job_status refuses any other move, and makes it as a
+# compare-and-set, so two coordinator processes on one database never both make the same move.
+JOB_TRANSITIONS: dict[str, tuple[str, ...]] = {
+    "running": ("finalizing", "cancelled", "failed"),
+    "finalizing": ("done", "failed"),
+    "done": (),
+    "failed": (),
+    "cancelled": (),
+}
+
+
+class _Unchanged(Exception):
+    """Rolls a transaction back on purpose: what it would change is not there to change."""
+
+
+class UpdatesArrivedError(PreconditionError):
+    """A round's close lost a race with an update: aggregate the round again, with it."""
+
+
 @dataclass(frozen=True)
 class JobRecord:
     job_id: str
     config_json: str
-    status: str           # "running" | "finalizing" | "done" | "failed"
+    status: str           # a key of JOB_TRANSITIONS
     round: int            # the open round (0-based); equals total rounds once training is over
-    artifacts_json: str   # digests of the bundle manifest, skeleton, global adapter per round
+    artifacts_json: str   # the bundle's and skeleton's digests, the plan, the specs (global adapters: the rounds table)
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """One round of a job as the rounds table holds it: the global adapter it starts from, the clients
+    selected to train it and, once closed, the global adapter it produced and why it closed."""
+    job_id: str
+    round: int
+    status: str                       # "open" | "closed"
+    adapter_sha256: str               # the global adapter the round starts from (what its clients download)
+    opened_at: float
+    deadline: float | None = None     # set by its first accepted update when the job has a round_timeout_s
+    closed_at: float | None = None
+    result_sha256: str | None = None  # the next global adapter (adapter_sha256 again when it closed without one)
+    reason: str = ""
+    selected: tuple[str, ...] = ()    # client ids, in the order they were selected
 
 
 @dataclass(frozen=True)
@@ -89,12 +125,20 @@ class State(Protocol):
     def clients(self) -> list[ClientRecord]: ...
     def touch_client(self, client_id: str, activity: str | None = None) -> None: ...
     def add_traffic(self, client_id: str, bytes_in: int = 0, bytes_out: int = 0) -> None: ...
-    def add_job(self, job_id: str, config_json: str, artifacts_json: str) -> None: ...
+    def add_job(self, job_id: str, config_json: str, artifacts_json: str, adapter_sha256: str, now: float) -> None: ...
     def job(self, job_id: str) -> JobRecord: ...
     def jobs(self) -> list[JobRecord]: ...
-    def update_job(self, job_id: str, *, status: str | None = None, round: int | None = None,
-                   artifacts_json: str | None = None) -> None: ...
+    def set_job_status(self, job_id: str, status: str) -> None: ...
+    def update_artifacts(self, job_id: str, artifacts_json: str) -> None: ...
+    def round(self, job_id: str, round: int) -> RoundRecord: ...
+    def rounds(self, job_id: str) -> list[RoundRecord]: ...
+    def global_adapters(self, job_id: str) -> list[str]: ...
+    def select_clients(self, job_id: str, round: int, client_ids: list[str], now: float) -> None: ...
+    def set_deadline(self, job_id: str, round: int, deadline: float) -> None: ...
+    def close_round(self, job_id: str, round: int, *, updates: int, result_sha256: str, reason: str, artifacts_json: str,
+                    last: bool, now: float) -> bool: ...
     def add_update(self, update: UpdateRecord) -> int: ...
+    def has_update(self, job_id: str, round: int, client_id: str) -> bool: ...
     def updates(self, job_id: str, round: int | None = None) -> list[UpdateRecord]: ...
     def add_rejection(self, job_id: str, round: int, client_id: str, reason: str) -> None: ...
     def rejections(self, job_id: str) -> list[tuple[int, str, str]]: ...
@@ -130,7 +174,12 @@ CREATE TABLE IF NOT EXISTS uploads (upload_id TEXT PRIMARY KEY, job_id TEXT NOT 
     train_loss DOUBLE PRECISION);
 CREATE TABLE IF NOT EXISTS api_keys (key_id TEXT PRIMARY KEY, key_hash TEXT NOT NULL UNIQUE, jobs TEXT NOT NULL,
     label TEXT NOT NULL DEFAULT '', created_at DOUBLE PRECISION NOT NULL, expires_at DOUBLE PRECISION,
-    revoked_at DOUBLE PRECISION, last_used DOUBLE PRECISION)
+    revoked_at DOUBLE PRECISION, last_used DOUBLE PRECISION);
+CREATE TABLE IF NOT EXISTS rounds (job_id TEXT NOT NULL, round INTEGER NOT NULL, status TEXT NOT NULL,
+    adapter_sha256 TEXT NOT NULL, opened_at DOUBLE PRECISION NOT NULL, deadline DOUBLE PRECISION,
+    closed_at DOUBLE PRECISION, result_sha256 TEXT, reason TEXT NOT NULL DEFAULT '', PRIMARY KEY (job_id, round));
+CREATE TABLE IF NOT EXISTS selections (job_id TEXT NOT NULL, round INTEGER NOT NULL, client_id TEXT NOT NULL,
+    seat INTEGER NOT NULL, selected_at DOUBLE PRECISION NOT NULL, PRIMARY KEY (job_id, round, client_id))
 """
 # api_keys.jobs is a JSON list of job ids; expires_at NULL means the key never expires.
 
@@ -142,6 +191,8 @@ class Dialect:
     param: str                        # "?" (sqlite3) or "%s" (psycopg)
     blob: str                         # column type for bytes
     integrity_error: type[Exception]
+    begin: str                        # opens a writing transaction (SQLite: BEGIN IMMEDIATE, so no upgrade deadlock)
+    share_lock: str                   # appended to a SELECT whose rows must not change until the transaction ends
     setup: tuple[str, ...] = ()       # statements run once per connection
 
 
@@ -154,6 +205,37 @@ class SqlState:
         self._lock = threading.Lock()
         for statement in dialect.setup + tuple(_SCHEMA.format(blob=dialect.blob).split(";")):
             self._db.execute(statement)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Jobs made before the rounds table kept their global adapters as a list in artifacts_json: one
+        rounds row per round from it (the job's open round stays open), and the list dropped."""
+        for job in self.jobs():
+            art = json.loads(job.artifacts_json)
+            if "adapters" not in art:
+                continue
+            adapters = art.pop("adapters")
+            with self._transaction():
+                for r, digest in enumerate(adapters):
+                    result = adapters[r + 1] if r + 1 < len(adapters) else None
+                    if result is None and job.status != "running":  # a finished job's last adapter: its last round's result
+                        continue
+                    self._execute("INSERT INTO rounds VALUES (?, ?, ?, ?, 0, NULL, ?, ?, ?) ON CONFLICT DO NOTHING",
+                                  (job.job_id, r, "open" if result is None else "closed", digest,
+                                   None if result is None else 0.0, result, "" if result is None else "before the rounds table"))
+                self._execute("UPDATE jobs SET artifacts_json = ? WHERE job_id = ?", (json.dumps(art), job.job_id))
+
+    @contextlib.contextmanager
+    def _transaction(self):
+        """Statements that commit together or not at all; the caller runs them with _execute."""
+        with self._lock:
+            self._execute(self._dialect.begin)
+            try:
+                yield
+            except BaseException:
+                self._execute("ROLLBACK")
+                raise
+            self._execute("COMMIT")
 
     def _execute(self, sql: str, args: tuple = ()):
         """Run one statement; the caller holds the lock."""
@@ -205,9 +287,13 @@ class SqlState:
         self._run("UPDATE clients SET bytes_in = bytes_in + ?, bytes_out = bytes_out + ? WHERE client_id = ?",
                   (bytes_in, bytes_out, client_id))
 
-    def add_job(self, job_id: str, config_json: str, artifacts_json: str) -> None:
+    def add_job(self, job_id: str, config_json: str, artifacts_json: str, adapter_sha256: str, now: float) -> None:
+        """The job, running, with round 0 open from the global adapter `adapter_sha256`."""
         try:
-            self._run("INSERT INTO jobs VALUES (?, ?, 'running', 0, ?, ?)", (job_id, config_json, artifacts_json, time.time()))
+            with self._transaction():
+                self._execute("INSERT INTO jobs VALUES (?, ?, 'running', 0, ?, ?)", (job_id, config_json, artifacts_json, now))
+                self._execute("INSERT INTO rounds (job_id, round, status, adapter_sha256, opened_at) VALUES (?, 0, 'open', ?, ?)",
+                              (job_id, adapter_sha256, now))
         except self._dialect.integrity_error:
             raise AlreadyExistsError(f"job {job_id} already exists") from None
 
@@ -222,23 +308,112 @@ class SqlState:
     def jobs(self) -> list[JobRecord]:
         return [JobRecord(*r) for r in self._run(self._JOB + " ORDER BY created_at")]
 
-    def update_job(self, job_id: str, *, status: str | None = None, round: int | None = None,
-                   artifacts_json: str | None = None) -> None:
-        job = self.job(job_id)
-        self._run("UPDATE jobs SET status = ?, round = ?, artifacts_json = ? WHERE job_id = ?",
-                  (status or job.status, job.round if round is None else round, artifacts_json or job.artifacts_json, job_id))
+    def set_job_status(self, job_id: str, status: str) -> None:
+        """Move the job to `status` if JOB_TRANSITIONS allows it from the status it has (compare-and-set)."""
+        if status not in JOB_TRANSITIONS:
+            raise ConfigError(f"no job status {status!r}; one of {', '.join(JOB_TRANSITIONS)}")
+        current = self.job(job_id).status
+        if status not in JOB_TRANSITIONS[current] or not self._run(
+                "UPDATE jobs SET status = ? WHERE job_id = ? AND status = ? RETURNING job_id", (status, job_id, current)):
+            raise PreconditionError(f"job {job_id} cannot become {status}: it is {self.job(job_id).status}")
+
+    def update_artifacts(self, job_id: str, artifacts_json: str) -> None:
+        self.job(job_id)
+        self._run("UPDATE jobs SET artifacts_json = ? WHERE job_id = ?", (artifacts_json, job_id))
+
+    _ROUND = ("SELECT job_id, round, status, adapter_sha256, opened_at, deadline, closed_at, result_sha256, reason "
+              "FROM rounds WHERE job_id = ?")
+
+    def _selected(self, job_id: str, round: int | None) -> dict[int, tuple[str, ...]]:
+        sql, args = "SELECT round, client_id FROM selections WHERE job_id = ?", (job_id,)
+        if round is not None:
+            sql, args = sql + " AND round = ?", (job_id, round)
+        out: dict[int, list[str]] = {}
+        for r, client_id in self._run(sql + " ORDER BY round, seat, client_id", args):
+            out.setdefault(r, []).append(client_id)
+        return {r: tuple(ids) for r, ids in out.items()}
+
+    def round(self, job_id: str, round: int) -> RoundRecord:
+        rows = self._run(self._ROUND + " AND round = ?", (job_id, round))
+        if not rows:
+            raise NotFoundError(f"job {job_id!r} has no round {round}")
+        return RoundRecord(*rows[0], selected=self._selected(job_id, round).get(round, ()))
+
+    def rounds(self, job_id: str) -> list[RoundRecord]:
+        selected = self._selected(job_id, None)
+        return [RoundRecord(*r, selected=selected.get(r[1], ())) for r in self._run(self._ROUND + " ORDER BY round", (job_id,))]
+
+    def global_adapters(self, job_id: str) -> list[str]:
+        """The job's global adapters in order: the one round 0 starts from, then each closed round's result."""
+        rows = self._run("SELECT adapter_sha256, result_sha256 FROM rounds WHERE job_id = ? ORDER BY round", (job_id,))
+        return [rows[0][0], *(result for _, result in rows if result is not None)] if rows else []
+
+    def select_clients(self, job_id: str, round: int, client_ids: list[str], now: float) -> None:
+        """Add clients to the round's selection after those it has; one already selected keeps its seat."""
+        with self._transaction():
+            seats = self._execute("SELECT COUNT(*) FROM selections WHERE job_id = ? AND round = ?", (job_id, round)).fetchone()[0]
+            for i, client_id in enumerate(client_ids):
+                self._execute("INSERT INTO selections VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                              (job_id, round, client_id, seats + i, now))
+
+    def set_deadline(self, job_id: str, round: int, deadline: float) -> None:
+        """The round's deadline, set once: a later call keeps the first."""
+        self._run("UPDATE rounds SET deadline = COALESCE(deadline, ?) WHERE job_id = ? AND round = ?", (deadline, job_id, round))
+
+    def close_round(self, job_id: str, round: int, *, updates: int, result_sha256: str, reason: str, artifacts_json: str,
+                    last: bool, now: float) -> bool:
+        """Close the open round `round`, whose result aggregates `updates` updates, and move the job on in
+        one transaction: to the next round, opened from `result_sha256`, or when `last`, to finalizing.
+        A compare-and-set: False, with nothing changed, when the round is not open (another coordinator
+        closed it first) or the job is no longer running (it was cancelled). UpdatesArrivedError, with
+        nothing changed, when the round has more updates than the result aggregates: one was accepted
+        while the round was being aggregated."""
+        try:
+            with self._transaction():
+                self._close_round(job_id, round, updates, result_sha256, reason, artifacts_json, last, now)
+        except _Unchanged:
+            return False
+        return True
+
+    def _close_round(self, job_id: str, round: int, updates: int, result_sha256: str, reason: str, artifacts_json: str,
+                     last: bool, now: float) -> None:
+        """close_round's statements, in its transaction; _Unchanged rolls them back."""
+        if not self._execute("UPDATE rounds SET status = 'closed', closed_at = ?, result_sha256 = ?, reason = ? "
+                             "WHERE job_id = ? AND round = ? AND status = 'open' RETURNING round",
+                             (now, result_sha256, reason, job_id, round)).fetchall():
+            raise _Unchanged  # another coordinator closed it first
+        counted = self._execute("SELECT COUNT(*) FROM updates WHERE job_id = ? AND round = ?", (job_id, round)).fetchone()[0]
+        if counted != updates:
+            raise UpdatesArrivedError(f"round {round} of job {job_id} has {counted} updates; its result aggregates {updates}")
+        if not self._execute("UPDATE jobs SET round = ?, artifacts_json = ?, status = ? "
+                             "WHERE job_id = ? AND round = ? AND status = 'running' RETURNING job_id",
+                             (round + 1, artifacts_json, "finalizing" if last else "running", job_id, round)).fetchall():
+            raise _Unchanged  # the job was cancelled
+        if not last:
+            self._execute("INSERT INTO rounds (job_id, round, status, adapter_sha256, opened_at) VALUES (?, ?, 'open', ?, ?)",
+                          (job_id, round + 1, result_sha256, now))
 
     def add_update(self, update: UpdateRecord) -> int:
-        """Record an accepted update once; return how many the round now has."""
-        with self._lock:
-            try:
+        """Record an accepted update once, while its round is open; return how many the round now has.
+        The round's row is read under a share lock, so a close that has read the round's updates cannot
+        commit without this one (see close_round)."""
+        try:
+            with self._transaction():
+                row = self._execute("SELECT status FROM rounds WHERE job_id = ? AND round = ?" + self._dialect.share_lock,
+                                    (update.job_id, update.round)).fetchone()
+                if row is None or row[0] != "open":
+                    raise PreconditionError(f"round {update.round} of job {update.job_id} is not open: it closed before "
+                                            "this update was in")
                 self._execute("INSERT INTO updates VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                               (update.job_id, update.round, update.client_id, update.num_examples,
                                update.blob_sha256, update.upload_bytes, update.accepted_at, update.train_loss))
-            except self._dialect.integrity_error:
-                raise AlreadyExistsError(f"client {update.client_id} already has an accepted update for round {update.round}") from None
-            return self._execute("SELECT COUNT(*) FROM updates WHERE job_id = ? AND round = ?",
-                                 (update.job_id, update.round)).fetchone()[0]
+                return self._execute("SELECT COUNT(*) FROM updates WHERE job_id = ? AND round = ?",
+                                     (update.job_id, update.round)).fetchone()[0]
+        except self._dialect.integrity_error:
+            raise AlreadyExistsError(f"client {update.client_id} already has an accepted update for round {update.round}") from None
+
+    def has_update(self, job_id: str, round: int, client_id: str) -> bool:
+        return bool(self._run("SELECT 1 FROM updates WHERE job_id = ? AND round = ? AND client_id = ?", (job_id, round, client_id)))
 
     def updates(self, job_id: str, round: int | None = None) -> list[UpdateRecord]:
         sql = "SELECT * FROM updates WHERE job_id = ?"
@@ -320,7 +495,7 @@ class SqliteState(SqlState):
 
     def __init__(self, path: str | Path):
         super().__init__(Dialect(lambda: sqlite3.connect(str(path), check_same_thread=False, isolation_level=None),
-                                 "?", "BLOB", sqlite3.IntegrityError, ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=FULL")))
+                                 "?", "BLOB", sqlite3.IntegrityError, "BEGIN IMMEDIATE", "", ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=FULL")))
 
 
 class PostgresState(SqlState):
@@ -332,7 +507,8 @@ class PostgresState(SqlState):
         except ImportError:
             raise ConfigError("a postgresql:// state database needs psycopg: pip install 'psycopg[binary]'") from None
         try:
-            super().__init__(Dialect(lambda: psycopg.connect(url, autocommit=True), "%s", "BYTEA", psycopg.IntegrityError))
+            super().__init__(Dialect(lambda: psycopg.connect(url, autocommit=True), "%s", "BYTEA", psycopg.IntegrityError, "BEGIN",
+                                     " FOR SHARE"))
         except psycopg.OperationalError as e:
             raise ConfigError(f"cannot open the state database {redact(url)}: {e}") from None
 

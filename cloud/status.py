@@ -32,7 +32,15 @@ def read_status(coordinator: Coordinator) -> dict:
         cfg = JobConfig.from_json(job.config_json)
         updates = state.updates(job.job_id)
         report = coordinator.layout.jobs / job.job_id / "report.json"  # written by offsite.cloud.finalize
+        counts: dict[int, int] = {}
+        for u in updates:
+            counts[u.round] = counts.get(u.round, 0) + 1
         out["jobs"].append({"job_id": job.job_id, "status": job.status, "round": job.round, "rounds": cfg.rounds,
+                            "base_model": cfg.base_model, "method": cfg.method, "clients_per_round": cfg.clients_per_round,
+                            "seats": cfg.seats(),
+                            "round_log": [{"round": r.round, "status": r.status, "selected": list(r.selected),
+                                           "updates": counts.get(r.round, 0), "opened_at": r.opened_at,
+                                           "closed_at": r.closed_at, "reason": r.reason} for r in state.rounds(job.job_id)],
                             "aggregator": cfg.aggregator, "uploads_in_progress": len(state.uploads(job.job_id, job.round)),
                             "privacy": privacy.summary(cfg.dp_config(), job.round),
                             "updates": [u.__dict__ for u in updates],

@@ -10,6 +10,18 @@ from offsite.demo.tiny import make_tiny_model
 
 
 @pytest.fixture(scope="session")
+def postgres_server():
+    """One throwaway PostgreSQL server for the session (tests.postgres); each test takes a new database."""
+    from tests import postgres
+    why = postgres.unavailable()
+    if why:
+        pytest.skip(why)
+    server = postgres.Server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 

@@ -20,8 +20,8 @@ NOW = 1_800_000_000.0
 @pytest.fixture
 def state():
     s = SqliteState(":memory:")
-    s.add_job("j1", "{}", "{}")
-    s.add_job("j2", "{}", "{}")
+    s.add_job("j1", "{}", "{}", "a0", 1.0)
+    s.add_job("j2", "{}", "{}", "a0", 1.0)
     return s
 
 
@@ -29,7 +29,7 @@ def state():
 def folder(tmp_path):
     """A state folder as `offsite cloud init` makes it, with one job."""
     init_state(tmp_path / "s", ["a"], ["localhost"], 3600)
-    StateLayout(tmp_path / "s").open_state().add_job("j1", "{}", "{}")
+    StateLayout(tmp_path / "s").open_state().add_job("j1", "{}", "{}", "a0", 1.0)
     return tmp_path / "s"
 
 

@@ -150,5 +150,5 @@ def test_kill_9_of_a_client_mid_secure_aggregation_leaves_the_round_to_the_other
             p.kill()
     report = json.loads((state / "jobs" / "faults" / "report.json").read_text())
     assert [c["id"] for c in report["clients"]] == ["client-1", "client-3"] and report["rejected_updates"] == []
-    adapters = json.loads(StateLayout(state).open_state().job("faults").artifacts_json)["adapters"]
+    adapters = StateLayout(state).open_state().global_adapters("faults")
     assert len(adapters) == 2 and adapters[1] != adapters[0]  # closed with the two survivors' sum, not aborted

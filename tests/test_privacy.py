@@ -107,12 +107,12 @@ def test_lora_touches_the_weights_its_modules_sit_on():
 def test_a_dp_round_through_the_coordinator(tiny_model, tmp_path):
     """Clipped to C with equal weights (plain FedAvg would weight by examples and follow the far client)."""
     c, _, clients, _ = make_world(tiny_model, tmp_path, rounds=1, dp_clip=1.0)
-    start = from_bytes(c.blobs.get(c.job("j")[2]["adapters"][0]))
+    start = from_bytes(c.blobs.get(c.state.global_adapters("j")[0]))
     n = sum(v.numel() for v in start.values())
     for (client, signer), shift in zip(clients, (1e-4, 2e-4, 1.0)):
         _upload(c, client, signer, 0, shift=shift)
     _, _, art = c.job("j")
-    new = from_bytes(c.blobs.get(art["adapters"][1]))
+    new = from_bytes(c.blobs.get(c.state.global_adapters("j")[1]))
     norms = art["dp_norms"][0]
     assert norms == pytest.approx([1e-4 * n ** 0.5, 2e-4 * n ** 0.5, n ** 0.5], rel=1e-3)
     expected = (1e-4 + 2e-4 + 1.0 / n ** 0.5) / 3

@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from offsite.cloud import selection
 from offsite.cloud.coordinator import Coordinator, UploadHeader
 from offsite.cloud.identity import StateLayout, init_state, load_sealing_key
 from offsite.cloud.job import JobConfig
@@ -29,9 +30,9 @@ class Clock:
         return self.t
 
 
-def make_world(tiny_model, tmp_path, **job):
+def make_world(tiny_model, tmp_path, db_url=None, **job):
     layout = StateLayout(tmp_path / "state")
-    tokens = init_state(layout.root, NAMES, ["localhost"], 3600)
+    tokens = init_state(layout.root, NAMES, ["localhost"], 3600, db_url)
     clock, done = Clock(), []
     c = Coordinator.open(layout.root, on_training_done=done.append, clock=clock)
     settings = {"rounds": 2, "clients_per_round": 3, "min_clients": 2, "round_timeout_s": 60, **job}
@@ -43,6 +44,7 @@ def make_world(tiny_model, tmp_path, **job):
                .sign(ec.generate_private_key(ec.SECP256R1()), hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
         e = c.enroll(Path(tokens[name]).read_text().strip(), raw_public(signer.public_key()), csr)
         clients.append((c.authenticate(e.client_id), signer))
+    c.tick()  # the round worker selects the enrolled clients for round 0
     return c, clock, clients, done
 
 
@@ -58,14 +60,17 @@ def _sealed(c, client, signer, round_, payload: bytes) -> bytes:
                 load_sealing_key(c.layout).public_key(), signer)
 
 
-def _upload(c, client, signer, round_, shift=0.0, train_loss=None, examples=10):
-    _, _, art = c.job("j")
-    adapter = c.blobs.get(art["adapters"][0])
+def _upload(c, client, signer, round_, shift=0.0, train_loss=None, examples=10, tick=True):
+    """Submit an update, then (unless `tick` is False) run the round worker's step, as the server does at once."""
+    adapter = c.blobs.get(c.state.global_adapters("j")[0])
     if shift:
         adapter = to_bytes({k: v + shift for k, v in from_bytes(adapter).items()})
     envelope = _sealed(c, client, signer, round_, adapter)
     header = UploadHeader("j", round_, examples, len(envelope), hashlib.sha256(envelope).hexdigest(), train_loss)
-    return c.submit_update(client, header, envelope)
+    accepted = c.submit_update(client, header, envelope)
+    if tick:
+        c.tick()
+    return accepted
 
 
 def test_round_closes_at_its_deadline_with_min_clients_and_late_update_is_refused(world):
@@ -78,8 +83,8 @@ def test_round_closes_at_its_deadline_with_min_clients_and_late_update_is_refuse
     assert c.job("j")[0].round == 0
     clock.t += 2
     c.tick()
-    rec, _, art = c.job("j")
-    assert rec.round == 1 and len(art["adapters"]) == 2  # closed with 2 of 3, aggregated
+    assert c.job("j")[0].round == 1 and len(c.state.global_adapters("j")) == 2  # closed with 2 of 3, aggregated
+    assert c.state.round("j", 0).reason.startswith("deadline of 60 s passed with 2 updates")
     with pytest.raises(PreconditionError, match="round 0"):
         _upload(c, *clients[2], 0)  # the client that was too slow
     assert [u.client_id for u in c.state.updates("j", 0)] == [clients[0][0].client_id, clients[1][0].client_id]
@@ -91,7 +96,9 @@ def test_deadline_without_min_clients_keeps_waiting(world):
     clock.t += 3600
     c.tick()
     assert c.job("j")[0].round == 0  # 1 < min_clients: the round waits
-    _upload(c, *clients[1], 0)  # the second update arrives after the deadline: the round closes at once
+    _upload(c, *clients[1], 0, tick=False)  # the second update arrives after the deadline: the next tick closes the round
+    assert c.job("j")[0].round == 0 and c.wake.is_set()
+    c.tick()
     assert c.job("j")[0].round == 1
 
 
@@ -105,21 +112,21 @@ def test_a_dead_client_never_blocks_the_job(world):
     assert done == ["j"] and c.job("j")[0].status == "finalizing"
 
 
-def test_a_late_arrival_is_also_caught_without_a_tick(world):
+def test_reads_never_close_a_round_and_an_update_before_the_tick_counts(world):
     c, clock, clients, _ = world
     _upload(c, *clients[0], 0)
     _upload(c, *clients[1], 0)
-    clock.t += 120  # no tick ran: the next call notices the deadline itself
-    with pytest.raises(PreconditionError):
-        _upload(c, *clients[2], 0)
-    assert c.job("j")[0].round == 1
+    clock.t += 120  # past the deadline, but no tick ran: a read must not close the round
+    assert c.task(clients[2][0], "j").kind == "train" and c.job("j")[0].round == 0
+    _upload(c, *clients[2], 0)  # so the slow client's update still counts
+    assert c.job("j")[0].round == 1 and len(c.state.updates("j", 0)) == 3
 
 
 def test_full_round_still_closes_at_once(world):
     c, _, clients, _ = world
     for client in clients:
         _upload(c, *client, 0)
-    assert c.job("j")[0].round == 1 and len(from_bytes(c.blobs.get(c.job("j")[2]["adapters"][1]))) > 0
+    assert c.job("j")[0].round == 1 and len(from_bytes(c.blobs.get(c.state.global_adapters("j")[1]))) > 0
 
 
 @pytest.mark.parametrize("kwargs", [{"min_clients": 0}, {"min_clients": 4}, {"round_timeout_s": -1}])
@@ -130,8 +137,7 @@ def test_bad_round_settings(kwargs):
 
 def test_norm_bound_rejects_a_far_update_with_its_reason(tiny_model, tmp_path):
     c, _, clients, _ = make_world(tiny_model, tmp_path, max_update_norm=1.0)
-    _, _, art = c.job("j")
-    n = sum(v.numel() for v in from_bytes(c.blobs.get(art["adapters"][0])).values())
+    n = sum(v.numel() for v in from_bytes(c.blobs.get(c.state.global_adapters("j")[0])).values())
     _upload(c, *clients[0], 0, shift=0.5 / n ** 0.5)  # L2 norm 0.5: inside the bound
     with pytest.raises(InvalidUpdateError, match="L2 norm 2, above the job.s bound 1"):
         _upload(c, *clients[1], 0, shift=2.0 / n ** 0.5)
@@ -142,13 +148,13 @@ def test_norm_bound_rejects_a_far_update_with_its_reason(tiny_model, tmp_path):
 def test_fedavgm_keeps_momentum_between_rounds(tiny_model, tmp_path):
     c, _, clients, _ = make_world(tiny_model, tmp_path, clients_per_round=1, min_clients=None, round_timeout_s=0,
                                   aggregator="fedavgm", aggregator_params={"server_lr": 1.0, "momentum": 0.5})
-    _, _, art = c.job("j")
-    start = from_bytes(c.blobs.get(art["adapters"][0]))
+    start, by_id = from_bytes(c.blobs.get(c.state.global_adapters("j")[0])), {cl.client_id: (cl, k) for cl, k in clients}
     for round_ in range(2):
-        _upload(c, *clients[0], round_, shift=1.0)  # each round the client sends the original adapter + 1
+        (selected,) = c.state.round("j", round_).selected  # one seat a round
+        _upload(c, *by_id[selected], round_, shift=1.0)  # each round the client sends the original adapter + 1
     _, _, art = c.job("j")
     name = next(iter(start))
-    after1, after2 = (from_bytes(c.blobs.get(d))[name] for d in art["adapters"][1:3])
+    after1, after2 = (from_bytes(c.blobs.get(d))[name] for d in c.state.global_adapters("j")[1:3])
     assert torch.allclose(after1, start[name] + 1.0)  # v = 1; global + 1
     assert torch.allclose(after2, start[name] + 1.5)  # delta = (start + 1) - (start + 1) = 0; v = 0.5; global + 0.5
     assert art["strategy_state"] is not None
@@ -170,8 +176,7 @@ def test_a_method_the_model_cannot_run_is_refused_when_the_job_is_made(tiny_mode
 def test_a_reported_train_loss_survives_a_restart_mid_upload(world):
     c, _, clients, _ = world
     client, signer = clients[0]
-    _, _, art = c.job("j")
-    envelope = _sealed(c, client, signer, 0, c.blobs.get(art["adapters"][0]))
+    envelope = _sealed(c, client, signer, 0, c.blobs.get(c.state.global_adapters("j")[0]))
     session = c.begin_upload(client, UploadHeader("j", 0, 10, len(envelope), hashlib.sha256(envelope).hexdigest(), 1.75))
     half = len(envelope) // 2
     c.append_upload(client, session.upload_id, 0, envelope[:half])
@@ -198,8 +203,7 @@ def test_how_a_round_combines_and_weighs_its_updates(tiny_model, tmp_path, job, 
     c, _, clients, _ = make_world(tiny_model, tmp_path, rounds=1, **job)
     for (client, signer), shift, n in zip(clients, (1.0, 2.0, 30.0), examples):
         _upload(c, client, signer, 0, shift=shift, examples=n)
-    _, _, art = c.job("j")
-    start, new = from_bytes(c.blobs.get(art["adapters"][0])), from_bytes(c.blobs.get(art["adapters"][1]))
+    start, new = (from_bytes(c.blobs.get(d)) for d in c.state.global_adapters("j"))
     for k in start:
         assert torch.allclose(new[k], start[k] + expected, atol=1e-5), k
 
@@ -229,3 +233,156 @@ def test_bad_aggregation_settings(job, message):
     settings = {"job_id": "j", "base_model": "m", "clients_per_round": 3, "min_clients": 2, **job}
     with pytest.raises(ConfigError, match=message):
         JobConfig(**settings)
+
+
+def _selected(c, round_):
+    return c.state.round("j", round_).selected
+
+
+def test_rounds_sample_their_clients_and_the_others_wait(tiny_model, tmp_path):
+    c, _, clients, _ = make_world(tiny_model, tmp_path, rounds=3, clients_per_round=2, min_clients=None, round_timeout_s=0)
+    by_id = {cl.client_id: (cl, k) for cl, k in clients}
+    ids = sorted(by_id)
+    for round_ in range(3):
+        chosen = _selected(c, round_)
+        assert len(chosen) == 2 and set(chosen) <= set(ids)
+        assert list(chosen) == selection.ranked(0, "j", round_, ids)[:2]  # the seeded order, recorded
+        (other,) = set(ids) - set(chosen)
+        assert c.task(by_id[other][0], "j").kind == "wait" and c.task(by_id[chosen[0]][0], "j").kind == "train"
+        with pytest.raises(PreconditionError, match="not selected"):
+            _upload(c, *by_id[other], round_)
+        for cid in chosen:
+            _upload(c, *by_id[cid], round_)
+        assert c.job("j")[0].round == round_ + 1
+    assert len({_selected(c, r) for r in range(3)}) > 1  # the selection changes from round to round
+    assert [len(c.state.updates("j", r)) for r in range(3)] == [2, 2, 2]
+
+
+def test_the_selection_survives_a_restart(tiny_model, tmp_path):
+    c, _, clients, _ = make_world(tiny_model, tmp_path, clients_per_round=1, min_clients=None, round_timeout_s=0)
+    before = _selected(c, 0)
+    restarted = Coordinator.open(c.layout.root)  # as after kill -9: only the state folder carries over
+    restarted.tick()
+    assert _selected(restarted, 0) == before and len(before) == 1
+    (chosen,) = before
+    waiting = [cl for cl, _ in clients if cl.client_id != chosen]
+    assert all(restarted.task(cl, "j").kind == "wait" for cl in waiting)
+
+
+def test_over_selection_closes_with_the_first_updates_and_tells_the_late_one(tiny_model, tmp_path):
+    c, _, clients, _ = make_world(tiny_model, tmp_path, clients_per_round=2, over_select=1.5, min_clients=None,
+                                  round_timeout_s=0)
+    by_id = {cl.client_id: (cl, k) for cl, k in clients}
+    chosen = _selected(c, 0)
+    assert len(chosen) == 3  # ceil(2 * 1.5)
+    for cid in chosen[:2]:
+        _upload(c, *by_id[cid], 0)
+    assert c.job("j")[0].round == 1 and len(c.state.updates("j", 0)) == 2
+    with pytest.raises(PreconditionError, match="not accepting updates for round 0"):
+        _upload(c, *by_id[chosen[2]], 0)  # it trained for a round that closed without it
+
+
+def test_a_selected_client_that_goes_quiet_is_replaced(tiny_model, tmp_path):
+    import time
+    c, _, clients, _ = make_world(tiny_model, tmp_path, clients_per_round=1, min_clients=None, round_timeout_s=0,
+                                  heartbeat_s=0.2)
+    (quiet,) = _selected(c, 0)
+    others = [cl for cl, _ in clients if cl.client_id != quiet]
+    time.sleep(0.3)
+    for cl in others:  # they keep asking for work; the selected one has not been heard from for 3 heartbeats
+        c.authenticate(cl.client_id)
+    time.sleep(0.4)
+    for cl in others:
+        c.authenticate(cl.client_id)
+    c.tick()
+    chosen = _selected(c, 0)
+    assert chosen[0] == quiet and len(chosen) == 2 and chosen[1] in {cl.client_id for cl in others}
+    assert c.task(c.state.client(chosen[1]), "j").kind == "train"
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_two_coordinators_on_one_database_close_a_round_once(tiny_model, tmp_path, backend, request, monkeypatch):
+    """Two coordinator processes' objects on one state: both aggregate the round at once (a barrier holds
+    each after it stored its result), then race to close it. One wins; the other changes nothing."""
+    import threading
+    from offsite.cloud import coordinator as module
+    url = request.getfixturevalue("postgres_server").new_database() if backend == "postgresql" else None
+    a, _, clients, done = make_world(tiny_model, tmp_path, db_url=url, rounds=2, clients_per_round=3, min_clients=None,
+                                     round_timeout_s=0)
+    b = Coordinator.open(a.layout.root, on_training_done=done.append)
+    for client in clients:
+        _upload(a, *client, 0, tick=False)
+    both_aggregated = threading.Barrier(2, timeout=60)
+    real_hit = module.failpoints.hit
+    monkeypatch.setattr(module.failpoints, "hit", lambda name: both_aggregated.wait() if name == "cloud.round.closing"
+                        else real_hit(name))
+    errors = []
+
+    def tick(c):
+        try:
+            c.tick()
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=tick, args=(c,)) for c in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    closes = [c.metrics.rounds_completed.labels("j")._value.get() for c in (a, b)]
+    assert sorted(closes) == [0, 1]  # one coordinator closed the round; the other found it closed
+    rounds = a.state.rounds("j")
+    assert [r.status for r in rounds] == ["closed", "open"] and rounds[1].adapter_sha256 == rounds[0].result_sha256
+    assert a.job("j")[0].round == b.job("j")[0].round == 1 and len(a.state.global_adapters("j")) == 2
+
+
+def test_a_cancelled_job_stops_its_clients_and_never_closes_its_round(world):
+    c, clock, clients, done = world
+    _upload(c, *clients[0], 0)
+    _upload(c, *clients[1], 0)
+    c.cancel_job("j")
+    assert c.task(clients[2][0], "j").kind == "done" and c.state.job("j").status == "cancelled"
+    with pytest.raises(PreconditionError, match="status cancelled"):
+        _upload(c, *clients[2], 0)
+    clock.t += 3600  # past the deadline with min_clients updates in: a running job's round would close now
+    c.tick()
+    assert c.state.round("j", 0).status == "open" and c.job("j")[0].round == 0 and done == []
+    with pytest.raises(PreconditionError, match="cannot become cancelled: it is cancelled"):
+        c.cancel_job("j")
+
+
+def test_a_job_cancelled_while_its_round_aggregates_does_not_move(world, monkeypatch):
+    """The cancel lands between the aggregation and the close: the close's compare-and-set sees it."""
+    from offsite.cloud import coordinator as module
+    c, _, clients, done = world
+    for client in clients[:2]:
+        _upload(c, *client, 0, tick=False)
+    monkeypatch.setattr(module.failpoints, "hit", lambda name: c.cancel_job("j") if name == "cloud.round.closing" else None)
+    _upload(c, *clients[2], 0)  # completes the round; the worker aggregates it, then finds the job cancelled
+    assert c.state.job("j").status == "cancelled" and c.state.round("j", 0).status == "open"
+    assert c.metrics.rounds_completed.labels("j")._value.get() == 0 and done == []
+
+
+def test_jobs_list_show_and_cancel_from_the_command_line(world):
+    import json
+    import subprocess
+    from tests.procs import offsite
+    c, _, clients, _ = world
+    for client in clients:
+        _upload(c, *client, 0)
+    state = str(c.layout.root)
+
+    def run(*args):
+        return subprocess.run(offsite("cloud", "jobs", *args, "--state", state), capture_output=True, text=True)
+    listed = run("list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout) == [{"job_id": "j", "status": "running", "round": 1, "rounds": 2, "method": "full",
+                                          "base_model": str(c.job("j")[1].base_model), "clients_per_round": 3, "seats": 3}]
+    shown = run("show", "j")
+    assert shown.returncode == 0 and "round 1: 3 selected, 3 updates in; closed: all expected updates are in" in shown.stdout
+    assert "round 2: 3 selected, 0 updates in; open" in shown.stdout
+    assert run("show", "nope").returncode != 0 and "no job 'nope'" in run("show", "nope").stderr
+    cancelled = run("cancel", "j")
+    assert cancelled.returncode == 0 and c.state.job("j").status == "cancelled"
+    again = run("cancel", "j")
+    assert again.returncode != 0 and "cannot become cancelled" in again.stderr

@@ -29,7 +29,7 @@ def _send_masked(c, client, signer, y):
 
 def _change(c, shift):
     _, _, art = c.job("j")
-    start = from_bytes(c.blobs.get(art["adapters"][0]))
+    start = from_bytes(c.blobs.get(c.state.global_adapters("j")[0]))
     return start, {k: torch.full(s, shift, dtype=torch.float64) for k, s in art["secagg_shapes"].items()}
 
 
@@ -59,6 +59,7 @@ def secure_round(c, clock, clients, shifts, vanish_after_shares=()):
         if names[cl.client_id] not in vanish_after_shares and c.job("j")[0].round == 0:
             view = c.secagg(cl, "j", 0)
             c.secagg(cl, "j", 0, reveal=agents[cl.client_id].reveal(view["survivors"]))
+    c.tick()  # the round worker closes the round from the run's sum
 
 
 @pytest.mark.parametrize("vanish", [(), ("c2",)])
@@ -69,7 +70,7 @@ def test_secure_round_gives_the_fedavg_of_the_changes(tiny_model, tmp_path, vani
     secure_round(c, clock, clients, shifts, vanish)
     rec, _, art = c.job("j")
     assert rec.round == 1
-    new = from_bytes(c.blobs.get(art["adapters"][1]))
+    new = from_bytes(c.blobs.get(c.state.global_adapters("j")[1]))
     kept = [n for n in shifts if n not in vanish]
     expected = sum(WEIGHTS[n] * shifts[n] for n in kept) / sum(WEIGHTS[n] for n in kept)
     for k, v in new.items():  # fixed point: each weighted value rounds by at most half a step
@@ -82,20 +83,26 @@ def test_too_few_clients_close_the_round_without_an_update(tiny_model, tmp_path)
     start, _ = _change(c, 0)
     secure_round(c, clock, clients, {"c1": 0.1, "c2": 0.1, "c3": 0.1}, vanish_after_shares=("c1", "c2"))
     rec, _, art = c.job("j")  # one masked input of three at the mask deadline: aborted there
-    assert rec.round == 1 and from_bytes(c.blobs.get(art["adapters"][1])).keys() == start.keys()
-    assert all(torch.equal(v, start[k]) for k, v in from_bytes(c.blobs.get(art["adapters"][1])).items())
+    assert rec.round == 1 and from_bytes(c.blobs.get(c.state.global_adapters("j")[1])).keys() == start.keys()
+    assert all(torch.equal(v, start[k]) for k, v in from_bytes(c.blobs.get(c.state.global_adapters("j")[1])).items())
     assert any("secure aggregation" in why and "below the threshold" in why for _, _, why in c.state.rejections("j"))
 
 
-def test_a_late_client_is_not_part_of_the_run(tiny_model, tmp_path):
-    c, clock, clients, _ = make_world(tiny_model, tmp_path, rounds=1, secure_aggregation=True, clients_per_round=2)
+@pytest.mark.parametrize("over_select, refusal", [(1.0, "not selected"), (1.5, "stage 2, not 1")])
+def test_a_late_or_unselected_client_is_not_part_of_the_run(tiny_model, tmp_path, over_select, refusal):
+    """The run's roster is the round's selection: of 3 clients, 2 seats leave one out; with 3 seats the
+    third is selected but late, after 2 adverts closed the advert stage."""
+    c, clock, clients, _ = make_world(tiny_model, tmp_path, rounds=1, secure_aggregation=True, clients_per_round=2,
+                                      over_select=over_select)
     agents = {cl.client_id: SecAggClient(cl.client_id, s, context("j", 0)) for cl, s in clients}
-    for cl, _ in clients[:2]:
+    selected = c.state.round("j", 0).selected
+    first = [cl for cl, _ in clients if cl.client_id in selected[:2]]
+    for cl in first:
         a = agents[cl.client_id].advertise()
         c.secagg(cl, "j", 0, advert=(a.cipher_pk, a.mask_pk, a.signature))
-    late, _ = clients[2]
+    (late,) = [cl for cl, _ in clients if cl not in first]
     a = agents[late.client_id].advertise()
-    with pytest.raises(PreconditionError, match="stage 2, not 1"):
+    with pytest.raises(PreconditionError, match=refusal):
         c.secagg(late, "j", 0, advert=(a.cipher_pk, a.mask_pk, a.signature))
 
 

@@ -1,21 +1,11 @@
 """Contract test: every State implementation behaves the same."""
+import threading
 import time
 
 import pytest
 
-from offsite.cloud.state import SqliteState, UpdateRecord, open_state, redact
-from offsite.errors import AlreadyExistsError, ConfigError, NotFoundError
-from tests import postgres
-
-
-@pytest.fixture(scope="session")
-def postgres_server():
-    why = postgres.unavailable()
-    if why:
-        pytest.skip(why)
-    server = postgres.Server()
-    yield server
-    server.stop()
+from offsite.cloud.state import JOB_TRANSITIONS, SqliteState, UpdateRecord, UpdatesArrivedError, open_state, redact
+from offsite.errors import AlreadyExistsError, ConfigError, NotFoundError, PreconditionError
 
 
 IMPLEMENTATIONS = {
@@ -55,19 +45,73 @@ def test_clients_and_revocation(state):
 
 
 def test_jobs_and_updates_counted_once(state):
-    state.add_job("j", "{}", "{}")
+    state.add_job("j", "{}", "{}", "a0", 1.0)
     with pytest.raises(AlreadyExistsError):
-        state.add_job("j", "{}", "{}")
+        state.add_job("j", "{}", "{}", "a0", 1.0)
     assert state.add_update(UpdateRecord("j", 0, "c1", 10, "d1", 100)) == 1
     assert state.add_update(UpdateRecord("j", 0, "c2", 20, "d2", 100)) == 2
     with pytest.raises(AlreadyExistsError):
         state.add_update(UpdateRecord("j", 0, "c1", 10, "d3", 100))
     assert [u.client_id for u in state.updates("j", 0)] == ["c1", "c2"]
-    state.update_job("j", round=1, status="finalizing")
-    job = state.job("j")
-    assert (job.round, job.status) == (1, "finalizing")
+    assert state.has_update("j", 0, "c1") and not state.has_update("j", 0, "c3") and not state.has_update("j", 1, "c1")
     with pytest.raises(NotFoundError):
         state.job("missing")
+
+
+def test_rounds_close_once_and_move_the_job(state):
+    state.add_job("j", "{}", '{"plan": 1}', "a0", 1.0)
+    first = state.round("j", 0)
+    assert (first.status, first.adapter_sha256, first.opened_at, first.selected, first.deadline) == ("open", "a0", 1.0, (), None)
+    state.add_update(UpdateRecord("j", 0, "c1", 10, "d1", 100))
+    assert state.close_round("j", 0, updates=1, result_sha256="a1", reason="all in", artifacts_json='{"plan": 2}',
+                             last=False, now=5.0)
+    assert not state.close_round("j", 0, updates=1, result_sha256="other", reason="again", artifacts_json="{}",
+                                 last=False, now=6.0)  # compare-and-set: the second close changes nothing
+    job, closed, opened = state.job("j"), state.round("j", 0), state.round("j", 1)
+    assert (job.round, job.status, job.artifacts_json) == (1, "running", '{"plan": 2}')
+    assert (closed.status, closed.result_sha256, closed.reason, closed.closed_at) == ("closed", "a1", "all in", 5.0)
+    assert (opened.status, opened.adapter_sha256, opened.opened_at) == ("open", "a1", 5.0)
+    with pytest.raises(PreconditionError, match="not open"):  # a closed round takes no more updates
+        state.add_update(UpdateRecord("j", 0, "c2", 10, "d2", 100))
+    assert state.close_round("j", 1, updates=0, result_sha256="a2", reason="no update", artifacts_json="{}", last=True, now=7.0)
+    assert (state.job("j").round, state.job("j").status) == (2, "finalizing")
+    assert [r.round for r in state.rounds("j")] == [0, 1] and state.global_adapters("j") == ["a0", "a1", "a2"]
+    with pytest.raises(NotFoundError):
+        state.round("j", 2)
+
+
+def test_a_close_that_missed_an_update_changes_nothing(state):
+    state.add_job("j", "{}", "{}", "a0", 1.0)
+    state.add_update(UpdateRecord("j", 0, "c1", 10, "d1", 100))
+    state.add_update(UpdateRecord("j", 0, "c2", 10, "d2", 100))  # accepted while the close aggregated c1's alone
+    with pytest.raises(UpdatesArrivedError):
+        state.close_round("j", 0, updates=1, result_sha256="a1", reason="", artifacts_json="{}", last=False, now=2.0)
+    assert state.round("j", 0).status == "open" and state.job("j").round == 0 and state.global_adapters("j") == ["a0"]
+
+
+def test_job_status_moves_only_along_its_transitions(state):
+    state.add_job("j", "{}", "{}", "a0", 1.0)
+    with pytest.raises(PreconditionError, match="cannot become done: it is running"):
+        state.set_job_status("j", "done")
+    with pytest.raises(ConfigError):
+        state.set_job_status("j", "paused")
+    state.set_job_status("j", "cancelled")
+    for status in JOB_TRANSITIONS:
+        with pytest.raises(PreconditionError):  # cancelled is final
+            state.set_job_status("j", status)
+    assert not state.close_round("j", 0, updates=0, result_sha256="a1", reason="", artifacts_json="{}", last=False,
+                                 now=2.0)  # nor can a cancelled job's round close
+    assert state.round("j", 0).status == "open"
+
+
+def test_selections_keep_their_order_and_seats(state):
+    state.add_job("j", "{}", "{}", "a0", 1.0)
+    state.select_clients("j", 0, ["c3", "c1"], 2.0)
+    state.select_clients("j", 0, ["c1", "c2"], 3.0)  # c1 keeps its seat
+    assert state.round("j", 0).selected == ("c3", "c1", "c2") and state.rounds("j")[0].selected == ("c3", "c1", "c2")
+    state.set_deadline("j", 0, 10.0)
+    state.set_deadline("j", 0, 20.0)  # the first deadline stays
+    assert state.round("j", 0).deadline == 10.0
 
 
 def test_rejections_recorded(state):
@@ -77,10 +121,57 @@ def test_rejections_recorded(state):
 
 def test_sqlite_state_survives_reopen(tmp_path):
     first = SqliteState(tmp_path / "s.sqlite")
-    first.add_job("j", "{}", "{}")
+    first.add_job("j", "{}", "{}", "a0", 1.0)
     first.add_update(UpdateRecord("j", 0, "c1", 10, "d1", 100))
     again = SqliteState(tmp_path / "s.sqlite")
     assert len(again.updates("j")) == 1 and again.job("j").status == "running"
+
+
+TWO_CONNECTIONS = {  # two handles on one database, as two coordinator processes have
+    "sqlite-file": lambda request, tmp: (SqliteState(tmp / "s.sqlite"), SqliteState(tmp / "s.sqlite")),
+    "postgresql": lambda request, tmp: (lambda url: (open_state(url), open_state(url)))(
+        request.getfixturevalue("postgres_server").new_database()),
+}
+
+
+@pytest.mark.parametrize("backend", sorted(TWO_CONNECTIONS))
+def test_two_connections_racing_to_close_a_round_close_it_once(backend, request, tmp_path):
+    a, b = TWO_CONNECTIONS[backend](request, tmp_path)
+    a.add_job("j", "{}", "{}", "a0", 1.0)
+    for r in range(20):  # each round, both close it at once from their own threads
+        start, results = threading.Barrier(2), {}
+
+        def close(name, state):
+            start.wait()
+            results[name] = state.close_round("j", r, updates=0, result_sha256=f"{name}{r + 1}", reason=name,
+                                              artifacts_json="{}", last=False, now=2.0 + r)
+        threads = [threading.Thread(target=close, args=(n, s)) for n, s in (("a", a), ("b", b))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(results.values()) == [False, True]
+        winner = next(n for n, won in results.items() if won)
+        assert b.round("j", r).result_sha256 == f"{winner}{r + 1}" == a.round("j", r + 1).adapter_sha256
+    assert a.job("j").round == 20 and len(b.rounds("j")) == 21 and len(a.global_adapters("j")) == 21
+
+
+def test_a_state_made_before_the_rounds_table_is_migrated(tmp_path):
+    import json
+    import sqlite3
+    path = tmp_path / "old.sqlite"
+    SqliteState(path)  # the tables, then two jobs as the old code wrote them
+    db = sqlite3.connect(path)
+    db.execute("INSERT INTO jobs VALUES ('live', '{}', 'running', 1, ?, 1.0)", (json.dumps({"plan": 1, "adapters": ["a0", "a1"]}),))
+    db.execute("INSERT INTO jobs VALUES ('over', '{}', 'done', 2, ?, 2.0)", (json.dumps({"adapters": ["b0", "b1", "b2"]}),))
+    db.commit()
+    db.close()
+    state = SqliteState(path)
+    assert [(r.round, r.status, r.adapter_sha256, r.result_sha256) for r in state.rounds("live")] == [
+        (0, "closed", "a0", "a1"), (1, "open", "a1", None)]
+    assert [(r.round, r.status) for r in state.rounds("over")] == [(0, "closed"), (1, "closed")]
+    assert state.global_adapters("over") == ["b0", "b1", "b2"] and json.loads(state.job("live").artifacts_json) == {"plan": 1}
+    assert state.global_adapters("live") == SqliteState(path).global_adapters("live") == ["a0", "a1"]  # once
 
 
 def test_upload_sessions_open_once_and_close(state):
@@ -105,7 +196,7 @@ def test_client_activity_and_traffic_accumulate(state):
 
 
 def test_train_loss_and_bytes_round_trip(state):
-    state.add_job("j", "{}", "{}")
+    state.add_job("j", "{}", "{}", "a0", 1.0)
     state.add_update(UpdateRecord("j", 0, "c1", 10, "d1", 5 * 2**30, 1.5, train_loss=2.25))
     state.add_update(UpdateRecord("j", 0, "c2", 10, "d2", 1))
     assert [(u.upload_bytes, u.accepted_at, u.train_loss) for u in state.updates("j")] == [(5 * 2**30, 1.5, 2.25), (1, 0.0, None)]

@@ -44,7 +44,7 @@ class Catalog:
             raise PreconditionError(f"job {job_id} is {record.status}, not finished: only finished jobs are served")
         cfg, art = JobConfig.from_json(record.config_json), json.loads(record.artifacts_json)
         return ServedJob(job_id, cfg.base_model, SplitPlan.from_dict(art["plan"]), cfg.method_config(),
-                         art["adapters"][-1], int(art.get("created_at", 0)))
+                         self.state.global_adapters(job_id)[-1], int(art.get("created_at", 0)))
 
     def jobs(self) -> list[ServedJob]:
         return [self.job(r.job_id) for r in self.state.jobs() if r.status == SERVED_STATUS]
