@@ -25,7 +25,7 @@ def cmd_run(args) -> int:
                            token_file=Path(args.token_file) if args.token_file else None, threads=args.threads,
                            show_progress=not args.no_progress, enroll_server=args.enroll_server,
                            retry_s=args.retry_s, text_column=args.text_column, checkpoint_every=args.checkpoint_every,
-                           device=_device(args.device))
+                           device=_device(args.device), job=args.job)
         summary = run(cfg)
     except Exception as e:  # every failure leaves with a message and a distinct exit code
         code = exit_code_for(e)
@@ -34,13 +34,14 @@ def cmd_run(args) -> int:
         detail = e.details() if hasattr(e, "details") else str(e)
         print(f"offsite client: error: {detail}", file=sys.stderr)
         return code
-    log.info("client done: rounds %s, %d bytes uploaded", summary["rounds"], summary["upload_bytes"])
+    log.info("client done: rounds %s, %d bytes uploaded", summary["jobs"], summary["upload_bytes"])
     return 0
 
 
 def register(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("run", help="enroll (first time), then train and upload each round until the job is done",
+    p = sub.add_parser("run", help="enroll (first time), then train and upload each round it is selected for, until "
+                                   "its jobs are done",
                        description="Exit codes: 0 done, 2 bad data file, 3 authentication failed, "
                                    "4 coordinator unreachable, 5 bad configuration.")
     p.add_argument("--server", required=True, help="coordinator host:port (mutual TLS)")
@@ -55,6 +56,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int, default=50,
                    help="save training state every N steps; the same command resumes after a crash")
     p.add_argument("--heldout", help="optional held-out JSONL for local before/after evaluation")
+    p.add_argument("--job", help="take part in this job only (default: every job whose roster names this client, "
+                                 "oldest first, until all are over)")
     p.add_argument("--token-file", help="single-use enrollment token (needed the first time)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -1,4 +1,5 @@
-"""The client's main loop: enroll once, then ask for a task, train, seal, upload, until the job is done."""
+"""The client's main loop: enroll once, then ask for a task, train, seal, upload, until every job on whose
+roster the client is (or the one `--job` names) is done."""
 from __future__ import annotations
 
 import hashlib
@@ -47,6 +48,7 @@ class ClientConfig:
     text_column: str = "text"          # the column of a CSV file that holds the text
     checkpoint_every: int = 50         # optimizer steps between training checkpoints
     device: str = "cpu"                # "cuda" trains on the GPU (bf16, paged 8-bit AdamW)
+    job: str | None = None             # take part in this job only (default: every job whose roster holds the client)
 
     def __post_init__(self) -> None:
         if not Path(self.ca_file).is_file():
@@ -112,15 +114,15 @@ def run(cfg: ClientConfig) -> dict:
     with secure_channel(cfg.server, cfg.ca_file, me.tls_key_pem, me.certificate_pem) as channel:
         stub = coordinator_stub(channel)
         log.info("client %s: %d training examples from %s", me.client_id, len(texts), cfg.data)
-        trainer, rounds_done, upload_bytes = None, [], 0
+        trainer, trainer_job, rounds_done, jobs_done, upload_bytes = None, "", [], {}, 0
 
         def retried(fn, what):
             return with_retry(fn, what, cfg.retry_s)
 
         while True:
-            task = retried(lambda: stub.GetTask(pb.GetTaskRequest(job_id=me.job_id)), "GetTask")
+            task = retried(lambda: stub.GetTask(pb.GetTaskRequest(job_id=cfg.job or "")), "GetTask")
             if task.kind == pb.Task.DONE:
-                log.info("client %s: job %s is done", me.client_id, task.job_id)
+                log.info("client %s: %s", me.client_id, f"job {cfg.job} is over" if cfg.job else "every job on its roster is over")
                 break
             if task.kind == pb.Task.WAIT:
                 time.sleep(max(task.retry_after_s, 0.2))
@@ -131,10 +133,12 @@ def run(cfg: ClientConfig) -> dict:
                 train_loss = None  # unknown when the update was sealed before a restart
                 if not outbox.is_file():  # else: sealed before a restart; send those bytes, do not train again
                     live.report("downloading")
-                    if trainer is None:
-                        bundle = retried(lambda: download_bundle(stub, task.bundle_manifest_sha256, cfg.workdir / "bundle"),
+                    if trainer is None or trainer_job != task.job_id:  # one job's model in memory at a time
+                        trainer = None
+                        bundle = retried(lambda: download_bundle(stub, task.bundle_manifest_sha256, _bundle(cfg, task)),
                                          "download bundle")
                         trainer = LocalTrainer(bundle, texts, heldout, task.training.max_length, task.training.pack, cfg.device)
+                        trainer_job = task.job_id
                     try:
                         result = _train(stub, task, trainer, me, cfg, live, retried)
                     except RoundClosed:
@@ -148,7 +152,7 @@ def run(cfg: ClientConfig) -> dict:
                 if privacy.secure_aggregation:
                     live.report("secure aggregation")
                     def make_input():  # called only once this client is in the run's roster
-                        return masked_input(cfg.workdir / "bundle", from_bytes(_global_adapter(cfg, task).read_bytes()),
+                        return masked_input(_bundle(cfg, task), from_bytes(_global_adapter(cfg, task).read_bytes()),
                                             from_bytes(outbox.read_bytes()), _method(task), privacy, len(texts))
                     try:
                         accepted, sent = secure_submit(stub, task, me, make_input, cfg.retry_s)
@@ -170,15 +174,20 @@ def run(cfg: ClientConfig) -> dict:
             outbox.unlink()
             upload_bytes += sent
             rounds_done.append(task.round)
+            jobs_done.setdefault(task.job_id, []).append(task.round)
             log.info("client %s: round %d: sent %d bytes, %s", me.client_id, task.round + 1, sent, accepted)
-            if task.round + 1 >= task.total_rounds:  # the last round: nothing more to ask the coordinator
+            if cfg.job and task.round + 1 >= task.total_rounds:  # its one job's last round: nothing more to ask
                 log.info("client %s: took part in the last round of job %s", me.client_id, task.job_id)
                 break
-    return {"client_id": me.client_id, "rounds": rounds_done, "upload_bytes": upload_bytes}
+    return {"client_id": me.client_id, "rounds": rounds_done, "jobs": jobs_done, "upload_bytes": upload_bytes}
+
+
+def _bundle(cfg: ClientConfig, task) -> Path:
+    return cfg.workdir / "jobs" / task.job_id / "bundle"
 
 
 def _global_adapter(cfg: ClientConfig, task) -> Path:
-    return cfg.workdir / "adapters" / f"global-{task.round}.safetensors"
+    return cfg.workdir / "jobs" / task.job_id / "adapters" / f"global-{task.round}.safetensors"
 
 
 def _method(task) -> MethodConfig:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from offsite.cloud import api_keys
 from offsite.cloud import probe as health_probe
-from offsite.cloud.identity import StateLayout, init_state
+from offsite.cloud.identity import StateLayout, init_state, issue_tokens
 from offsite.cloud.limits import Limits
 from offsite.emulator.placement import DEVICE_MAPS
 from offsite.errors import ConfigError, NotFoundError, shown
@@ -116,13 +116,20 @@ def cmd_serve(args) -> int:
     coordinator = open_coordinator(args.state, args.chunk_kib * 1024, limits)
     finalizers: list[threading.Thread] = []
 
+    one_at_a_time = threading.Lock()  # a finalization holds a full model: two at once would need twice the memory,
+                                      # and transformers' loading is not safe across threads
+
     def finish(job_id: str) -> None:
         def work() -> None:
-            finalize_job(coordinator, job_id, log)
-            if args.exit_when_done and not any(j.status in ("running", "finalizing") for j in coordinator.state.jobs()):
-                stop.set()
+            with one_at_a_time:
+                finalize_job(coordinator, job_id, log)
         finalizers.append(threading.Thread(target=work, name=f"finalize-{job_id}", daemon=True))
         finalizers[-1].start()
+
+    def all_over() -> bool:  # --exit-when-done: jobs exist, none trains or finalizes (done, failed or cancelled)
+        jobs = coordinator.state.jobs()
+        return bool(jobs) and not any(j.status in ("running", "finalizing") for j in jobs) and not any(
+            t.is_alive() for t in finalizers)
 
     coordinator.on_training_done = finish
     enroll_address = args.enroll_address or (args.address if args.address.endswith(":0") else enroll_target(args.address))
@@ -140,7 +147,8 @@ def cmd_serve(args) -> int:
         if job.status == "finalizing":  # a crash interrupted finalization: do it again
             finish(job.job_id)
     while not stop.wait(1.0):  # rounds close on the server's round worker (offsite.cloud.worker)
-        pass
+        if args.exit_when_done and all_over():
+            stop.set()
     log.info("coordinator stopping; letting in-flight calls finish for up to %.0f s", args.grace)
     deadline = time.monotonic() + args.grace
     running.enter_graceful_shutdown()
@@ -173,6 +181,14 @@ def cmd_status(args) -> int:
     for c in out["clients"]:
         print(f"  client {c['id']}: {c['activity'] or 'enrolled'}, last seen {now - c['last_seen']:.0f} s ago, "
               f"{c['bytes_out']:,} B sent to it, {c['bytes_in']:,} B received{' (revoked)' if c['revoked'] else ''}")
+    return 0
+
+
+def cmd_clients_add(args) -> int:
+    layout = StateLayout(Path(args.state))
+    names = [n.strip() for n in args.names.split(",") if n.strip()]
+    for name, path in issue_tokens(layout, layout.open_state(), names, args.token_ttl_hours * 3600).items():
+        print(f"  enrollment token for {name}: {path}")
     return 0
 
 
@@ -282,6 +298,11 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("job")
     p.set_defaults(func=cmd_jobs_cancel)
     clients = sub.add_parser("clients", help="manage enrolled clients").add_subparsers(dest="clients_command", required=True)
+    p = clients.add_parser("add", help="issue enrollment tokens for new clients (a job's roster names them)")
+    p.add_argument("--state", required=True)
+    p.add_argument("--token-ttl-hours", type=float, default=72.0)
+    p.add_argument("names", help="comma-separated client names, one token each")
+    p.set_defaults(func=cmd_clients_add)
     p = clients.add_parser("revoke", help="lock a client out at once")
     p.add_argument("--state", required=True)
     p.add_argument("client_id")

@@ -188,11 +188,10 @@ class Coordinator:
                     self._drop_upload(up.upload_id)
         log.info("job %s cancelled", job_id)
 
-    def active_job_id(self) -> str:
-        running = [j for j in self.state.jobs() if j.status in ("running", "finalizing")]
-        if not running:
-            raise NotFoundError("the coordinator has no active job")
-        return running[0].job_id
+    def jobs_of(self, client: ClientRecord) -> list[tuple[JobRecord, JobConfig]]:
+        """The jobs whose roster holds the client, oldest first."""
+        jobs = ((rec, JobConfig.from_json(rec.config_json)) for rec in self.state.jobs())
+        return [(rec, cfg) for rec, cfg in jobs if cfg.on_roster(client.name)]
 
     # --- identity -------------------------------------------------------------------------------
     def enroll(self, token: str, signing_key: bytes, csr_pem: bytes) -> Enrollment:
@@ -201,8 +200,7 @@ class Coordinator:
             Ed25519PublicKey.from_public_bytes(signing_key)
         except ValueError:
             raise InvalidRequestError("signing_public_key must be a raw 32-byte Ed25519 public key") from None
-        csr = self._ca.load_csr(csr_pem)  # a malformed request, or no job to join, must not spend the token
-        job_id = self.active_job_id()
+        csr = self._ca.load_csr(csr_pem)  # a malformed request must not spend the token
         name = self.state.consume_token(hash_secret(token), self._now())
         if name is None:
             raise AuthError("enrollment token is unknown, already used or expired")
@@ -210,7 +208,8 @@ class Coordinator:
         certificate = self._ca.issue_client_certificate(csr, client_id)
         self.state.add_client(client_id, name, signing_key)
         log.info("client %s enrolled", client_id)
-        return Enrollment(client_id, certificate, raw_public(self._sealing_key.public_key()), job_id)
+        running = [rec.job_id for rec, cfg in self.jobs_of(self.state.client(client_id)) if rec.status == "running"]
+        return Enrollment(client_id, certificate, raw_public(self._sealing_key.public_key()), running[0] if running else "")
 
     def authenticate(self, client_id: str | None) -> ClientRecord:
         """The client behind a verified TLS client certificate; unknown or revoked clients are refused."""
@@ -249,7 +248,7 @@ class Coordinator:
         now = time.time()  # the clock the state's last_seen times come from
         if cfg.secure_aggregation and len(rnd.selected) >= cfg.seats():
             return  # a secure run's roster is fixed once its seats are filled
-        clients = {c.client_id: c for c in self.state.clients() if c.revoked_at is None}
+        clients = {c.client_id: c for c in self.state.clients() if c.revoked_at is None and cfg.on_roster(c.name)}
         updated = {u.client_id for u in self.state.updates(job_id, rec.round)}
         seats = selection.seats(cfg.seats(), rnd.selected, updated, {k: c.last_seen for k, c in clients.items()}, now, quiet_s)
         candidates = [k for k, c in clients.items() if k not in rnd.selected and now - c.last_seen <= quiet_s]  # alive ones
@@ -309,27 +308,45 @@ class Coordinator:
                 log.info("job %s: %s; aggregating again", job_id, e)
                 self.wake.set()
 
+    def next_task(self, client: ClientRecord) -> Task:
+        """The client's next task over every job on whose roster it is: the oldest job that has it train,
+        else the soonest wait; done once each of those jobs is over (wait while it is on none yet)."""
+        options = [self._task(client, rec.job_id) for rec, _ in self.jobs_of(client)]
+        for kind in ("train", "wait"):
+            of_kind = [(t, activity) for t, activity in options if t.kind == kind]
+            if of_kind:
+                task, activity = min(of_kind, key=lambda option: option[0].retry_after_s)
+                self.state.touch_client(client.client_id, f"{activity} of job {task.job_id}")
+                return task
+        self.state.touch_client(client.client_id, "done" if options else "on no job's roster yet")
+        return Task("done", "") if options else Task("wait", "", retry_after_s=10.0)
+
     def task(self, client: ClientRecord, job_id: str) -> Task:
-        """Train when the client is selected for the open round and its update is not in yet, else wait
-        (or done). A read: it never closes a round."""
+        """Train when the client is selected for the job's open round and its update is not in yet, else
+        wait (or done). A read: it never closes a round."""
+        task, activity = self._task(client, job_id)
+        self.state.touch_client(client.client_id, activity)
+        return task
+
+    def _task(self, client: ClientRecord, job_id: str) -> tuple[Task, str]:
+        """The task, and what the client is doing for it (its activity on the status page)."""
         rec, cfg, art = self.job(job_id)
+        if not cfg.on_roster(client.name):
+            raise PreconditionError(f"client {client.client_id} is not on the roster of job {job_id}")
         if rec.status != "running" or rec.round >= cfg.rounds:
-            self.state.touch_client(client.client_id, "done")
-            return Task("done", job_id, rec.round, cfg.rounds)
+            return Task("done", job_id, rec.round, cfg.rounds), "done"
         rnd, me = self.state.round(job_id, rec.round), client.client_id
         if me not in rnd.selected and len(rnd.selected) < cfg.seats():  # a free seat: fill it now, not at the next tick
             self._fill_seats(job_id)
             rnd = self.state.round(job_id, rec.round)
         if me not in rnd.selected:
-            self.state.touch_client(me, f"not selected for round {rec.round + 1}")
-            return Task("wait", job_id, rec.round, cfg.rounds, retry_after_s=max(WAIT_S, cfg.heartbeat_s))
+            return (Task("wait", job_id, rec.round, cfg.rounds, retry_after_s=max(WAIT_S, cfg.heartbeat_s)),
+                    f"not selected for round {rec.round + 1}")
         if self.state.has_update(job_id, rec.round, me):
-            self.state.touch_client(me, f"waiting for round {rec.round + 1} to close")
-            return Task("wait", job_id, rec.round, cfg.rounds, retry_after_s=WAIT_S)
-        self.state.touch_client(me, f"assigned round {rec.round + 1}")
-        return Task("train", job_id, rec.round, cfg.rounds, art["manifest"], rnd.adapter_sha256,
-                    art["skeleton_digest"], cfg, heartbeat_s=cfg.heartbeat_s,
-                    upload_dtype=art.get("upload_dtype", "float32"))  # jobs made before upload_dtype uploaded fp32
+            return Task("wait", job_id, rec.round, cfg.rounds, retry_after_s=WAIT_S), f"waiting for round {rec.round + 1} to close"
+        return (Task("train", job_id, rec.round, cfg.rounds, art["manifest"], rnd.adapter_sha256, art["skeleton_digest"], cfg,
+                     heartbeat_s=cfg.heartbeat_s, upload_dtype=art.get("upload_dtype", "float32")),  # older jobs: fp32
+                f"assigned round {rec.round + 1}")
 
     def heartbeat(self, client: ClientRecord, job_id: str, round_: int, activity: str, progress: float) -> bool:
         """Record what the client is doing; tell it whether its round is still open."""
@@ -338,20 +355,23 @@ class Coordinator:
         return rec.status == "running" and rec.round == round_
 
     # --- downloads ------------------------------------------------------------------------------
-    def _offered(self, job_id: str, digest: str) -> None:
-        """Only the job's bundle files and global adapters are offered, never client updates."""
-        _, _, art = self.job(job_id)
-        if digest not in set(art["bundle_files"].values()) and digest not in self.state.global_adapters(job_id):
-            raise NotFoundError(f"blob {digest[:16]}... is not offered by job {job_id}")
+    def _offered(self, client: ClientRecord, digest: str) -> None:
+        """Only the bundle files and global adapters of the running jobs on the client's roster are
+        offered to it, never client updates."""
+        for rec, _ in self.jobs_of(client):
+            if rec.status == "running" and (digest in json.loads(rec.artifacts_json)["bundle_files"].values()
+                                            or digest in self.state.global_adapters(rec.job_id)):
+                return
+        raise NotFoundError(f"blob {digest[:16]}... is not offered by a running job of client {client.client_id}")
 
-    def blob_info(self, client: ClientRecord, job_id: str, digest: str) -> tuple[int, int, list[str]]:
+    def blob_info(self, client: ClientRecord, digest: str) -> tuple[int, int, list[str]]:
         """(size, chunk size, SHA-256 of each chunk) of an offered blob."""
-        self._offered(job_id, digest)
+        self._offered(client, digest)
         return self.blobs.open_path(digest).stat().st_size, self.chunk_bytes, self.blobs.chunk_digests(digest, self.chunk_bytes)
 
-    def download(self, client: ClientRecord, job_id: str, digest: str, first_chunk: int) -> Iterator[tuple[int, bytes]]:
+    def download(self, client: ClientRecord, digest: str, first_chunk: int) -> Iterator[tuple[int, bytes]]:
         """The blob's chunks from `first_chunk` on, counted as bytes served to the client."""
-        size, chunk, _ = self.blob_info(client, job_id, digest)
+        size, chunk, _ = self.blob_info(client, digest)
         if first_chunk * chunk >= max(size, 1):
             raise OutOfRangeError(f"chunk {first_chunk} is beyond the blob's {size} bytes")
         sent = 0

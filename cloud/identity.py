@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import ipaddress
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -18,8 +19,10 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from offsite.cloud.state import State, db_url, open_state
-from offsite.errors import ConfigError, InvalidRequestError
+from offsite.errors import AlreadyExistsError, ConfigError, InvalidRequestError
 from offsite.files import atomic_write
+
+CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a client name: a token file's name and a roster entry
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,7 @@ def init_state(root: str | Path, client_names: list[str], hosts: list[str], toke
         raise ConfigError(f"{layout.root} already holds a coordinator state; refusing to overwrite it")
     if len(set(client_names)) != len(client_names) or not client_names:
         raise ConfigError(f"client names must be unique and non-empty: {client_names}")
+    _check_names(client_names)
     if database:
         open_state(database)  # an unreachable database fails here, before anything is written
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -120,9 +124,25 @@ def init_state(root: str | Path, client_names: list[str], hosts: list[str], toke
     atomic_write(layout.sealing_key, _pem_key(X25519PrivateKey.generate()), mode=0o600)
     if database:
         atomic_write(layout.database_url, (database + "\n").encode(), mode=0o600)
-    state = layout.open_state()
+    return issue_tokens(layout, layout.open_state(), client_names, token_ttl_s)
+
+
+def _check_names(names: list[str]) -> None:
+    bad = [n for n in names if not CLIENT_NAME.fullmatch(n)]
+    if bad:
+        raise ConfigError(f"client names must match {CLIENT_NAME.pattern} (a name is a file name and a roster "
+                          f"entry): {bad!r:.200}")
+
+
+def issue_tokens(layout: StateLayout, state: State, names: list[str], token_ttl_s: float) -> dict[str, Path]:
+    """One single-use enrollment token per name, written to STATE/tokens/NAME.token (0600); only its hash
+    is stored. A name that already has a client or a token is refused, before any token is made."""
+    _check_names(names)
+    taken = {c.name for c in state.clients()} | {n for n in names if state.has_token(n)}
+    if taken & set(names) or len(set(names)) != len(names):
+        raise AlreadyExistsError(f"client names already in use or repeated: {sorted(taken & set(names)) or names}")
     token_files = {}
-    for name in client_names:
+    for name in names:
         token = secrets.token_urlsafe(32)
         state.add_token(hash_secret(token), name, time.time() + token_ttl_s)
         token_files[name] = layout.tokens / f"{name}.token"

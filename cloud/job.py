@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from offsite.cloud.aggregate import make_strategy
+from offsite.cloud.identity import CLIENT_NAME
 from offsite.cloud.privacy import DPConfig
 from offsite.cloud.robust import COMBINERS, make_combiner
 from offsite.emulator.config import EmulatorConfig
@@ -33,6 +34,7 @@ class JobConfig:
     min_clients: int | None = None        # fewest updates a round may close with at its deadline (default: all)
     round_timeout_s: float = 0.0          # deadline after a round's first update; 0: wait for clients_per_round
     over_select: float = 1.0              # clients selected per round: ceil(clients_per_round * over_select) of the roster
+    clients: tuple[str, ...] = ()         # the roster: names of the clients that may train this job (empty: every client)
     bottom: int = 2
     top: int = 2
     emulator_layers: int = 2
@@ -82,6 +84,10 @@ class JobConfig:
         if not (self.job_id and len(self.job_id) <= 64 and self.job_id.isascii()
                 and self.job_id.replace("-", "").replace("_", "").isalnum()):
             raise ConfigError(f"job id must be 1 to 64 ASCII letters, digits, '-' or '_', got {self.job_id!r:.80}")
+        object.__setattr__(self, "clients", tuple(self.clients))  # a TOML or JSON list
+        bad = [n for n in self.clients if not isinstance(n, str) or not CLIENT_NAME.fullmatch(n)]
+        if bad or len(set(self.clients)) != len(self.clients):
+            raise ConfigError(f"clients must be distinct client names ({CLIENT_NAME.pattern}), got {list(self.clients)!r:.200}")
         for name in ("rounds", "clients_per_round", "batch_size", "max_length", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"job {name} must be at least 1, got {getattr(self, name)}")
@@ -136,6 +142,9 @@ class JobConfig:
             raise ConfigError(f"combine = {self.combine!r} with {self.combine_params or 'its defaults'} needs at least "
                               f"{rule.min_updates()} updates per round, but a round may close with {fewest} "
                               "(min_clients, else clients_per_round)")
+
+    def on_roster(self, client_name: str) -> bool:
+        return not self.clients or client_name in self.clients
 
     def seats(self) -> int:
         """How many clients each round selects: clients_per_round, over-selected so that a round whose

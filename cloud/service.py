@@ -50,8 +50,11 @@ class CoordinatorService:
     def authenticate(self, peer: str | None) -> ClientRecord:
         return self.coordinator.authenticate(peer)
 
-    def _job(self, job_id: str) -> str:
-        return job_id or self.coordinator.active_job_id()
+    @staticmethod
+    def _job(job_id: str) -> str:
+        if not job_id:
+            raise InvalidRequestError("job_id is required: the job_id of the task this call is about")
+        return job_id
 
     def Enroll(self, request: pb.EnrollRequest, peer: str | None) -> pb.EnrollResponse:
         e = self.coordinator.enroll(request.token, bytes(request.signing_public_key), bytes(request.csr_pem))
@@ -59,16 +62,17 @@ class CoordinatorService:
                                  coordinator_public_key=e.coordinator_public_key, job_id=e.job_id)
 
     def GetTask(self, request: pb.GetTaskRequest, peer: str | None) -> pb.Task:
-        client = self.authenticate(peer)
-        return serde.task_message(self.coordinator.task(client, self._job(request.job_id)))
+        client = self.authenticate(peer)  # no job_id: the next task over every job the client is on the roster of
+        task = self.coordinator.task(client, request.job_id) if request.job_id else self.coordinator.next_task(client)
+        return serde.task_message(task)
 
     def GetBlobInfo(self, request: pb.BlobInfoRequest, peer: str | None) -> pb.BlobInfo:
-        size, chunk_size, digests = self.coordinator.blob_info(self.authenticate(peer), self._job(""), request.sha256)
+        size, chunk_size, digests = self.coordinator.blob_info(self.authenticate(peer), request.sha256)
         return pb.BlobInfo(sha256=request.sha256, size=size, chunk_size=chunk_size, chunk_sha256=digests)
 
     def Download(self, request: pb.DownloadRequest, peer: str | None) -> Iterator[bytes]:
         """The chunks as serialized pb.Chunk messages, lazily: the checks run when the first one is asked for."""
-        parts = self.coordinator.download(self.authenticate(peer), self._job(""), request.sha256, request.first_chunk)
+        parts = self.coordinator.download(self.authenticate(peer), request.sha256, request.first_chunk)
         return (chunks.encode(i, data) for i, data in parts)
 
     def BeginUpload(self, request: pb.UploadHeader, peer: str | None) -> pb.UploadSession:

@@ -12,6 +12,7 @@ from offsite.cloud.status import LOSS_SHOWN_MAX
 
 PLOT_COLOUR = "#d62728"  # the loss line; tests look for it in a screenshot
 REFRESH_S = 15
+ROUNDS_SHOWN = 20  # rounds listed per job, the latest
 
 _STYLE = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #222; background: #fff; }
@@ -81,9 +82,16 @@ def _job(j: dict) -> str:
     e = escape
     shown_round = min(j["round"] + 1, j["rounds"])
     out = [f"<h2>Job {e(j['job_id'])}</h2>",
-           _table(["status", "round", "aggregator", "updates accepted", "updates rejected", "uploads in progress"],
-                  [[e(j["status"]), f"{shown_round} of {j['rounds']}", e(j["aggregator"]), str(len(j["updates"])),
-                    str(len(j["rejected"])), str(j["uploads_in_progress"])]], numeric=(3, 4, 5))]
+           _table(["status", "round", "method", "base", "aggregator", "updates a round (selected)", "updates accepted",
+                   "updates rejected", "uploads in progress"],
+                  [[e(j["status"]), f"{shown_round} of {j['rounds']}", e(j["method"]), e(j["base_model"]), e(j["aggregator"]),
+                    f"{j['clients_per_round']} ({j['seats']})", str(len(j["updates"])), str(len(j["rejected"])),
+                    str(j["uploads_in_progress"])]], numeric=(6, 7, 8))]
+    recent = j["round_log"][-ROUNDS_SHOWN:]
+    out.append(f"<h3>Rounds{f' (the last {ROUNDS_SHOWN})' if len(j['round_log']) > ROUNDS_SHOWN else ''}</h3>")
+    out.append(_table(["round", "status", "selected", "updates in", "closed because"],
+                      [[str(r["round"] + 1), e(r["status"]), str(len(r["selected"])), str(r["updates"]), e(r["reason"])]
+                       for r in recent], numeric=(0, 2, 3)))
     if j["privacy"]:
         out.append(f"<p>{e(privacy.describe(j['privacy']))}</p>")
     out.append("<h3>Training loss per round</h3>")

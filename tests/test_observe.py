@@ -71,7 +71,7 @@ def observed(tiny_model, tmp_path_factory):
     url = f"http://127.0.0.1:{web.port}"
     (c1, s1), (c2, s2), (c3, s3) = clients
     adapter = c.blobs.get(c.state.global_adapters("j")[0])
-    sent = sum(len(data) for _, data in c.download(c1, "j", c.job("j")[2]["manifest"], 0))
+    sent = sum(len(data) for _, data in c.download(c1, c.job("j")[2]["manifest"], 0))
     mid = {}
     received = _upload_in_parts(c, c1, s1, 30, 2.0, between=lambda: mid.update(_samples(_get(url + "/metrics")[2].decode())))
     with pytest.raises(InvalidUpdateError, match="signature"):
@@ -138,6 +138,9 @@ def test_status_page_api_and_health_over_http(observed):
     assert "<svg" in html and f'stroke="{PLOT_COLOUR}"' in html and html.count("<circle") == 2
     assert "Reported by the clients" in html and "2.5591" in html and "revoked" in html
     assert all(name in html for name in ("c1", "c2", "c3")) and "2 of 2" in html
+    assert [(r["round"], r["status"], len(r["selected"]), r["updates"]) for r in job["round_log"]] == [
+        (0, "closed", 3, 3), (1, "closed", 3, 3)]
+    assert "<h3>Rounds</h3>" in html and "all expected updates are in" in html and "3 (3)" in html
 
     status, _, body = _get(url + "/healthz")
     assert (status, body) == (200, b"ok\n")

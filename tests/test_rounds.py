@@ -39,13 +39,18 @@ def make_world(tiny_model, tmp_path, db_url=None, **job):
     c.create_job(JobConfig(job_id="j", base_model=str(tiny_model), emulator_layers=1, **settings))
     clients = []
     for name in NAMES:
-        signer = Ed25519PrivateKey.generate()
-        csr = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-               .sign(ec.generate_private_key(ec.SECP256R1()), hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
-        e = c.enroll(Path(tokens[name]).read_text().strip(), raw_public(signer.public_key()), csr)
+        e, signer = _enroll(c, tokens[name], name)
         clients.append((c.authenticate(e.client_id), signer))
     c.tick()  # the round worker selects the enrolled clients for round 0
     return c, clock, clients, done
+
+
+def _enroll(c, token_file, name):
+    """Enroll with the token in `token_file`: (the enrollment, the client's signing key)."""
+    signer = Ed25519PrivateKey.generate()
+    csr = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+           .sign(ec.generate_private_key(ec.SECP256R1()), hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+    return c.enroll(Path(token_file).read_text().strip(), raw_public(signer.public_key()), csr), signer
 
 
 @pytest.fixture

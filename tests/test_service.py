@@ -77,8 +77,23 @@ def _sealed(me, task, tensors, signer=None, round_=None):
     return seal(to_bytes(tensors), ctx, me.coordinator_key, signer or me.signing_key)
 
 
+def _until(predicate, timeout=20.0):
+    """Wait for what the server's round worker does on its own thread (a round's close) to show."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "the round worker did not get there in time"
+        time.sleep(0.05)
+
+
+def _train_task(stub, job_id="job1"):
+    """The next TRAIN task, once the round worker has closed the round before it."""
+    tasks = []
+    _until(lambda: tasks.append(stub.GetTask(pb.GetTaskRequest(job_id=job_id))) or tasks[-1].kind == pb.Task.TRAIN)
+    return tasks[-1]
+
+
 def _start(env, me, stub):
-    task = stub.GetTask(pb.GetTaskRequest(job_id=me.job_id))
+    task = _train_task(stub, me.job_id)
     path = download_blob(stub, task.adapter_sha256, env.tmp / f"{me.client_id}.adapter")
     return task, from_bytes(path.read_bytes())
 
@@ -166,7 +181,7 @@ def test_round_closes_with_weighted_average_and_replay_is_refused(env):
     second = _sealed(b, task, {k: v + 4.0 for k, v in start.items()})
     assert _code(lambda: upload(sb, task.job_id, task.round, 20, second, train_loss=float("nan"))) == grpc.StatusCode.INVALID_ARGUMENT
     upload(sb, task.job_id, task.round, 20, second)  # no loss reported
-    nxt = sa.GetTask(pb.GetTaskRequest(job_id="job1"))
+    nxt = _train_task(sa)
     assert nxt.kind == pb.Task.TRAIN and nxt.round == 1
     _, merged = _start(env, a, sa)
     name = next(iter(start))
@@ -340,7 +355,7 @@ def test_heartbeat_records_activity_and_says_when_the_round_closed(env):
     for c, s_ in clients:
         task, start = _start(env, c, s_)
         upload(s_, task.job_id, task.round, 5, _sealed(c, task, start))
-    assert not stub.Heartbeat(beat).round_open
+    _until(lambda: not stub.Heartbeat(beat).round_open)
 
 
 def test_expired_token_is_refused(env):
@@ -357,7 +372,7 @@ def test_job_finishes_after_the_last_round(env):
             task, start = _start(env, me, stub)
             assert task.round == round_
             upload(stub, task.job_id, task.round, 5, _sealed(me, task, start))
-    assert env.finished == ["job1"]
+    _until(lambda: env.finished == ["job1"])
     assert clients[0][1].GetTask(pb.GetTaskRequest(job_id="job1")).kind == pb.Task.DONE
 
 
