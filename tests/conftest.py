@@ -11,8 +11,8 @@ from offsite.demo.tiny import make_tiny_model
 
 @pytest.fixture(scope="session")
 def postgres_server():
-    """One throwaway PostgreSQL server for the session (tests.postgres); each test takes a new database."""
-    from tests import postgres
+    """One throwaway PostgreSQL server for the session (offsite.demo.postgres); each test takes a new database."""
+    from offsite.demo import postgres
     why = postgres.unavailable()
     if why:
         pytest.skip(why)

@@ -1,4 +1,4 @@
-"""A throwaway PostgreSQL server for the state contract test, started from the machine's own binaries.
+"""A throwaway PostgreSQL server for the state contract test and bench/load.py, started from the machine's own binaries.
 
 Listens only on a Unix socket in a temporary folder. As root (CI), the server runs as the `postgres`
 user, since PostgreSQL refuses to run as root.
