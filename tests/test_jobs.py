@@ -7,7 +7,7 @@ import time
 import pytest
 
 from offsite.cloud.identity import issue_tokens
-from offsite.cloud.job import JobConfig
+from offsite.cloud.job import Artifacts, JobConfig
 from offsite.demo.tiny import make_tiny_model
 from offsite.errors import AlreadyExistsError, ConfigError, NotFoundError, PreconditionError
 from tests.procs import offsite
@@ -22,6 +22,22 @@ def two_jobs(tiny_model, tmp_path):
     c.create_job(JobConfig(job_id="k", base_model=str(tiny_model), emulator_layers=2, rounds=1, clients_per_round=1,
                            clients=("c2", "c3")))
     return c, {cl.name: cl for cl, _ in clients}
+
+
+def test_artifacts_read_the_json_that_state_databases_hold():
+    """A job's artifacts as an older state database stored them (no upload_dtype, none of the keys a job
+    gains later) read with their defaults; what a round close writes back reads the same."""
+    stored = {"manifest": "m" * 64, "bundle_files": {"offsite-manifest.json": "m" * 64}, "bundle_dir": "/jobs/j/bundle",
+              "plan": {"num_blocks": 4, "bottom": 1, "top": 1, "kept_middle": [2]}, "spec": {"w": [[2, 3], "float32"]},
+              "update_spec": {"w": [[2, 3], "float32"]}, "skeleton_digest": "d" * 64,
+              "params": {"full": 10, "emulator": 8, "adapter": 4}}
+    art = Artifacts.from_json(json.dumps(stored))
+    assert (art.upload_dtype, art.secagg_shapes, art.strategy_state, art.dp_norms) == ("float32", None, None, None)
+    assert art.plan.kept_middle == (2,) and art.update_spec == stored["update_spec"]
+    assert json.loads(art.to_json()) == {**stored, "upload_dtype": "float32"}
+    later = Artifacts.from_json(json.dumps({**stored, "upload_dtype": "bfloat16", "secagg_shapes": {"w": [2, 3]},
+                                            "strategy_state": "s" * 64, "dp_norms": [[0.5, 1.0]]}))
+    assert Artifacts.from_json(later.to_json()) == later
 
 
 def test_a_roster_limits_who_is_selected_and_who_may_ask(two_jobs):
