@@ -47,8 +47,8 @@ def test_a_roster_limits_who_is_selected_and_who_may_ask(two_jobs):
     assert len(c.state.round("k", 0).selected) == 1
     with pytest.raises(PreconditionError, match="not on the roster of job k"):
         c.task(by_name["c1"], "k")
-    assert [rec.job_id for rec, _ in c.jobs_of(by_name["c1"])] == ["j"]
-    assert [rec.job_id for rec, _ in c.jobs_of(by_name["c2"])] == ["j", "k"]
+    assert [job.job_id for job in c.jobs_of(by_name["c1"])] == ["j"]
+    assert [job.job_id for job in c.jobs_of(by_name["c2"])] == ["j", "k"]
 
 
 def test_the_next_task_walks_the_clients_jobs_oldest_first(two_jobs):
@@ -65,7 +65,7 @@ def test_the_next_task_walks_the_clients_jobs_oldest_first(two_jobs):
 
 def test_blobs_are_offered_only_to_clients_on_a_running_jobs_roster(two_jobs):
     c, by_name = two_jobs
-    k_bundle = c.job("k")[2]["manifest"]
+    k_bundle = c.job("k").artifacts.manifest
     assert c.blob_info(by_name["c2"], k_bundle)[0] > 0
     with pytest.raises(NotFoundError, match="not offered"):
         c.blob_info(by_name["c1"], k_bundle)   # c1 is not on job k's roster
