@@ -31,7 +31,6 @@ from offsite import precision
 from offsite.demo import domain
 from offsite.demo.base import train_tokenizer
 from offsite.emulator.plugin import plug_in
-from offsite.emulator.plan import SplitPlan
 from offsite.tensors import load_blob
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -209,11 +208,11 @@ def export_matches(base: Path, export: Path, state: Path) -> float:
     from offsite.cloud.coordinator import Coordinator
 
     coordinator = Coordinator.open(state)
-    _, _, art = coordinator.job("real")
+    plan = coordinator.job("real").artifacts.plan
     adapter = load_blob(coordinator.blobs.open_path(coordinator.state.global_adapters("real")[-1]))
     ids = torch.randint(3, 400, (1, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        plugged, _ = plug_in(str(base), SplitPlan.from_dict(art["plan"]), adapter)
+        plugged, _ = plug_in(str(base), plan, adapter)
         want = plugged(input_ids=ids).logits
         del plugged
         exported = precision.prepare(AutoModelForCausalLM.from_pretrained(str(export)))

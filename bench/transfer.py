@@ -29,6 +29,7 @@ signing, copying) timed alone. MB/s is 10^6 bytes per second.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -102,9 +103,9 @@ def bench_download(args, tmp: Path) -> dict:
     coordinator.create_job(JobConfig(job_id="bench", base_model=str(make_tiny_model(tmp / "tiny-model")), emulator_layers=1))
     data = os.urandom(size)
     digest = coordinator.blobs.put(data)
-    _, _, art = coordinator.job("bench")
-    art["bundle_files"]["bench.bin"] = digest  # the job now offers the big blob like a bundle file
-    coordinator.state.update_artifacts("bench", artifacts_json=json.dumps(art))
+    art = coordinator.job("bench").artifacts
+    art = dataclasses.replace(art, bundle_files={**art.bundle_files, "bench.bin": digest})  # the job now offers the big blob like a bundle file
+    coordinator.state.update_artifacts("bench", artifacts_json=art.to_json())
 
     running = start_server(coordinator, layout, "127.0.0.1:0", "127.0.0.1:0")
     bare, bare_port = bare_server(data, CHUNK_BYTES, layout)

@@ -51,9 +51,9 @@ def cmd_jobs_create(args) -> int:
     if args.device or args.device_map:  # kept with the job: finalization computes there too
         cfg = dataclasses.replace(cfg, device=args.device or cfg.device, device_map=args.device_map or cfg.device_map)
     job = coordinator.create_job(cfg)
-    _, _, art = coordinator.job(job.job_id)
-    p = art["params"]
-    print(f"job {job.job_id}: {cfg.rounds} rounds; emulator keeps middle blocks {art['plan']['kept_middle']}; "
+    art = coordinator.job(job.job_id).artifacts
+    p = art.params
+    print(f"job {job.job_id}: {cfg.rounds} rounds; emulator keeps middle blocks {list(art.plan.kept_middle)}; "
           f"params full {p['full']:,}, emulator {p['emulator']:,}, adapter {p['adapter']:,}")
     return 0
 
@@ -242,8 +242,8 @@ def cmd_export(args) -> int:
     from offsite.cloud.exports import export_job
 
     coordinator = open_coordinator(args.state)
-    _, cfg, art = coordinator.job(args.job)
-    result = export_job(cfg, art, coordinator.state.global_adapters(args.job), coordinator.blobs,
+    job = coordinator.job(args.job)
+    result = export_job(job.config, job.artifacts, coordinator.state.global_adapters(args.job), coordinator.blobs,
                         coordinator.layout.jobs / args.job, args.out, args.format,
                         len(coordinator.state.updates(args.job)), args.rank)
     print(f"job {args.job}: exported {result.format} to {result.folder} after {result.rounds} rounds: {result.detail}")

@@ -7,12 +7,11 @@ from pathlib import Path
 
 from offsite import precision
 from offsite.cloud.blobs import BlobStore
-from offsite.cloud.job import JobConfig
+from offsite.cloud.job import Artifacts, JobConfig
 from offsite.emulator import methods
 from offsite.emulator.build import load_base
 from offsite.emulator.bundle import read_manifest
 from offsite.emulator.peft_export import LORA_METHODS, export_peft
-from offsite.emulator.plan import SplitPlan
 from offsite.emulator.plugin import export, shard_size
 from offsite.errors import ConfigError
 from offsite.tensors import load_blob
@@ -28,7 +27,7 @@ class ExportResult:
     detail: str
 
 
-def export_job(cfg: JobConfig, artifacts: dict, adapters: list[str], blobs: BlobStore, job_dir: Path, out_dir: str | Path,
+def export_job(cfg: JobConfig, artifacts: Artifacts, adapters: list[str], blobs: BlobStore, job_dir: Path, out_dir: str | Path,
                fmt: str, updates: int, rank: int | None = None) -> ExportResult:
     """Write the job's latest global adapter (the last of `adapters`, its global adapters in order) as `fmt`
     to `out_dir`. `updates` is how many client updates
@@ -41,9 +40,9 @@ def export_job(cfg: JobConfig, artifacts: dict, adapters: list[str], blobs: Blob
         raise ConfigError(f"job {cfg.job_id} trains {method.name!r}: only a {' or '.join(LORA_METHODS)} job exports as a "
                           f"PEFT LoRA adapter; export it merged")
     rounds = len(adapters) - 1
-    plan = SplitPlan.from_dict(artifacts["plan"])
+    plan = artifacts.plan
     adapter = load_blob(blobs.open_path(adapters[-1]))
-    block_path = read_manifest(artifacts["bundle_dir"])["block_path"]
+    block_path = read_manifest(artifacts.bundle_dir)["block_path"]
     full, tokenizer = load_base(cfg.base_model, cfg.placement(job_dir),
                                 tuple(f"{block_path}.{i}" for i in plan.adapter_blocks))
     dtype = cfg.resolved_dtype("export_dtype", precision.stored_dtype(full))

@@ -9,11 +9,10 @@ from pathlib import Path
 from offsite import lm, precision
 from offsite.cloud import privacy
 from offsite.cloud.blobs import BlobStore
-from offsite.cloud.job import JobConfig
+from offsite.cloud.job import Artifacts, JobConfig
 from offsite.cloud.state import State
 from offsite.emulator import methods
 from offsite.emulator.bundle import load_bundle, read_manifest
-from offsite.emulator.plan import SplitPlan
 from offsite.emulator.build import load_base
 from offsite.emulator.plugin import export, shard_size
 from offsite.files import write_json
@@ -29,7 +28,7 @@ def _evaluate(model, sets: dict[str, list[list[int]]], pad_id: int) -> dict[str,
     return {k: round(v, 4) for k, v in out.items()}
 
 
-def finalize(cfg: JobConfig, artifacts: dict, state: State, blobs: BlobStore, job_dir: Path, log=print) -> dict:
+def finalize(cfg: JobConfig, artifacts: Artifacts, state: State, blobs: BlobStore, job_dir: Path, log=print) -> dict:
     """Write `job_dir/report.json` and the exported model; return the report.
 
     The emulator and the full model are held in turn, never both: each is evaluated as is, then with the
@@ -37,11 +36,11 @@ def finalize(cfg: JobConfig, artifacts: dict, state: State, blobs: BlobStore, jo
     unless it says otherwise), sharded like the base.
     """
     started = time.perf_counter()
-    plan = SplitPlan.from_dict(artifacts["plan"])
+    plan = artifacts.plan
     adapter = load_blob(blobs.open_path(state.global_adapters(cfg.job_id)[-1]))
     method = cfg.method_config()
     placement = cfg.placement(job_dir)
-    emulator, tokenizer, _ = load_bundle(artifacts["bundle_dir"], placement.device)  # the base's tokenizer, as the bundle carries it
+    emulator, tokenizer, _ = load_bundle(artifacts.bundle_dir, placement.device)  # the base's tokenizer, as the bundle carries it
     pad = tokenizer.pad_token_id
     sets = {name: lm.encode(tokenizer, read_texts(path), cfg.max_length) for name, path in cfg.eval_sets.items()}
     general = lm.encode(tokenizer, read_texts(cfg.protection_data), cfg.max_length) if cfg.protection_data else None
@@ -50,7 +49,7 @@ def finalize(cfg: JobConfig, artifacts: dict, state: State, blobs: BlobStore, jo
     emulator_with_adapter = _evaluate(methods.apply(emulator, plan, method, adapter, share=True), sets, pad)
     del emulator
     gc.collect()  # a model's modules refer to each other: only the collector frees it, and with it its mapped pages
-    manifest = read_manifest(artifacts["bundle_dir"])  # the adapter blocks are written into: never offloaded
+    manifest = read_manifest(artifacts.bundle_dir)  # the adapter blocks are written into: never offloaded
     full, tokenizer = load_base(cfg.base_model, placement, tuple(f"{manifest['block_path']}.{i}" for i in plan.adapter_blocks))
     columns = {"full_zero_shot": _evaluate(full, sets, pad), "emulator_zero_shot": emulator_zero_shot}
     protection = {"full": round(lm.mean_token_loss(full, general, pad), 4), "emulator": emulator_general} if general else None
@@ -69,7 +68,7 @@ def finalize(cfg: JobConfig, artifacts: dict, state: State, blobs: BlobStore, jo
         clients.append({"id": names.get(client_id, client_id), "client_id": client_id,
                         "train_examples": mine[-1].num_examples, "rounds_participated": len(mine),
                         "upload_bytes": sum(u.upload_bytes for u in mine)})
-    params = artifacts["params"]
+    params = artifacts.params
     made = manifest["provenance"]
     report = {
         "job_id": cfg.job_id,
@@ -79,13 +78,13 @@ def finalize(cfg: JobConfig, artifacts: dict, state: State, blobs: BlobStore, jo
         "emulator": {"strategy": made["strategy"], "attn_rank": made.get("attn_rank"), "quantized": made["quantized"],
                      "distill_steps": (made.get("distillation") or {}).get("steps", 0)},
         "adapter_method": {**method.to_dict(),
-                           "trainable_params": sum(math.prod(shape) for shape, _ in artifacts["update_spec"].values())},
+                           "trainable_params": sum(math.prod(shape) for shape, _ in artifacts.update_spec.values())},
         "rounds": cfg.rounds,
         "clients": clients,
         "rejected_updates": [{"round": r, "client_id": c, "reason": why} for r, c, why in state.rejections(cfg.job_id)],
         "eval": evaluation,
         "protection": protection,
-        "privacy": ({**privacy.summary(cfg.dp_config(), cfg.rounds), "update_norms_before_clipping": artifacts.get("dp_norms")}
+        "privacy": ({**privacy.summary(cfg.dp_config(), cfg.rounds), "update_norms_before_clipping": artifacts.dp_norms}
                     if cfg.dp_config().enabled else None),
         "export_dir": str(export_dir),
         "transport": {"tls": True, "sealed_updates": True},
@@ -98,9 +97,9 @@ def finalize(cfg: JobConfig, artifacts: dict, state: State, blobs: BlobStore, jo
 
 def finalize_job(coordinator, job_id: str, log) -> None:
     """Finalize and record the outcome; a failure marks the job failed instead of killing the server."""
-    _, cfg, art = coordinator.job(job_id)
+    job = coordinator.job(job_id)
     try:
-        finalize(cfg, art, coordinator.state, coordinator.blobs, coordinator.layout.jobs / job_id, log=log.info)
+        finalize(job.config, job.artifacts, coordinator.state, coordinator.blobs, coordinator.layout.jobs / job_id, log=log.info)
         coordinator.state.set_job_status(job_id, "done")
     except Exception:
         log.exception("job %s: finalization failed", job_id)

@@ -1,4 +1,5 @@
-"""A job's configuration, read from TOML and validated before anything runs."""
+"""A job's configuration, read from TOML and validated before anything runs; and a job as the coordinator
+holds it (its configuration, what its creation built, where its rounds are)."""
 from __future__ import annotations
 
 import json
@@ -13,11 +14,14 @@ from offsite.cloud.aggregate import make_strategy
 from offsite.cloud.identity import CLIENT_NAME
 from offsite.cloud.privacy import DPConfig
 from offsite.cloud.robust import COMBINERS, make_combiner
+from offsite.cloud.state import JobRecord
 from offsite.emulator.config import EmulatorConfig
 from offsite.emulator.methods import MethodConfig
 from offsite.emulator.placement import Placement
+from offsite.emulator.plan import SplitPlan
 from offsite.errors import ConfigError
 from offsite.precision import parse_dtype
+from offsite.tensors import TensorSpec
 
 MAX_ROUNDS = 100_000           # the most rounds a job may have, and the largest round number the wire carries
 MAX_EXAMPLES = 2**53           # the largest example count the wire carries (exact in float64)
@@ -225,3 +229,53 @@ class JobConfig:
     @classmethod
     def from_json(cls, text: str) -> "JobConfig":
         return cls(**json.loads(text))
+
+
+@dataclass(frozen=True)
+class Artifacts:
+    """What a job's creation built, as the jobs table's artifacts_json holds it; the strategy state and the
+    DP norms change as rounds close (see offsite.cloud.round_control)."""
+    manifest: str                      # the bundle manifest's blob digest
+    bundle_files: dict[str, str]       # bundle file name -> blob digest
+    bundle_dir: str
+    plan: SplitPlan
+    spec: TensorSpec                   # the skeleton's and the method's fresh tensors: the global adapter
+    update_spec: TensorSpec            # what clients upload
+    upload_dtype: str
+    skeleton_digest: str
+    params: dict[str, int]             # "full", "emulator", "adapter"
+    secagg_shapes: dict[str, list[int]] | None = None  # secure aggregation only: the tensors a masked input covers
+    strategy_state: str | None = None  # the server strategy's state's blob digest, once it has one
+    dp_norms: list[list[float]] | None = None  # DP only: each round's update norms before clipping
+
+    def to_json(self) -> str:
+        out = {"manifest": self.manifest, "bundle_files": self.bundle_files, "bundle_dir": self.bundle_dir,
+               "plan": self.plan.to_dict(), "spec": self.spec, "update_spec": self.update_spec,
+               "upload_dtype": self.upload_dtype, "skeleton_digest": self.skeleton_digest, "params": self.params}
+        for key in ("secagg_shapes", "strategy_state", "dp_norms"):  # absent until a job has them, as before
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return json.dumps(out)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Artifacts":
+        art = json.loads(text)
+        return cls(art["manifest"], art["bundle_files"], art["bundle_dir"], SplitPlan.from_dict(art["plan"]), art["spec"],
+                   art["update_spec"], art.get("upload_dtype", "float32"),  # older jobs: fp32
+                   art["skeleton_digest"], art["params"], art.get("secagg_shapes"), art.get("strategy_state"),
+                   art.get("dp_norms"))
+
+
+@dataclass(frozen=True)
+class Job:
+    """A job as one read of the state gives it: configuration, artifacts, status and open round."""
+    job_id: str
+    status: str      # a key of offsite.cloud.state.JOB_TRANSITIONS
+    round: int       # the open round (0-based); equals total rounds once training is over
+    config: JobConfig
+    artifacts: Artifacts
+
+    @classmethod
+    def from_record(cls, rec: JobRecord) -> "Job":
+        return cls(rec.job_id, rec.status, rec.round, JobConfig.from_json(rec.config_json),
+                   Artifacts.from_json(rec.artifacts_json))

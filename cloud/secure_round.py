@@ -5,7 +5,7 @@ A stage closes as soon as every client it waits for has answered, or when `timeo
 it opened with at least t answers (stage 1, the roster, waits like a plain round: for
 `clients_per_round` adverts, or for `min_clients` at the deadline). The threshold t is fixed when the
 roster closes: the job's, or a majority of the roster. A stage left below t aborts the run. The run
-lives in memory only: a coordinator restart mid-run aborts it (see Coordinator._close_if_due).
+lives in memory only: a coordinator restart mid-run aborts it (see offsite.cloud.round_control).
 """
 from __future__ import annotations
 

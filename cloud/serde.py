@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
-from offsite.cloud.coordinator import Task, UploadHeader
+from offsite.cloud.intake import UploadHeader
 from offsite.cloud.job import MAX_EXAMPLES, MAX_ROUNDS
+from offsite.cloud.tasks import Task
 from offsite.errors import InvalidRequestError, shown
 from offsite.protos.offsite.v1 import coordinator_pb2 as pb
 from offsite.transport import MAX_MESSAGE_BYTES

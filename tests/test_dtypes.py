@@ -15,7 +15,7 @@ from offsite import lm, precision
 from offsite.cli import main as cli_main
 from offsite.client.train import LocalTrainer
 from offsite.cloud.blobs import BlobStore
-from offsite.cloud.coordinator import UploadHeader
+from offsite.cloud.intake import UploadHeader
 from offsite.cloud.finalize import finalize
 from offsite.cloud.job import JobConfig
 from offsite.demo.tiny import make_tiny_model
@@ -168,12 +168,12 @@ def test_a_lora_round_on_a_bf16_base_uploads_aggregates_and_exports_in_its_dtype
     folder = make_tiny_model(tmp_path / "base", hidden_size=64, dtype=torch.bfloat16, max_shard_size=SHARD)
     c, _, clients, done = make_world(folder, tmp_path, rounds=1, clients_per_round=2, min_clients=2,
                                      method="lora", upload_dtype=upload_dtype)
-    _, cfg, art = c.job("j")
-    assert art["upload_dtype"] == str(wire).removeprefix("torch.")
-    assert {d for _, d in art["update_spec"].values()} == {str(wire).removeprefix("torch.")}
+    art = c.job("j").artifacts
+    assert art.upload_dtype == str(wire).removeprefix("torch.")
+    assert {d for _, d in art.update_spec.values()} == {str(wire).removeprefix("torch.")}
     start = from_bytes(c.blobs.get(c.state.global_adapters("j")[0]))
     assert {v.dtype for v in start.values()} == {torch.bfloat16}
-    trainer = LocalTrainer(Path(art["bundle_dir"]), ["home 2 away 1 home win"] * 16, None, max_length=32)
+    trainer = LocalTrainer(Path(art.bundle_dir), ["home 2 away 1 home win"] * 16, None, max_length=32)
     train_cfg = lm.TrainConfig(epochs=1, batch_size=8, warmup_steps=1)
     selected = [cl for cl in clients if cl[0].client_id in c.state.round("j", 0).selected]  # 2 of the 3
     for (client, signer), seed in zip(selected, (1, 2)):
@@ -186,11 +186,11 @@ def test_a_lora_round_on_a_bf16_base_uploads_aggregates_and_exports_in_its_dtype
         assert frozen.data_ptr() == start["model.layers.0.self_attn.q_proj.weight"].data_ptr()  # held once, not copied
     c.tick()  # the round worker's step
     assert done == ["j"]
-    _, cfg, art = c.job("j")
+    job = c.job("j")
     new = from_bytes(c.blobs.get(c.state.global_adapters("j")[1]))
     assert {v.dtype for v in new.values()} == {torch.bfloat16}
     assert any(not torch.equal(new[k], start[k]) for k in new)
-    report = finalize(cfg, art, c.state, c.blobs, c.layout.jobs / "j", log=lambda *_: None)
+    report = finalize(job.config, job.artifacts, c.state, c.blobs, c.layout.jobs / "j", log=lambda *_: None)
     export_dir = Path(report["export_dir"])
     assert set(_file_dtypes(export_dir).values()) == {"BF16"}
     assert len(json.loads((export_dir / "model.safetensors.index.json").read_text())["weight_map"]) == len(_file_dtypes(folder))

@@ -17,7 +17,6 @@ from offsite.cloud.identity import StateLayout, init_state
 from offsite.cloud.job import JobConfig
 from offsite.emulator import methods
 from offsite.emulator.build import load_base
-from offsite.emulator.plan import SplitPlan
 from offsite.tensors import to_bytes
 from tests.test_infer_engine import job_adapter
 
@@ -29,12 +28,12 @@ def _finished_job(coordinator, base, job_id, method, seed):
     """A job whose last global adapter is a trained-looking one, marked done as finalization leaves it."""
     coordinator.create_job(JobConfig(job_id=job_id, base_model=str(base), emulator_layers=1, method=method, rounds=1,
                                      method_params={"r": 2} if method == "lora" else {}))
-    record, cfg, art = coordinator.job(job_id)
-    plan = SplitPlan.from_dict(art["plan"])
+    job = coordinator.job(job_id)
+    cfg, plan = job.config, job.artifacts.plan
     from transformers import AutoModelForCausalLM
     adapter = job_adapter(lambda: AutoModelForCausalLM.from_pretrained(str(base)), cfg.method_config(), seed, plan)
     assert coordinator.state.close_round(job_id, 0, updates=0, result_sha256=coordinator.blobs.put(to_bytes(adapter)),
-                                         reason="trained in the test", artifacts_json=record.artifacts_json, last=True,
+                                         reason="trained in the test", artifacts_json=job.artifacts.to_json(), last=True,
                                          now=time.time())
     coordinator.state.set_job_status(job_id, "done")
     return cfg.method_config(), plan, adapter

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from offsite.cloud.identity import issue_tokens
-from offsite.cloud.job import JobConfig
+from offsite.cloud.job import Artifacts, JobConfig
 from offsite.demo.tiny import make_tiny_model
 from offsite.errors import AlreadyExistsError, ConfigError, NotFoundError, PreconditionError
 from tests.procs import offsite
@@ -24,6 +24,22 @@ def two_jobs(tiny_model, tmp_path):
     return c, {cl.name: cl for cl, _ in clients}
 
 
+def test_artifacts_read_the_json_that_state_databases_hold():
+    """A job's artifacts as an older state database stored them (no upload_dtype, none of the keys a job
+    gains later) read with their defaults; what a round close writes back reads the same."""
+    stored = {"manifest": "m" * 64, "bundle_files": {"offsite-manifest.json": "m" * 64}, "bundle_dir": "/jobs/j/bundle",
+              "plan": {"num_blocks": 4, "bottom": 1, "top": 1, "kept_middle": [2]}, "spec": {"w": [[2, 3], "float32"]},
+              "update_spec": {"w": [[2, 3], "float32"]}, "skeleton_digest": "d" * 64,
+              "params": {"full": 10, "emulator": 8, "adapter": 4}}
+    art = Artifacts.from_json(json.dumps(stored))
+    assert (art.upload_dtype, art.secagg_shapes, art.strategy_state, art.dp_norms) == ("float32", None, None, None)
+    assert art.plan.kept_middle == (2,) and art.update_spec == stored["update_spec"]
+    assert json.loads(art.to_json()) == {**stored, "upload_dtype": "float32"}
+    later = Artifacts.from_json(json.dumps({**stored, "upload_dtype": "bfloat16", "secagg_shapes": {"w": [2, 3]},
+                                            "strategy_state": "s" * 64, "dp_norms": [[0.5, 1.0]]}))
+    assert Artifacts.from_json(later.to_json()) == later
+
+
 def test_a_roster_limits_who_is_selected_and_who_may_ask(two_jobs):
     c, by_name = two_jobs
     c.tick()
@@ -31,8 +47,8 @@ def test_a_roster_limits_who_is_selected_and_who_may_ask(two_jobs):
     assert len(c.state.round("k", 0).selected) == 1
     with pytest.raises(PreconditionError, match="not on the roster of job k"):
         c.task(by_name["c1"], "k")
-    assert [rec.job_id for rec, _ in c.jobs_of(by_name["c1"])] == ["j"]
-    assert [rec.job_id for rec, _ in c.jobs_of(by_name["c2"])] == ["j", "k"]
+    assert [job.job_id for job in c.jobs_of(by_name["c1"])] == ["j"]
+    assert [job.job_id for job in c.jobs_of(by_name["c2"])] == ["j", "k"]
 
 
 def test_the_next_task_walks_the_clients_jobs_oldest_first(two_jobs):
@@ -49,7 +65,7 @@ def test_the_next_task_walks_the_clients_jobs_oldest_first(two_jobs):
 
 def test_blobs_are_offered_only_to_clients_on_a_running_jobs_roster(two_jobs):
     c, by_name = two_jobs
-    k_bundle = c.job("k")[2]["manifest"]
+    k_bundle = c.job("k").artifacts.manifest
     assert c.blob_info(by_name["c2"], k_bundle)[0] > 0
     with pytest.raises(NotFoundError, match="not offered"):
         c.blob_info(by_name["c1"], k_bundle)   # c1 is not on job k's roster

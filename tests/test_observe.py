@@ -19,7 +19,7 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from prometheus_client.parser import text_string_to_metric_families
 
-from offsite.cloud.coordinator import UploadHeader
+from offsite.cloud.intake import UploadHeader
 from offsite.cloud.status import read_status
 from offsite.cloud.status_page import PLOT_COLOUR
 from offsite.cloud.web import start_web
@@ -71,7 +71,7 @@ def observed(tiny_model, tmp_path_factory):
     url = f"http://127.0.0.1:{web.port}"
     (c1, s1), (c2, s2), (c3, s3) = clients
     adapter = c.blobs.get(c.state.global_adapters("j")[0])
-    sent = sum(len(data) for _, data in c.download(c1, c.job("j")[2]["manifest"], 0))
+    sent = sum(len(data) for _, data in c.download(c1, c.job("j").artifacts.manifest, 0))
     mid = {}
     received = _upload_in_parts(c, c1, s1, 30, 2.0, between=lambda: mid.update(_samples(_get(url + "/metrics")[2].decode())))
     with pytest.raises(InvalidUpdateError, match="signature"):

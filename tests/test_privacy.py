@@ -111,9 +111,8 @@ def test_a_dp_round_through_the_coordinator(tiny_model, tmp_path):
     n = sum(v.numel() for v in start.values())
     for (client, signer), shift in zip(clients, (1e-4, 2e-4, 1.0)):
         _upload(c, client, signer, 0, shift=shift)
-    _, _, art = c.job("j")
     new = from_bytes(c.blobs.get(c.state.global_adapters("j")[1]))
-    norms = art["dp_norms"][0]
+    norms = c.job("j").artifacts.dp_norms[0]
     assert norms == pytest.approx([1e-4 * n ** 0.5, 2e-4 * n ** 0.5, n ** 0.5], rel=1e-3)
     expected = (1e-4 + 2e-4 + 1.0 / n ** 0.5) / 3
     for k, v in new.items():

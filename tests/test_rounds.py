@@ -12,7 +12,8 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from offsite.cloud import selection
-from offsite.cloud.coordinator import Coordinator, UploadHeader
+from offsite.cloud.coordinator import Coordinator
+from offsite.cloud.intake import UploadHeader
 from offsite.cloud.identity import StateLayout, init_state, load_sealing_key
 from offsite.cloud.job import JobConfig
 from offsite.errors import ConfigError, InvalidUpdateError, PreconditionError
@@ -60,8 +61,7 @@ def world(tiny_model, tmp_path):
 
 def _sealed(c, client, signer, round_, payload: bytes) -> bytes:
     """`payload` sealed as `client`'s update for `round_` of job j."""
-    _, _, art = c.job("j")
-    return seal(payload, SealContext("j", round_, client.client_id, art["skeleton_digest"]),
+    return seal(payload, SealContext("j", round_, client.client_id, c.job("j").artifacts.skeleton_digest),
                 load_sealing_key(c.layout).public_key(), signer)
 
 
@@ -85,10 +85,10 @@ def test_round_closes_at_its_deadline_with_min_clients_and_late_update_is_refuse
     _upload(c, *clients[1], 0)
     clock.t += 29  # 59 s after the first update: not yet
     c.tick()
-    assert c.job("j")[0].round == 0
+    assert c.job("j").round == 0
     clock.t += 2
     c.tick()
-    assert c.job("j")[0].round == 1 and len(c.state.global_adapters("j")) == 2  # closed with 2 of 3, aggregated
+    assert c.job("j").round == 1 and len(c.state.global_adapters("j")) == 2  # closed with 2 of 3, aggregated
     assert c.state.round("j", 0).reason.startswith("deadline of 60 s passed with 2 updates")
     with pytest.raises(PreconditionError, match="round 0"):
         _upload(c, *clients[2], 0)  # the client that was too slow
@@ -100,11 +100,11 @@ def test_deadline_without_min_clients_keeps_waiting(world):
     _upload(c, *clients[0], 0)
     clock.t += 3600
     c.tick()
-    assert c.job("j")[0].round == 0  # 1 < min_clients: the round waits
+    assert c.job("j").round == 0  # 1 < min_clients: the round waits
     _upload(c, *clients[1], 0, tick=False)  # the second update arrives after the deadline: the next tick closes the round
-    assert c.job("j")[0].round == 0 and c.wake.is_set()
+    assert c.job("j").round == 0 and c.wake.is_set()
     c.tick()
-    assert c.job("j")[0].round == 1
+    assert c.job("j").round == 1
 
 
 def test_a_dead_client_never_blocks_the_job(world):
@@ -114,7 +114,7 @@ def test_a_dead_client_never_blocks_the_job(world):
         _upload(c, *clients[1], round_)  # clients[2] never returns
         clock.t += 61
         c.tick()
-    assert done == ["j"] and c.job("j")[0].status == "finalizing"
+    assert done == ["j"] and c.job("j").status == "finalizing"
 
 
 def test_reads_never_close_a_round_and_an_update_before_the_tick_counts(world):
@@ -122,16 +122,16 @@ def test_reads_never_close_a_round_and_an_update_before_the_tick_counts(world):
     _upload(c, *clients[0], 0)
     _upload(c, *clients[1], 0)
     clock.t += 120  # past the deadline, but no tick ran: a read must not close the round
-    assert c.task(clients[2][0], "j").kind == "train" and c.job("j")[0].round == 0
+    assert c.task(clients[2][0], "j").kind == "train" and c.job("j").round == 0
     _upload(c, *clients[2], 0)  # so the slow client's update still counts
-    assert c.job("j")[0].round == 1 and len(c.state.updates("j", 0)) == 3
+    assert c.job("j").round == 1 and len(c.state.updates("j", 0)) == 3
 
 
 def test_full_round_still_closes_at_once(world):
     c, _, clients, _ = world
     for client in clients:
         _upload(c, *client, 0)
-    assert c.job("j")[0].round == 1 and len(from_bytes(c.blobs.get(c.state.global_adapters("j")[1]))) > 0
+    assert c.job("j").round == 1 and len(from_bytes(c.blobs.get(c.state.global_adapters("j")[1]))) > 0
 
 
 @pytest.mark.parametrize("kwargs", [{"min_clients": 0}, {"min_clients": 4}, {"round_timeout_s": -1}])
@@ -157,12 +157,11 @@ def test_fedavgm_keeps_momentum_between_rounds(tiny_model, tmp_path):
     for round_ in range(2):
         (selected,) = c.state.round("j", round_).selected  # one seat a round
         _upload(c, *by_id[selected], round_, shift=1.0)  # each round the client sends the original adapter + 1
-    _, _, art = c.job("j")
     name = next(iter(start))
     after1, after2 = (from_bytes(c.blobs.get(d))[name] for d in c.state.global_adapters("j")[1:3])
     assert torch.allclose(after1, start[name] + 1.0)  # v = 1; global + 1
     assert torch.allclose(after2, start[name] + 1.5)  # delta = (start + 1) - (start + 1) = 0; v = 0.5; global + 0.5
-    assert art["strategy_state"] is not None
+    assert c.job("j").artifacts.strategy_state is not None
 
 
 def test_a_method_the_model_cannot_run_is_refused_when_the_job_is_made(tiny_model, tmp_path):
@@ -185,7 +184,7 @@ def test_a_reported_train_loss_survives_a_restart_mid_upload(world):
     session = c.begin_upload(client, UploadHeader("j", 0, 10, len(envelope), hashlib.sha256(envelope).hexdigest(), 1.75))
     half = len(envelope) // 2
     c.append_upload(client, session.upload_id, 0, envelope[:half])
-    restarted = Coordinator.open(c.layout.root, clock=c._now)
+    restarted = Coordinator.open(c.layout.root, clock=c.now)
     restarted.append_upload(client, session.upload_id, half, envelope[half:])
     assert restarted.finish_upload(client, session.upload_id) == (0, 1)
     assert [u.train_loss for u in restarted.state.updates("j")] == [1.75]
@@ -258,7 +257,7 @@ def test_rounds_sample_their_clients_and_the_others_wait(tiny_model, tmp_path):
             _upload(c, *by_id[other], round_)
         for cid in chosen:
             _upload(c, *by_id[cid], round_)
-        assert c.job("j")[0].round == round_ + 1
+        assert c.job("j").round == round_ + 1
     assert len({_selected(c, r) for r in range(3)}) > 1  # the selection changes from round to round
     assert [len(c.state.updates("j", r)) for r in range(3)] == [2, 2, 2]
 
@@ -282,7 +281,7 @@ def test_over_selection_closes_with_the_first_updates_and_tells_the_late_one(tin
     assert len(chosen) == 3  # ceil(2 * 1.5)
     for cid in chosen[:2]:
         _upload(c, *by_id[cid], 0)
-    assert c.job("j")[0].round == 1 and len(c.state.updates("j", 0)) == 2
+    assert c.job("j").round == 1 and len(c.state.updates("j", 0)) == 2
     with pytest.raises(PreconditionError, match="not accepting updates for round 0"):
         _upload(c, *by_id[chosen[2]], 0)  # it trained for a round that closed without it
 
@@ -310,7 +309,7 @@ def test_two_coordinators_on_one_database_close_a_round_once(tiny_model, tmp_pat
     """Two coordinator processes' objects on one state: both aggregate the round at once (a barrier holds
     each after it stored its result), then race to close it. One wins; the other changes nothing."""
     import threading
-    from offsite.cloud import coordinator as module
+    from offsite.cloud import round_control as module
     url = request.getfixturevalue("postgres_server").new_database() if backend == "postgresql" else None
     a, _, clients, done = make_world(tiny_model, tmp_path, db_url=url, rounds=2, clients_per_round=3, min_clients=None,
                                      round_timeout_s=0)
@@ -338,7 +337,7 @@ def test_two_coordinators_on_one_database_close_a_round_once(tiny_model, tmp_pat
     assert sorted(closes) == [0, 1]  # one coordinator closed the round; the other found it closed
     rounds = a.state.rounds("j")
     assert [r.status for r in rounds] == ["closed", "open"] and rounds[1].adapter_sha256 == rounds[0].result_sha256
-    assert a.job("j")[0].round == b.job("j")[0].round == 1 and len(a.state.global_adapters("j")) == 2
+    assert a.job("j").round == b.job("j").round == 1 and len(a.state.global_adapters("j")) == 2
 
 
 def test_a_cancelled_job_stops_its_clients_and_never_closes_its_round(world):
@@ -351,14 +350,14 @@ def test_a_cancelled_job_stops_its_clients_and_never_closes_its_round(world):
         _upload(c, *clients[2], 0)
     clock.t += 3600  # past the deadline with min_clients updates in: a running job's round would close now
     c.tick()
-    assert c.state.round("j", 0).status == "open" and c.job("j")[0].round == 0 and done == []
+    assert c.state.round("j", 0).status == "open" and c.job("j").round == 0 and done == []
     with pytest.raises(PreconditionError, match="cannot become cancelled: it is cancelled"):
         c.cancel_job("j")
 
 
 def test_a_job_cancelled_while_its_round_aggregates_does_not_move(world, monkeypatch):
     """The cancel lands between the aggregation and the close: the close's compare-and-set sees it."""
-    from offsite.cloud import coordinator as module
+    from offsite.cloud import round_control as module
     c, _, clients, done = world
     for client in clients[:2]:
         _upload(c, *client, 0, tick=False)
@@ -382,7 +381,7 @@ def test_jobs_list_show_and_cancel_from_the_command_line(world):
     listed = run("list", "--json")
     assert listed.returncode == 0, listed.stderr
     assert json.loads(listed.stdout) == [{"job_id": "j", "status": "running", "round": 1, "rounds": 2, "method": "full",
-                                          "base_model": str(c.job("j")[1].base_model), "clients_per_round": 3, "seats": 3}]
+                                          "base_model": str(c.job("j").config.base_model), "clients_per_round": 3, "seats": 3}]
     shown = run("show", "j")
     assert shown.returncode == 0 and "round 1: 3 selected, 3 updates in; closed: all expected updates are in" in shown.stdout
     assert "round 2: 3 selected, 0 updates in; open" in shown.stdout

@@ -7,7 +7,8 @@ import hashlib
 import pytest
 import torch
 
-from offsite.cloud.coordinator import Coordinator, UploadHeader
+from offsite.cloud.coordinator import Coordinator
+from offsite.cloud.intake import UploadHeader
 from offsite.cloud.identity import load_sealing_key
 from offsite.errors import ConfigError, PreconditionError
 from offsite.cloud.job import JobConfig
@@ -21,16 +22,16 @@ WEIGHTS = {"c1": 10, "c2": 30, "c3": 20}
 
 
 def _send_masked(c, client, signer, y):
-    _, _, art = c.job("j")
-    envelope = seal(to_bytes({vector.MASKED: torch.from_numpy(y)}), SealContext("j", 0, client.client_id, art["skeleton_digest"]),
+    digest = c.job("j").artifacts.skeleton_digest
+    envelope = seal(to_bytes({vector.MASKED: torch.from_numpy(y)}), SealContext("j", 0, client.client_id, digest),
                     load_sealing_key(c.layout).public_key(), signer)
     c.submit_update(client, UploadHeader("j", 0, 1, len(envelope), hashlib.sha256(envelope).hexdigest()), envelope)
 
 
 def _change(c, shift):
-    _, _, art = c.job("j")
+    shapes = c.job("j").artifacts.secagg_shapes
     start = from_bytes(c.blobs.get(c.state.global_adapters("j")[0]))
-    return start, {k: torch.full(s, shift, dtype=torch.float64) for k, s in art["secagg_shapes"].items()}
+    return start, {k: torch.full(s, shift, dtype=torch.float64) for k, s in shapes.items()}
 
 
 def secure_round(c, clock, clients, shifts, vanish_after_shares=()):
@@ -56,7 +57,7 @@ def secure_round(c, clock, clients, shifts, vanish_after_shares=()):
         clock.t += 31  # the mask stage's deadline
         c.tick()
     for cl, _ in clients:
-        if names[cl.client_id] not in vanish_after_shares and c.job("j")[0].round == 0:
+        if names[cl.client_id] not in vanish_after_shares and c.job("j").round == 0:
             view = c.secagg(cl, "j", 0)
             c.secagg(cl, "j", 0, reveal=agents[cl.client_id].reveal(view["survivors"]))
     c.tick()  # the round worker closes the round from the run's sum
@@ -68,8 +69,7 @@ def test_secure_round_gives_the_fedavg_of_the_changes(tiny_model, tmp_path, vani
     shifts = {"c1": 0.01, "c2": -0.02, "c3": 0.005}
     start, _ = _change(c, 0)
     secure_round(c, clock, clients, shifts, vanish)
-    rec, _, art = c.job("j")
-    assert rec.round == 1
+    assert c.job("j").round == 1
     new = from_bytes(c.blobs.get(c.state.global_adapters("j")[1]))
     kept = [n for n in shifts if n not in vanish]
     expected = sum(WEIGHTS[n] * shifts[n] for n in kept) / sum(WEIGHTS[n] for n in kept)
@@ -82,8 +82,8 @@ def test_too_few_clients_close_the_round_without_an_update(tiny_model, tmp_path)
     c, clock, clients, _ = make_world(tiny_model, tmp_path, rounds=2, secure_aggregation=True)
     start, _ = _change(c, 0)
     secure_round(c, clock, clients, {"c1": 0.1, "c2": 0.1, "c3": 0.1}, vanish_after_shares=("c1", "c2"))
-    rec, _, art = c.job("j")  # one masked input of three at the mask deadline: aborted there
-    assert rec.round == 1 and from_bytes(c.blobs.get(c.state.global_adapters("j")[1])).keys() == start.keys()
+    # one masked input of three at the mask deadline: aborted there
+    assert c.job("j").round == 1 and from_bytes(c.blobs.get(c.state.global_adapters("j")[1])).keys() == start.keys()
     assert all(torch.equal(v, start[k]) for k, v in from_bytes(c.blobs.get(c.state.global_adapters("j")[1])).items())
     assert any("secure aggregation" in why and "below the threshold" in why for _, _, why in c.state.rejections("j"))
 
@@ -122,7 +122,7 @@ def test_a_restart_mid_run_closes_the_round_instead_of_hanging(tiny_model, tmp_p
     _send_masked(c, cl, signer, agents[cl.client_id].mask(c.secagg(cl, "j", 0)["inbox"], x, 3))
     restarted = Coordinator.open(c.layout.root, clock=clock)
     restarted.tick()
-    assert restarted.job("j")[0].round == 1
+    assert restarted.job("j").round == 1
     assert any("restarted" in why for _, _, why in restarted.state.rejections("j"))
 
 

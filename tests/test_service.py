@@ -493,12 +493,12 @@ def test_an_upload_with_no_new_part_expires(env):
     session = stub.BeginUpload(_header(envelope))
     stub.UploadChunks(_parts(session.upload_id, envelope, 0, 2 * CHUNK))
     c = env.coordinator
-    c._next_sweep = 0.0
+    c.intake._next_sweep = 0.0
     assert c.expire_uploads() == 0  # fresh
     (part,) = env.layout.uploads.iterdir()
     stale = time.time() - c.limits.upload_idle_s - 1
     os.utime(part, (stale, stale))
-    c._next_sweep = 0.0
+    c.intake._next_sweep = 0.0
     assert c.expire_uploads() == 1 and c.state.uploads("job1", 0) == [] and not part.exists()
     assert _code(lambda: stub.UploadChunks(_parts(session.upload_id, envelope, 2 * CHUNK))) == grpc.StatusCode.NOT_FOUND
     assert stub.BeginUpload(_header(envelope)).offset == 0  # the client starts that upload over

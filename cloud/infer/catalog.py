@@ -2,14 +2,13 @@
 they were tuned from, read from the state database (another process, `serve`, writes it)."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from offsite.cloud.blobs import BlobStore
-from offsite.cloud.job import JobConfig
+from offsite.cloud.job import Job
 from offsite.cloud.state import State
 from offsite.emulator.methods import MethodConfig
 from offsite.emulator.plan import SplitPlan
@@ -42,9 +41,9 @@ class Catalog:
         record = self.state.job(job_id)            # NotFoundError for an unknown job
         if record.status != SERVED_STATUS:
             raise PreconditionError(f"job {job_id} is {record.status}, not finished: only finished jobs are served")
-        cfg, art = JobConfig.from_json(record.config_json), json.loads(record.artifacts_json)
-        return ServedJob(job_id, cfg.base_model, SplitPlan.from_dict(art["plan"]), cfg.method_config(),
-                         self.state.global_adapters(job_id)[-1], int(art.get("created_at", 0)))
+        job = Job.from_record(record)
+        return ServedJob(job_id, job.config.base_model, job.artifacts.plan, job.config.method_config(),
+                         self.state.global_adapters(job_id)[-1], 0)  # no job's artifacts ever held a created_at
 
     def jobs(self) -> list[ServedJob]:
         return [self.job(r.job_id) for r in self.state.jobs() if r.status == SERVED_STATUS]

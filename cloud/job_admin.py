@@ -1,0 +1,80 @@
+"""Making a job (its emulator bundle, skeleton and specs, stored as blobs, and round 0) and cancelling one."""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+
+from offsite.cloud.intake import sealed_size
+from offsite.cloud.job import Artifacts, JobConfig
+from offsite.cloud.state import JobRecord
+from offsite.emulator import methods
+from offsite.emulator.build import build
+from offsite.emulator.bundle import load_bundle
+from offsite.errors import AlreadyExistsError, ConfigError
+from offsite.precision import dtype_name
+from offsite.tensors import spec_digest, spec_of
+
+if TYPE_CHECKING:
+    from offsite.cloud.coordinator import Coordinator
+
+log = logging.getLogger("offsite.cloud")
+
+
+class JobAdmin:
+    def __init__(self, coordinator: Coordinator):
+        self.c = coordinator
+
+    def create_job(self, cfg: JobConfig) -> JobRecord:
+        """Build the emulator bundle and skeleton, store them as blobs, and open round 0."""
+        state, blobs = self.c.state, self.c.blobs
+        if any(j.job_id == cfg.job_id for j in state.jobs()):
+            raise AlreadyExistsError(f"job {cfg.job_id} already exists; its bundle is left as it is")
+        job_dir = self.c.layout.jobs / cfg.job_id
+        result = build(cfg.base_model, cfg.emulator_config(), job_dir / "bundle", placement=cfg.placement(job_dir))
+        bundle_files = {p.name: blobs.put_file(p) for p in sorted(result.bundle_dir.iterdir()) if p.is_file()}
+        method = cfg.method_config()
+        emulator, _, _ = load_bundle(result.bundle_dir)
+        torch.manual_seed(cfg.seed)  # the method's fresh tensors (virtual tokens, bottlenecks) are repeatable
+        initial = {**result.skeleton, **methods.fresh_extras(emulator, result.plan, method)}
+        spec = spec_of(initial)
+        attached, _ = methods.attach(methods.apply(emulator, result.plan, method, initial, share=True), result.plan, method)
+        try:  # one token through the emulator: a method this model cannot run fails here, not on every client
+            with torch.no_grad():
+                attached(input_ids=torch.ones(1, 2, dtype=torch.long))
+        except Exception as e:
+            raise ConfigError(f"adapter method {method.name} does not run on model type "
+                              f"{emulator.config.model_type!r}: {type(e).__name__}: {e}") from None
+        upload_dtype = cfg.resolved_dtype("upload_dtype", result.dtype)
+        update_spec = spec_of(methods.trainable_state(attached, result.plan, method, dtype=upload_dtype))  # what clients upload
+        artifacts = Artifacts(
+            manifest=bundle_files["offsite-manifest.json"],
+            bundle_files=bundle_files,
+            bundle_dir=str(result.bundle_dir),
+            plan=result.plan,
+            spec=spec,
+            update_spec=update_spec,
+            upload_dtype=dtype_name(upload_dtype),
+            skeleton_digest=spec_digest(spec),
+            params={"full": result.full_params, "emulator": result.emulator_params, "adapter": result.adapter_params},
+            # the tensors a masked input covers: those the method can change
+            secagg_shapes=({k: spec[k][0] for k in sorted(methods.touched(method, update_spec))}
+                           if cfg.secure_aggregation else None),
+        )
+        largest = sealed_size(cfg, artifacts)[1]
+        if largest > cfg.max_update_bytes:
+            raise ConfigError(f"an update of this job seals to up to {largest} bytes, above its max_update_bytes "
+                              f"({cfg.max_update_bytes}): raise max_update_bytes")
+        state.add_job(cfg.job_id, cfg.to_json(), artifacts.to_json(), blobs.put_tensors(initial), self.c.now())
+        return state.job(cfg.job_id)
+
+    def cancel_job(self, job_id: str) -> None:
+        """Stop a running job: its clients are told it is done at their next call, its open round never
+        closes, and its unfinished uploads are dropped. A round being aggregated right now cannot close
+        after this (the state's close is a compare-and-set on the job's status)."""
+        self.c.state.set_job_status(job_id, "cancelled")
+        self.c.secure.drop(job_id)
+        self.c.proposals.drop(job_id)
+        self.c.intake.drop_job(job_id)
+        log.info("job %s cancelled", job_id)

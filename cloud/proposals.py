@@ -1,0 +1,40 @@
+"""The global adapter an update proposes, made on a scratch emulator per job for the methods that merge."""
+from __future__ import annotations
+
+import contextlib
+import gc
+import threading
+from typing import Iterator
+
+import torch
+
+from offsite.cloud.job import Job
+from offsite.emulator import methods
+from offsite.emulator.bundle import load_bundle
+
+
+class Proposals:
+    def __init__(self):
+        self._scratch: dict[str, torch.nn.Module] = {}  # job id -> emulator that peft merges updates into
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def proposal(self, job: Job, start: dict[str, torch.Tensor],
+                 update: dict[str, torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
+        """The global adapter an update proposes (see offsite.emulator.methods), for the with block only:
+        for the methods that merge, it is the scratch emulator's own adapter blocks (no copy of them),
+        which nobody else merges into until the block ends."""
+        method, plan = job.config.method_config(), job.artifacts.plan
+        if not method.merges:
+            yield methods.propose(None, plan, method, start, update)
+            return
+        with self._lock:  # peft merges into one scratch emulator per job
+            if job.job_id not in self._scratch:
+                self._scratch[job.job_id] = load_bundle(job.artifacts.bundle_dir)[0]
+            yield methods.propose(self._scratch[job.job_id], plan, method, start, update, copy=False)
+
+    def drop(self, job_id: str, collect: bool = False) -> None:
+        """Forget the job's scratch emulator; with `collect`, give its memory back now."""
+        with self._lock:
+            if self._scratch.pop(job_id, None) is not None and collect:
+                gc.collect()
