@@ -2,6 +2,7 @@
 holds it (its configuration, what its creation built, where its rounds are)."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 import tomllib
@@ -277,5 +278,10 @@ class Job:
 
     @classmethod
     def from_record(cls, rec: JobRecord) -> "Job":
-        return cls(rec.job_id, rec.status, rec.round, JobConfig.from_json(rec.config_json),
-                   Artifacts.from_json(rec.artifacts_json))
+        return cls(rec.job_id, rec.status, rec.round, _config(rec.config_json), _artifacts(rec.artifacts_json))
+
+
+# Every call reads its job; the JSON behind it changes only when a round closes. Both records are frozen,
+# so one parse serves every call that reads the same text (a GetTask parsed each job's JSON twice).
+_config = functools.lru_cache(maxsize=256)(JobConfig.from_json)
+_artifacts = functools.lru_cache(maxsize=256)(Artifacts.from_json)

@@ -44,6 +44,7 @@ class RoundControl:
                 self._close_if_due(job.job_id)
                 self.fill_seats(job.job_id)  # reads the job again: the close may have opened the next round
         self.c.intake.expire()
+        self.c.state.flush_touches()  # last-seen times reach the database within about a second
 
     # --- seats ----------------------------------------------------------------------------------
     def fill_seats(self, job_id: str) -> None:

@@ -283,6 +283,7 @@ class Running:
             self._thread.join()
         self._pool.shutdown(wait=True)
         self.worker.stop()  # after the calls drained: a drained upload may have completed a round
+        self.worker.coordinator.state.flush_touches()
 
 
 def start_server(coordinator: Coordinator, layout: StateLayout, address: str, enroll_address: str,

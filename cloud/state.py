@@ -7,6 +7,7 @@ test (tests/test_state.py) runs against every implementation.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import sqlite3
@@ -125,6 +126,7 @@ class State(Protocol):
     def revoke_client(self, client_id: str) -> None: ...
     def clients(self) -> list[ClientRecord]: ...
     def touch_client(self, client_id: str, activity: str | None = None) -> None: ...
+    def flush_touches(self) -> None: ...
     def add_traffic(self, client_id: str, bytes_in: int = 0, bytes_out: int = 0) -> None: ...
     def add_job(self, job_id: str, config_json: str, artifacts_json: str, adapter_sha256: str, now: float) -> None: ...
     def job(self, job_id: str) -> JobRecord: ...
@@ -194,7 +196,11 @@ class Dialect:
     integrity_error: type[Exception]
     begin: str                        # opens a writing transaction (SQLite: BEGIN IMMEDIATE, so no upgrade deadlock)
     share_lock: str                   # appended to a SELECT whose rows must not change until the transaction ends
+    greatest: str                     # the larger of two values: MAX (SQLite) or GREATEST (PostgreSQL)
     setup: tuple[str, ...] = ()       # statements run once per connection
+
+
+TOUCH_FLUSH_S = 1.0  # how far behind the database's last-seen times may be (see SqlState.touch_client)
 
 
 class SqlState:
@@ -204,6 +210,9 @@ class SqlState:
         self._dialect = dialect
         self._db = dialect.connect()
         self._lock = threading.Lock()
+        self._touches: dict[str, tuple[float, str | None]] = {}  # client id -> (last seen, activity) not yet written
+        self._touch_lock = threading.Lock()
+        self._next_flush = 0.0
         for statement in dialect.setup + tuple(_SCHEMA.format(blob=dialect.blob).split(";")):
             self._db.execute(statement)
         self._migrate()
@@ -267,9 +276,12 @@ class SqlState:
 
     _CLIENT = "SELECT client_id, name, signing_key, enrolled_at, last_seen, revoked_at, activity, bytes_in, bytes_out FROM clients"
 
-    @staticmethod
-    def _client(row: tuple) -> ClientRecord:
-        return ClientRecord(row[0], row[1], bytes(row[2]), *row[3:])
+    def _client(self, row: tuple) -> ClientRecord:
+        record = ClientRecord(row[0], row[1], bytes(row[2]), *row[3:])
+        pending = self._touches.get(record.client_id)  # what this process saw and has not written yet
+        if pending is None:
+            return record
+        return dataclasses.replace(record, last_seen=max(record.last_seen, pending[0]), activity=pending[1] or record.activity)
 
     def client(self, client_id: str) -> ClientRecord:
         rows = self._run(self._CLIENT + " WHERE client_id = ?", (client_id,))
@@ -285,8 +297,33 @@ class SqlState:
         self._run("UPDATE clients SET revoked_at = COALESCE(revoked_at, ?) WHERE client_id = ?", (time.time(), client_id))
 
     def touch_client(self, client_id: str, activity: str | None = None) -> None:
-        self._run("UPDATE clients SET last_seen = ?, activity = COALESCE(?, activity) WHERE client_id = ?",
-                  (time.time(), activity, client_id))
+        """Record that the client was seen (doing `activity`). Written behind: in memory at once (this
+        process's reads see it), to the database in one transaction at most every TOUCH_FLUSH_S, since a
+        synchronous commit on every call of every client was the coordinator's busiest write. A crash
+        loses at most that much of last-seen times, which are for monitoring and seat liveness only."""
+        now = time.time()
+        with self._touch_lock:
+            earlier = self._touches.get(client_id)
+            self._touches[client_id] = (now, activity if activity is not None else earlier[1] if earlier else None)
+            due = now >= self._next_flush
+        if due:
+            self.flush_touches()
+
+    def flush_touches(self) -> None:
+        """Write the pending last-seen times and activities (the round worker calls this each second, and
+        the server at its end)."""
+        with self._touch_lock:
+            pending, self._next_flush = dict(self._touches), time.time() + TOUCH_FLUSH_S
+        if not pending:
+            return
+        with self._transaction():
+            for client_id, (seen, activity) in pending.items():
+                self._execute(f"UPDATE clients SET last_seen = {self._dialect.greatest}(last_seen, ?), "
+                              "activity = COALESCE(?, activity) WHERE client_id = ?", (seen, activity, client_id))
+        with self._touch_lock:  # drop what was written, unless a newer touch came meanwhile
+            for client_id, value in pending.items():
+                if self._touches.get(client_id) == value:
+                    del self._touches[client_id]
 
     def add_traffic(self, client_id: str, bytes_in: int = 0, bytes_out: int = 0) -> None:
         self._run("UPDATE clients SET bytes_in = bytes_in + ?, bytes_out = bytes_out + ? WHERE client_id = ?",
@@ -500,7 +537,7 @@ class SqliteState(SqlState):
 
     def __init__(self, path: str | Path):
         super().__init__(Dialect(lambda: sqlite3.connect(str(path), check_same_thread=False, isolation_level=None),
-                                 "?", "BLOB", sqlite3.IntegrityError, "BEGIN IMMEDIATE", "", ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=FULL")))
+                                 "?", "BLOB", sqlite3.IntegrityError, "BEGIN IMMEDIATE", "", "MAX", ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=FULL")))
 
 
 class PostgresState(SqlState):
@@ -513,7 +550,7 @@ class PostgresState(SqlState):
             raise ConfigError("a postgresql:// state database needs psycopg: pip install 'psycopg[binary]'") from None
         try:
             super().__init__(Dialect(lambda: psycopg.connect(url, autocommit=True), "%s", "BYTEA", psycopg.IntegrityError, "BEGIN",
-                                     " FOR SHARE"))
+                                     " FOR SHARE", "GREATEST"))
         except psycopg.OperationalError as e:
             raise ConfigError(f"cannot open the state database {redact(url)}: {e}") from None
 

@@ -195,6 +195,28 @@ def test_client_activity_and_traffic_accumulate(state):
     assert (c.activity, c.bytes_in, c.bytes_out) == ("training round 1 (50%)", 105, 7)
 
 
+@pytest.mark.parametrize("backend", sorted(TWO_CONNECTIONS))
+def test_last_seen_is_written_behind_and_flushed(backend, request, tmp_path):
+    """A touch shows at once in the process that made it and reaches the database at the next flush;
+    a flush never moves a last-seen time back."""
+    a, b = TWO_CONNECTIONS[backend](request, tmp_path)
+    a.add_client("c1", "client-1", b"k" * 32)
+    enrolled = b.client("c1").last_seen
+    a.flush_touches()
+    time.sleep(0.01)
+    a.touch_client("c1", "training round 1 (50%)")  # the first touch after a flush does not write at once
+    a.touch_client("c1")
+    mine, theirs = a.client("c1"), b.client("c1")
+    assert mine.activity == "training round 1 (50%)" and mine.last_seen > enrolled
+    assert (theirs.activity, theirs.last_seen) == ("", enrolled)
+    a.flush_touches()
+    theirs = b.client("c1")
+    assert theirs.activity == "training round 1 (50%)" and theirs.last_seen == a.clients()[0].last_seen > enrolled
+    b.touch_client("c1", "newer")
+    b.flush_touches()
+    assert b.client("c1").last_seen >= theirs.last_seen and a.client("c1").activity == "newer"
+
+
 def test_train_loss_and_bytes_round_trip(state):
     state.add_job("j", "{}", "{}", "a0", 1.0)
     state.add_update(UpdateRecord("j", 0, "c1", 10, "d1", 5 * 2**30, 1.5, train_loss=2.25))
