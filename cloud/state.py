@@ -204,18 +204,38 @@ TOUCH_FLUSH_S = 1.0  # how far behind the database's last-seen times may be (see
 
 
 class SqlState:
-    """State in one SQL database; safe to share between the server's threads (one connection, one lock)."""
+    """State in one SQL database, safe to share between the server's threads: each thread has a connection
+    of its own, so that reads and short writes run side by side (the database orders what conflicts). An
+    in-memory SQLite database is one database per connection: it keeps one, behind a lock."""
 
-    def __init__(self, dialect: Dialect):
+    def __init__(self, dialect: Dialect, one_connection: bool = False):
         self._dialect = dialect
-        self._db = dialect.connect()
-        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._one = self._connect() if one_connection else None
+        self._lock = threading.Lock() if one_connection else contextlib.nullcontext()
         self._touches: dict[str, tuple[float, str | None]] = {}  # client id -> (last seen, activity) not yet written
         self._touch_lock = threading.Lock()
+        self._flushing = threading.Lock()
         self._next_flush = 0.0
-        for statement in dialect.setup + tuple(_SCHEMA.format(blob=dialect.blob).split(";")):
+        for statement in _SCHEMA.format(blob=dialect.blob).split(";"):
             self._db.execute(statement)
         self._migrate()
+
+    def _connect(self):
+        db = self._dialect.connect()
+        for statement in self._dialect.setup:
+            db.execute(statement)
+        return db
+
+    @property
+    def _db(self):
+        """This thread's connection (made on its first use), or the one connection."""
+        if self._one is not None:
+            return self._one
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = self._local.db = self._connect()
+        return db
 
     def _migrate(self) -> None:
         """Jobs made before the rounds table kept their global adapters as a list in artifacts_json: one
@@ -248,7 +268,7 @@ class SqlState:
             self._execute("COMMIT")
 
     def _execute(self, sql: str, args: tuple = ()):
-        """Run one statement; the caller holds the lock."""
+        """Run one statement on this thread's connection; the caller holds the lock (one connection only)."""
         return self._db.execute(sql.replace("?", self._dialect.param), args)
 
     def _run(self, sql: str, args: tuple = ()) -> list[tuple]:
@@ -312,18 +332,24 @@ class SqlState:
     def flush_touches(self) -> None:
         """Write the pending last-seen times and activities (the round worker calls this each second, and
         the server at its end)."""
-        with self._touch_lock:
-            pending, self._next_flush = dict(self._touches), time.time() + TOUCH_FLUSH_S
-        if not pending:
-            return
-        with self._transaction():
-            for client_id, (seen, activity) in pending.items():
-                self._execute(f"UPDATE clients SET last_seen = {self._dialect.greatest}(last_seen, ?), "
-                              "activity = COALESCE(?, activity) WHERE client_id = ?", (seen, activity, client_id))
-        with self._touch_lock:  # drop what was written, unless a newer touch came meanwhile
-            for client_id, value in pending.items():
-                if self._touches.get(client_id) == value:
-                    del self._touches[client_id]
+        if not self._flushing.acquire(blocking=False):
+            return  # another thread is writing them now
+        try:
+            with self._touch_lock:
+                pending, self._next_flush = dict(self._touches), time.time() + TOUCH_FLUSH_S
+            if not pending:
+                return
+            with self._transaction():  # rows in one order, so two coordinators' flushes cannot deadlock
+                for client_id in sorted(pending):
+                    seen, activity = pending[client_id]
+                    self._execute(f"UPDATE clients SET last_seen = {self._dialect.greatest}(last_seen, ?), "
+                                  "activity = COALESCE(?, activity) WHERE client_id = ?", (seen, activity, client_id))
+            with self._touch_lock:  # drop what was written, unless a newer touch came meanwhile
+                for client_id, value in pending.items():
+                    if self._touches.get(client_id) == value:
+                        del self._touches[client_id]
+        finally:
+            self._flushing.release()
 
     def add_traffic(self, client_id: str, bytes_in: int = 0, bytes_out: int = 0) -> None:
         self._run("UPDATE clients SET bytes_in = bytes_in + ?, bytes_out = bytes_out + ? WHERE client_id = ?",
@@ -536,8 +562,10 @@ class SqliteState(SqlState):
     """State in one SQLite file (WAL mode), or in memory for ":memory:"."""
 
     def __init__(self, path: str | Path):
-        super().__init__(Dialect(lambda: sqlite3.connect(str(path), check_same_thread=False, isolation_level=None),
-                                 "?", "BLOB", sqlite3.IntegrityError, "BEGIN IMMEDIATE", "", "MAX", ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=FULL")))
+        super().__init__(Dialect(lambda: sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=60.0),
+                                 "?", "BLOB", sqlite3.IntegrityError, "BEGIN IMMEDIATE", "", "MAX",
+                                 ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=FULL")),
+                         one_connection=str(path) == ":memory:")
 
 
 class PostgresState(SqlState):
