@@ -58,6 +58,8 @@ def cmd_jobs_create(args) -> int:
     return 0
 
 
+DONE_LINGER_S = 15.0  # serve --exit-when-done: how long the coordinator waits for clients to learn that all is over
+
 JOB_SUMMARY = ("job_id", "status", "round", "rounds", "method", "base_model", "clients_per_round", "seats")
 
 
@@ -146,9 +148,15 @@ def cmd_serve(args) -> int:
     for job in coordinator.state.jobs():
         if job.status == "finalizing":  # a crash interrupted finalization: do it again
             finish(job.job_id)
+    over_since = None
     while not stop.wait(1.0):  # rounds close on the server's round worker (offsite.cloud.worker)
         if args.exit_when_done and all_over():
-            stop.set()
+            # linger until every client was told it is done (a client learns it at its next GetTask), or
+            # DONE_LINGER_S: a coordinator gone at once would leave clients retrying an address that is gone
+            over_since = over_since or time.monotonic()
+            told = all(c.activity == "done" for c in coordinator.state.clients() if c.revoked_at is None)
+            if told or time.monotonic() - over_since > DONE_LINGER_S:
+                stop.set()
     log.info("coordinator stopping; letting in-flight calls finish for up to %.0f s", args.grace)
     deadline = time.monotonic() + args.grace
     running.enter_graceful_shutdown()
