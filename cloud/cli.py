@@ -341,7 +341,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--port-file", help="write the bound ports here as JSON {port, enroll_port[, http_port]}")
     p.add_argument("--http-address", help="host:port for the read-only status page, /metrics and /api/status (plain "
                                           "HTTP, no authentication: keep it on localhost or a private network); off by default")
-    p.add_argument("--exit-when-done", action="store_true", help="stop once every job is finished")
+    p.add_argument("--exit-when-done", action="store_true", help="stop once every job is done, failed or cancelled and "
+                   "every client was told so (at most 15 s later)")
     p.add_argument("--grace", type=float, default=30.0, help="seconds to let in-flight calls (uploads) finish on SIGTERM")
     p.add_argument("--chunk-kib", type=int, default=CHUNK_BYTES // 1024,
                    help="transfer chunk size in KiB: what a verified download or a durable upload part holds")
