@@ -1,6 +1,7 @@
 """Helpers for tests that drive the real `offsite` command as separate processes over loopback TLS."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -16,6 +17,31 @@ from offsite.transport import secure_channel
 
 def offsite(*args) -> list[str]:
     return [sys.executable, "-m", "offsite.cli", *args]
+
+
+def serve_until_done(state: Path, port_file: Path) -> tuple[subprocess.Popen, dict]:
+    """`cloud serve --exit-when-done` on ports it picks; the process and its ports, once it serves."""
+    server = subprocess.Popen(offsite("cloud", "serve", "--state", str(state), "--address", "127.0.0.1:0",
+                                      "--port-file", str(port_file), "--exit-when-done"))
+    try:
+        deadline = time.time() + 60
+        while not port_file.exists():
+            assert server.poll() is None and time.time() < deadline, "coordinator did not start"
+            time.sleep(0.1)
+        return server, json.loads(port_file.read_text())
+    except BaseException:
+        server.kill()
+        raise
+
+
+def run_clients(state: Path, ports: dict, client_data: list[Path], workdirs: Path) -> list[subprocess.Popen]:
+    """`offsite client run` for each data folder (named like its client), stderr captured."""
+    return [subprocess.Popen(offsite("client", "run", "--server", f"localhost:{ports['port']}",
+                                     "--enroll-server", f"localhost:{ports['enroll_port']}", "--ca", str(state / "tls" / "ca.pem"),
+                                     "--workdir", str(workdirs / f.name), "--data", str(f / "train.jsonl"),
+                                     "--token-file", str(state / "tokens" / f"{f.name}.token"), "--threads", "1",
+                                     "--no-progress"), stderr=subprocess.PIPE, text=True)
+            for f in client_data]
 
 
 def free_port() -> int:

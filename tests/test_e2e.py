@@ -1,7 +1,6 @@
 """End to end: the coordinator and clients as real processes over loopback mutual TLS."""
 import json
 import subprocess
-import time
 
 import pytest
 import torch
@@ -9,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from offsite.cloud.privacy import DPConfig, epsilon
 from offsite.demo import domain
-from tests.procs import offsite
+from tests.procs import offsite, run_clients, serve_until_done
 
 
 def run_job(tmp_path, tiny_model, client_data, names, job_extra="", during=None):
@@ -22,20 +21,9 @@ def run_job(tmp_path, tiny_model, client_data, names, job_extra="", during=None)
                                        f'[split]\nemulator_layers = 1\n[training]\nbatch_size = 8\n'
                                        f'[eval]\nsets = {{ {sets} }}\n')
     subprocess.run(offsite("cloud", "jobs", "create", "--state", str(state), "--config", str(tmp_path / "job.toml")), check=True)
-    server = subprocess.Popen(offsite("cloud", "serve", "--state", str(state), "--address", "127.0.0.1:0",
-                                      "--port-file", str(tmp_path / "port"), "--exit-when-done"))
+    server, ports = serve_until_done(state, tmp_path / "port")
     try:
-        deadline = time.time() + 60
-        while not (tmp_path / "port").exists():
-            assert server.poll() is None and time.time() < deadline, "coordinator did not start"
-            time.sleep(0.1)
-        ports = json.loads((tmp_path / "port").read_text())
-        clients = [subprocess.Popen(offsite("client", "run", "--server", f"localhost:{ports['port']}",
-                                            "--enroll-server", f"localhost:{ports['enroll_port']}", "--ca", str(state / "tls" / "ca.pem"),
-                                            "--workdir", str(tmp_path / f.name), "--data", str(f / "train.jsonl"),
-                                            "--token-file", str(state / "tokens" / f"{f.name}.token"), "--threads", "1",
-                                            "--no-progress"), stderr=subprocess.PIPE, text=True)
-                   for f in client_data]
+        clients = run_clients(state, ports, client_data, tmp_path)
         if during is not None:
             during(state, ports)
         for c in clients:

@@ -10,7 +10,7 @@ from offsite.cloud.identity import issue_tokens
 from offsite.cloud.job import Artifacts, JobConfig
 from offsite.demo.tiny import make_tiny_model
 from offsite.errors import AlreadyExistsError, ConfigError, NotFoundError, PreconditionError
-from tests.procs import offsite
+from tests.procs import offsite, run_clients, serve_until_done
 from tests.test_rounds import make_world
 
 
@@ -120,20 +120,9 @@ def test_two_jobs_with_different_bases_and_overlapping_rosters_run_to_completion
             f'clients = {json.dumps(roster)}\n[split]\nemulator_layers = 1\n[training]\nbatch_size = 8\n')
         subprocess.run(offsite("cloud", "jobs", "create", "--state", str(state), "--config", str(tmp_path / f"{job_id}.toml")),
                        check=True)
-    server = subprocess.Popen(offsite("cloud", "serve", "--state", str(state), "--address", "127.0.0.1:0",
-                                      "--port-file", str(tmp_path / "port"), "--exit-when-done"))
+    server, ports = serve_until_done(state, tmp_path / "port")
     try:
-        deadline = time.time() + 60
-        while not (tmp_path / "port").exists():
-            assert server.poll() is None and time.time() < deadline, "coordinator did not start"
-            time.sleep(0.1)
-        ports = json.loads((tmp_path / "port").read_text())
-        clients = [subprocess.Popen(offsite("client", "run", "--server", f"localhost:{ports['port']}",
-                                            "--enroll-server", f"localhost:{ports['enroll_port']}", "--ca", str(state / "tls" / "ca.pem"),
-                                            "--workdir", str(tmp_path / f.name), "--data", str(f / "train.jsonl"),
-                                            "--token-file", str(state / "tokens" / f"{f.name}.token"), "--threads", "1",
-                                            "--no-progress"), stderr=subprocess.PIPE, text=True)
-                   for f in client_data]
+        clients = run_clients(state, ports, client_data, tmp_path)
 
         def show(job_id):
             out = subprocess.run(offsite("cloud", "jobs", "show", job_id, "--state", str(state), "--json"),
