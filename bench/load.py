@@ -97,10 +97,8 @@ async def _client(name: str, args, templates: dict, out: dict) -> None:
 
 
 async def _agents(names: list[str], args) -> dict:
-    from offsite.tensors import to_bytes, from_bytes
-    templates = {}
-    for job_id, (path, digest) in json.loads(Path(args.templates).read_text()).items():
-        templates[job_id] = (to_bytes(from_bytes(Path(path).read_bytes())), digest)
+    templates = {job_id: (Path(path).read_bytes(), digest)  # each job's update, as the driver serialized it
+                 for job_id, (path, digest) in json.loads(Path(args.templates).read_text()).items()}
     out = {"get_task_s": [], "upload_s": [], "accepted": 0, "errors": {}}
     await asyncio.gather(*(_client(n, args, templates, out) for n in names))
     return out
