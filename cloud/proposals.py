@@ -29,9 +29,21 @@ class Proposals:
             yield methods.propose(None, plan, method, start, update)
             return
         with self._lock:  # peft merges into one scratch emulator per job
-            if job.job_id not in self._scratch:
-                self._scratch[job.job_id] = load_bundle(job.artifacts.bundle_dir)[0]
-            yield methods.propose(self._scratch[job.job_id], plan, method, start, update, copy=False)
+            yield methods.propose(self._emulator(job), plan, method, start, update, copy=False)
+
+    @contextlib.contextmanager
+    def mean(self, job: Job, start: dict[str, torch.Tensor], updates: list[dict[str, torch.Tensor]],
+             weights: list[float]) -> Iterator[dict[str, torch.Tensor]]:
+        """The weighted mean of the adapters `updates` of a method that merges propose, for the with block
+        only: one peft merge for the lot where the method allows it (see offsite.emulator.methods.propose_mean)."""
+        method, plan = job.config.method_config(), job.artifacts.plan
+        with self._lock:
+            yield methods.propose_mean(self._emulator(job), plan, method, start, updates, weights)
+
+    def _emulator(self, job: Job) -> torch.nn.Module:
+        if job.job_id not in self._scratch:
+            self._scratch[job.job_id] = load_bundle(job.artifacts.bundle_dir)[0]
+        return self._scratch[job.job_id]
 
     def drop(self, job_id: str, collect: bool = False) -> None:
         """Forget the job's scratch emulator; with `collect`, give its memory back now."""

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from offsite.cloud.coordinator import Coordinator
 
 log = logging.getLogger("offsite.cloud")
+MERGE_BATCH = 32  # updates merged at once: one peft merge instead of 32; memory holds 32 (small) PEFT updates
 
 
 class RoundControl:
@@ -147,15 +148,24 @@ class RoundControl:
 
         if cfg.combine != "mean":
             result, how = self._combine_robustly(job, updates, proposals())
-        else:
-            mean = (ClippedNoisedMean(start, dp, methods.touched(cfg.method_config(), art.update_spec)) if dp.enabled
-                    else WeightedMean(torch.float32 if _half(start) else torch.float64))
-            for proposal, weight in zip(proposals(), round_weights(cfg, updates)):
-                mean.add(proposal, weight)
+        elif dp.enabled:  # each proposal is clipped on its own
+            mean = ClippedNoisedMean(start, dp, methods.touched(cfg.method_config(), art.update_spec))
+            for proposal in proposals():
+                mean.add(proposal)
             result, how = mean.result(), f"{len(updates)} updates aggregated"
-            if dp.enabled:  # before clipping, per update
-                norms = [*(art.dp_norms or []), [round(n, 6) for n in mean.norms]]
-                job = dataclasses.replace(job, artifacts=dataclasses.replace(art, dp_norms=norms))
+            norms = [*(art.dp_norms or []), [round(n, 6) for n in mean.norms]]  # before clipping, per update
+            job = dataclasses.replace(job, artifacts=dataclasses.replace(art, dp_norms=norms))
+        else:
+            mean, weights = WeightedMean(torch.float32 if _half(start) else torch.float64), round_weights(cfg, updates)
+            if cfg.method_config().merges:  # a batch at a time, one merge each; the mean of batch means is the mean
+                for i in range(0, len(updates), MERGE_BATCH):
+                    batch = [load_blob(self.c.blobs.open_path(u.blob_sha256)) for u in updates[i:i + MERGE_BATCH]]
+                    with self.c.proposals.mean(job, start, batch, weights[i:i + MERGE_BATCH]) as proposal:
+                        mean.add(proposal, sum(weights[i:i + MERGE_BATCH]))
+            else:  # each proposal streams in: one update in memory at a time
+                for proposal, weight in zip(proposals(), weights):
+                    mean.add(proposal, weight)
+            result, how = mean.result(), f"{len(updates)} updates aggregated"
         self.c.metrics.aggregation_seconds.observe(time.perf_counter() - started)
         self._advance(job, start, result, f"{why}; {how}", len(updates))
 

@@ -24,6 +24,7 @@ methods replaces its tensors in the global adapter, and the average over clients
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -314,3 +315,40 @@ def propose(emulator: nn.Module | None, plan: SplitPlan, cfg: MethodConfig, star
     if copy:
         return extract_adapter(merged, plan, on_emulator=True)
     return {k: v.detach() for k, v in adapter_parameters(merged, plan, on_emulator=True).items()}
+
+
+def propose_mean(emulator: nn.Module | None, plan: SplitPlan, cfg: MethodConfig, start: dict[str, torch.Tensor],
+                 updates: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
+    """The weighted mean of the adapters `updates` propose (see `propose`), in fp32, with one peft merge for
+    all of them instead of one each where the method allows it exactly:
+
+    - lora: sum_i w_i * scale * B_i A_i is one product of the stacked factors, [w_1 B_1 | ... | w_n B_n] times
+      [A_1; ...; A_n], so the updates merge as a single LoRA of rank n * r (alpha scaled by n to keep
+      scale = alpha / r); peft does the merge, fan_in_fan_out (GPT-2's Conv1D) included.
+    - ia3: a merged weight is W * l, linear in l, so the mean of the proposals is the merge of the mean l.
+    - adalora (its budget masks and rank counts do not stack) merges one update at a time.
+
+    The methods that do not merge have nothing to batch: their proposals stream into the round's mean one
+    at a time (`propose`). The result may be the scratch emulator's own tensors (the next merge overwrites them)."""
+    if not cfg.merges:
+        raise ValueError(f"method {cfg.name} does not merge: its proposals need no batching")
+    if not updates or len(updates) != len(weights) or not all(math.isfinite(w) and w > 0 for w in weights):
+        raise InvalidUpdateError(f"a mean needs updates with positive finite weights, got {len(updates)} and {weights[:3]}")
+    share = [w / sum(weights) for w in weights]
+    if cfg.name == "lora" and all(_is_lora_factor(n) for u in updates for n in u):
+        stacked = {n: torch.cat([u[n].float() * (s if ".lora_B." in n else 1.0) for u, s in zip(updates, share)],
+                                dim=1 if ".lora_B." in n else 0) for n in updates[0]}
+        wide = MethodConfig("lora", r=cfg.r * len(updates), alpha=cfg.alpha * len(updates), target_modules=cfg.target_modules)
+        return propose(emulator, plan, wide, start, stacked, copy=False)
+    if cfg.name == "ia3":
+        return propose(emulator, plan, cfg, start, {n: sum(u[n].float() * s for u, s in zip(updates, share))
+                                                    for n in updates[0]}, copy=False)
+    out: dict[str, torch.Tensor] = {}
+    for update, s in zip(updates, share):
+        for k, v in propose(emulator, plan, cfg, start, update, copy=False).items():
+            out[k] = out[k].add_(v, alpha=s) if k in out else v.float() * s
+    return out
+
+
+def _is_lora_factor(name: str) -> bool:
+    return name.endswith((".lora_A.weight", ".lora_B.weight"))

@@ -10,7 +10,7 @@ from offsite.emulator.build import make_emulator
 from offsite.emulator.methods import MethodConfig
 from offsite.emulator.plan import SplitPlan
 from offsite.emulator.plugin import export, load_export, plug_in
-from offsite.errors import ConfigError
+from offsite.errors import ConfigError, InvalidUpdateError
 from tests.test_families import IDS, tiny
 
 PLAN = SplitPlan.uniform(6, 2, 2, 1)
@@ -99,6 +99,32 @@ def test_lora_average_is_of_merged_weights_not_of_factors():
     product_of_means = ((b[0] + b[1]) / 2) @ ((a[0] + a[1]) / 2)
     torch.testing.assert_close(exact[f"{name}.weight"], start[f"{name}.weight"] + mean_of_products, atol=1e-6, rtol=1e-6)
     assert (mean_of_products - product_of_means).abs().max() > 1e-4  # the naive average would be wrong
+
+
+@pytest.mark.parametrize("family, name", [c for c in CASES if MethodConfig(c[1]).merges])
+def test_the_mean_of_many_proposals_in_one_merge_is_the_mean_of_each_merged(family, name):
+    cfg = MethodConfig(name, r=2, bottleneck_dim=4)
+    model, _ = attached(family, cfg)
+    updates = [_randomize(methods.trainable_state(model, PLAN, cfg), seed) for seed in range(3)]
+    weights = [1.0, 5.0, 2.5]
+    start = initial(emulator(family), cfg)
+    proposals = [methods.propose(emulator(family), PLAN, cfg, start, u) for u in updates]
+    expected = {k: sum(p[k].double() * w for p, w in zip(proposals, weights)) / sum(weights) for k in proposals[0]}
+    got = methods.propose_mean(emulator(family), PLAN, cfg, start, updates, weights)
+    assert set(got) == set(expected) and all(v.dtype == torch.float32 for v in got.values())
+    for k in expected:
+        torch.testing.assert_close(got[k].double(), expected[k], atol=1e-6, rtol=1e-5)
+    assert any((expected[k] - proposals[0][k]).abs().max() > 1e-3 for k in expected)  # the weights mattered
+
+
+def test_a_mean_of_no_updates_or_of_bad_weights_is_refused():
+    cfg = MethodConfig("lora", r=2)
+    start = initial(emulator("llama"), cfg)
+    for updates, weights in (([], []), ([{}], [0.0]), ([{}], [float("nan")]), ([{}, {}], [1.0])):
+        with pytest.raises(InvalidUpdateError, match="positive finite weights"):
+            methods.propose_mean(emulator("llama"), PLAN, cfg, start, updates, weights)
+    with pytest.raises(ValueError, match="does not merge"):
+        methods.propose_mean(None, PLAN, MethodConfig("full"), start, [start], [1.0])
 
 
 @pytest.mark.parametrize("kwargs", [dict(name="prefix-magic"), dict(name="lora", r=0), dict(name="lora", dropout=1.0),

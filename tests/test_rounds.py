@@ -390,3 +390,30 @@ def test_jobs_list_show_and_cancel_from_the_command_line(world):
     assert cancelled.returncode == 0 and c.state.job("j").status == "cancelled"
     again = run("cancel", "j")
     assert again.returncode != 0 and "cannot become cancelled" in again.stderr
+
+
+def test_a_lora_round_merges_its_updates_in_batches_to_the_exact_weighted_mean(tiny_model, tmp_path, monkeypatch):
+    """Three LoRA updates in batches of two (one peft merge per batch) give the round's weighted mean of the
+    adapters each proposes, merged one by one."""
+    from offsite.cloud import round_control
+    from offsite.emulator import methods
+    from offsite.emulator.bundle import load_bundle
+    monkeypatch.setattr(round_control, "MERGE_BATCH", 2)
+    c, _, clients, _ = make_world(tiny_model, tmp_path, rounds=2, min_clients=3, method="lora")
+    art, cfg = c.job("j").artifacts, c.job("j").config
+    start = from_bytes(c.blobs.get(c.state.global_adapters("j")[0]))
+    updates = []
+    for seed, ((client, signer), examples) in enumerate(zip(clients, (10, 30, 20))):
+        g = torch.Generator().manual_seed(seed)
+        update = {k: 0.05 * torch.randn(shape, generator=g).to(getattr(torch, dtype)) for k, (shape, dtype) in art.update_spec.items()}
+        updates.append(update)
+        envelope = _sealed(c, client, signer, 0, to_bytes(update))
+        c.submit_update(client, UploadHeader("j", 0, examples, len(envelope), hashlib.sha256(envelope).hexdigest(), None), envelope)
+    c.tick()
+    assert c.job("j").round == 1
+    got = from_bytes(c.blobs.get(c.state.global_adapters("j")[1]))
+    proposals = [methods.propose(load_bundle(art.bundle_dir)[0], art.plan, cfg.method_config(), start, u) for u in updates]
+    for k in start:
+        want = sum(p[k].double() * w for p, w in zip(proposals, (10, 30, 20))) / 60  # none above half
+        torch.testing.assert_close(got[k].double(), want.to(start[k].dtype).double(), atol=1e-6, rtol=1e-5)
+    assert any(not torch.equal(got[k], start[k]) for k in start)
