@@ -152,3 +152,35 @@ def test_kill_9_of_a_client_mid_secure_aggregation_leaves_the_round_to_the_other
     assert [c["id"] for c in report["clients"]] == ["client-1", "client-3"] and report["rejected_updates"] == []
     adapters = StateLayout(state).open_state().global_adapters("faults")
     assert len(adapters) == 2 and adapters[1] != adapters[0]  # closed with the two survivors' sum, not aborted
+
+
+def test_kill_9_mid_round_keeps_the_sampled_clients_selected(tiny_model, tmp_path):
+    """Two of three clients are sampled for round 1; the coordinator is killed right after the first of
+    their updates is accepted. Started again, the same two stay selected (the rounds table, not memory,
+    holds them), the third is still told to wait, and each selected update counts once."""
+    data = domain.write_clients(tmp_path / "data", n_clients=3, n_train=24, n_heldout=4)
+    names = [f.name for f in data]
+    state = make_job(tmp_path, tiny_model, names, rounds=2, clients_per_round=2, min_clients=2)
+    port, enroll_port = free_port(), free_port()
+    procs = {"coordinator": serve(state, port, enroll_port, "cloud.update.accepted=1", ("--exit-when-done",))}
+    try:
+        wait_serving(state, enroll_port, procs["coordinator"])
+        for f in data:
+            procs[f.name] = client(state, port, enroll_port, f, tmp_path / f.name, f.name)
+        assert procs["coordinator"].wait(timeout=240) == -signal.SIGKILL
+        rounds = Coordinator.open(state).state
+        before, accepted = rounds.round("faults", 0).selected, [u.client_id for u in rounds.updates("faults", 0)]
+        assert len(before) == 2 and len(accepted) == 1 and accepted[0] in before
+        procs["coordinator"] = serve(state, port, enroll_port, "", ("--exit-when-done",))
+        logs = {}
+        for name in names:
+            _, logs[name] = procs[name].communicate(timeout=240)
+            assert procs[name].returncode == 0, f"{name} exited with {procs[name].returncode}:\n{logs[name][-3000:]}"
+        assert procs["coordinator"].wait(timeout=60) == 0
+    finally:
+        for p in procs.values():
+            p.kill()
+    rounds = Coordinator.open(state).state
+    assert rounds.round("faults", 0).selected == before  # the restart did not sample again
+    assert sorted(u.client_id for u in rounds.updates("faults", 0)) == sorted(before)  # each once, only the sampled
+    assert status(state)["jobs"][0]["status"] == "done"
