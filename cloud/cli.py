@@ -130,7 +130,7 @@ def cmd_serve(args) -> int:
 
     def all_over() -> bool:  # --exit-when-done: jobs exist, none trains or finalizes (done, failed or cancelled)
         jobs = coordinator.state.jobs()
-        return bool(jobs) and not any(j.status in ("running", "finalizing") for j in jobs) and not any(
+        return bool(jobs) and not any(j.status in ("created", "running", "finalizing") for j in jobs) and not any(
             t.is_alive() for t in finalizers)
 
     coordinator.on_training_done = finish

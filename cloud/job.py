@@ -274,11 +274,12 @@ class Job:
     status: str      # a key of offsite.cloud.state.JOB_TRANSITIONS
     round: int       # the open round (0-based); equals total rounds once training is over
     config: JobConfig
-    artifacts: Artifacts
+    artifacts: Artifacts | None  # None while the job is created: its emulator is being built
 
     @classmethod
     def from_record(cls, rec: JobRecord) -> "Job":
-        return cls(rec.job_id, rec.status, rec.round, _config(rec.config_json), _artifacts(rec.artifacts_json))
+        return cls(rec.job_id, rec.status, rec.round, _config(rec.config_json),
+                   None if rec.status == "created" else _artifacts(rec.artifacts_json))
 
 
 # Every call reads its job; the JSON behind it changes only when a round closes. Both records are frozen,

@@ -27,10 +27,25 @@ class JobAdmin:
         self.c = coordinator
 
     def create_job(self, cfg: JobConfig) -> JobRecord:
-        """Build the emulator bundle and skeleton, store them as blobs, and open round 0."""
-        state, blobs = self.c.state, self.c.blobs
-        if any(j.job_id == cfg.job_id for j in state.jobs()):
-            raise AlreadyExistsError(f"job {cfg.job_id} already exists; its bundle is left as it is")
+        """Take the job's id (the job is `created` meanwhile: listed, its clients told to wait), build the
+        emulator bundle and skeleton, store them as blobs, and start the job with round 0 open. A creation
+        that fails leaves no job behind; one killed midway leaves it created, for `jobs cancel`."""
+        try:
+            self.c.state.add_job(cfg.job_id, cfg.to_json(), self.c.now())
+        except AlreadyExistsError:
+            raise AlreadyExistsError(f"job {cfg.job_id} already exists; its bundle is left as it is") from None
+        try:
+            artifacts, initial = self._build(cfg)
+        except BaseException:
+            self.c.state.forget_job(cfg.job_id)
+            raise
+        self.c.state.start_job(cfg.job_id, artifacts.to_json(), self.c.blobs.put_tensors(initial), self.c.now())
+        log.info("job %s created", cfg.job_id)
+        return self.c.state.job(cfg.job_id)
+
+    def _build(self, cfg: JobConfig) -> tuple[Artifacts, dict[str, torch.Tensor]]:
+        """The job's artifacts and its first global adapter."""
+        blobs = self.c.blobs
         job_dir = self.c.layout.jobs / cfg.job_id
         result = build(cfg.base_model, cfg.emulator_config(), job_dir / "bundle", placement=cfg.placement(job_dir))
         bundle_files = {p.name: blobs.put_file(p) for p in sorted(result.bundle_dir.iterdir()) if p.is_file()}
@@ -66,8 +81,7 @@ class JobAdmin:
         if largest > cfg.max_update_bytes:
             raise ConfigError(f"an update of this job seals to up to {largest} bytes, above its max_update_bytes "
                               f"({cfg.max_update_bytes}): raise max_update_bytes")
-        state.add_job(cfg.job_id, cfg.to_json(), artifacts.to_json(), blobs.put_tensors(initial), self.c.now())
-        return state.job(cfg.job_id)
+        return artifacts, initial
 
     def cancel_job(self, job_id: str) -> None:
         """Stop a running job: its clients are told it is done at their next call, its open round never

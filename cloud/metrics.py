@@ -14,7 +14,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
-from offsite.cloud.state import State
+from offsite.cloud.state import JOB_TRANSITIONS, State
 
 # Why an update was refused, as a label: a fixed, small set (free-text reasons stay in the state database).
 REJECTION_REASONS = frozenset({
@@ -48,10 +48,13 @@ class _StateGauges(Collector):
     def __init__(self, state: State, connected_within_s: float, clock: Callable[[], float]):
         self._state, self._within, self._clock = state, connected_within_s, clock
 
-    def _families(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
+    def _families(self) -> tuple[GaugeMetricFamily, ...]:
         return (GaugeMetricFamily("offsite_clients_connected",
                                   f"Clients, not revoked, that called within the last {self._within:g} s"),
+                GaugeMetricFamily("offsite_job_status", "1 for the job's status, 0 for the others", labels=["job", "status"]),
                 GaugeMetricFamily("offsite_job_round", "The job's open round, from 0: rounds closed so far", labels=["job"]),
+                GaugeMetricFamily("offsite_round_selected", "Clients selected for the running job's open round", labels=["job"]),
+                GaugeMetricFamily("offsite_round_updates", "Updates counted in the running job's open round", labels=["job"]),
                 GaugeMetricFamily("offsite_uploads_in_progress", "Uploads begun for the open round and not finished",
                                   labels=["job"]))
 
@@ -59,13 +62,18 @@ class _StateGauges(Collector):
         return iter(self._families())  # names only: registering must not query the database
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        connected, rounds, uploads = self._families()
+        families = connected, status, rounds, selected, updates, uploads = self._families()
         since = self._clock() - self._within
         connected.add_metric([], sum(c.revoked_at is None and c.last_seen >= since for c in self._state.clients()))
         for job in self._state.jobs():
+            for name in JOB_TRANSITIONS:
+                status.add_metric([job.job_id, name], float(job.status == name))
             rounds.add_metric([job.job_id], job.round)
             uploads.add_metric([job.job_id], len(self._state.uploads(job.job_id, job.round)))
-        return iter((connected, rounds, uploads))
+            if job.status == "running":
+                selected.add_metric([job.job_id], len(self._state.round(job.job_id, job.round).selected))
+                updates.add_metric([job.job_id], len(self._state.updates(job.job_id, job.round)))
+        return iter(families)
 
 
 class Metrics:
@@ -86,6 +94,10 @@ class Metrics:
                                      registry=r)
         for reason in sorted(REFUSAL_REASONS):
             self.calls_refused.labels(reason)  # every series exists from the start, at 0
+        self.call_seconds = Histogram("offsite_call_seconds", "Time the coordinator took over a gRPC call, from its "
+                                      "start to its reply (for streams, to their end), by method", ["method"],
+                                      buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1, 2.5, 5, 10, 30, 120),
+                                      registry=r)
         self.calls_in_flight = Gauge("offsite_calls_in_flight", "gRPC calls the coordinator is serving now", registry=r)
         r.register(_StateGauges(state, connected_within_s, clock))
 

@@ -23,6 +23,7 @@ import contextlib
 import functools
 import logging
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Awaitable, Callable
@@ -157,7 +158,7 @@ class _Edge:
 
     async def _call(self, name: str, context, body: Callable[[str | None], Awaitable]):
         """Run `body(peer)` in the caller's slot and end the call with the right status on any error."""
-        peer = _peer_client_id(context)
+        peer, started = _peer_client_id(context), time.perf_counter()
         try:
             self._take_slot(peer, context, name)
             return await body(peer)
@@ -171,6 +172,8 @@ class _Edge:
         except Exception:  # a bug, not the client's doing: log it, and tell the client nothing of it
             log.exception("%s failed", name)
             await context.abort(grpc.StatusCode.INTERNAL, "internal error; the coordinator logged it")
+        finally:
+            self.metrics.call_seconds.labels(name).observe(time.perf_counter() - started)
 
     # --- the kinds of methods -------------------------------------------------------------------
     def unary(self, name: str) -> Callable:

@@ -37,6 +37,7 @@ class ClientRecord:
 # A job's status and the statuses it may move to; set_job_status refuses any other move, and makes it as a
 # compare-and-set, so two coordinator processes on one database never both make the same move.
 JOB_TRANSITIONS: dict[str, tuple[str, ...]] = {
+    "created": ("running", "cancelled", "failed"),   # its emulator is being built (start_job makes it running)
     "running": ("finalizing", "cancelled", "failed"),
     "finalizing": ("done", "failed"),
     "done": (),
@@ -128,7 +129,9 @@ class State(Protocol):
     def touch_client(self, client_id: str, activity: str | None = None) -> None: ...
     def flush_touches(self) -> None: ...
     def add_traffic(self, client_id: str, bytes_in: int = 0, bytes_out: int = 0) -> None: ...
-    def add_job(self, job_id: str, config_json: str, artifacts_json: str, adapter_sha256: str, now: float) -> None: ...
+    def add_job(self, job_id: str, config_json: str, now: float) -> None: ...
+    def start_job(self, job_id: str, artifacts_json: str, adapter_sha256: str, now: float) -> None: ...
+    def forget_job(self, job_id: str) -> bool: ...
     def job(self, job_id: str) -> JobRecord: ...
     def jobs(self) -> list[JobRecord]: ...
     def set_job_status(self, job_id: str, status: str) -> None: ...
@@ -355,15 +358,29 @@ class SqlState:
         self._run("UPDATE clients SET bytes_in = bytes_in + ?, bytes_out = bytes_out + ? WHERE client_id = ?",
                   (bytes_in, bytes_out, client_id))
 
-    def add_job(self, job_id: str, config_json: str, artifacts_json: str, adapter_sha256: str, now: float) -> None:
-        """The job, running, with round 0 open from the global adapter `adapter_sha256`."""
+    def add_job(self, job_id: str, config_json: str, now: float) -> None:
+        """The job, created: its id is taken (by one coordinator process only) while its emulator is built."""
         try:
-            with self._transaction():
-                self._execute("INSERT INTO jobs VALUES (?, ?, 'running', 0, ?, ?)", (job_id, config_json, artifacts_json, now))
-                self._execute("INSERT INTO rounds (job_id, round, status, adapter_sha256, opened_at) VALUES (?, 0, 'open', ?, ?)",
-                              (job_id, adapter_sha256, now))
+            self._run("INSERT INTO jobs VALUES (?, ?, 'created', 0, '{}', ?)", (job_id, config_json, now))
         except self._dialect.integrity_error:
             raise AlreadyExistsError(f"job {job_id} already exists") from None
+
+    def start_job(self, job_id: str, artifacts_json: str, adapter_sha256: str, now: float) -> None:
+        """The created job, running with what its creation built, round 0 open from the global adapter
+        `adapter_sha256`; in one transaction, and only from created (a job cancelled meanwhile stays so)."""
+        try:
+            with self._transaction():
+                if not self._execute("UPDATE jobs SET status = 'running', artifacts_json = ? WHERE job_id = ? AND status = 'created' "
+                                     "RETURNING job_id", (artifacts_json, job_id)).fetchall():
+                    raise _Unchanged
+                self._execute("INSERT INTO rounds (job_id, round, status, adapter_sha256, opened_at) VALUES (?, 0, 'open', ?, ?)",
+                              (job_id, adapter_sha256, now))
+        except _Unchanged:
+            raise PreconditionError(f"job {job_id} cannot start: it is {self.job(job_id).status}, not created") from None
+
+    def forget_job(self, job_id: str) -> bool:
+        """Remove a job whose creation failed (still created: nothing ran), so that its id can be used again."""
+        return bool(self._run("DELETE FROM jobs WHERE job_id = ? AND status = 'created' RETURNING job_id", (job_id,)))
 
     _JOB = "SELECT job_id, config_json, status, round, artifacts_json FROM jobs"
 
@@ -381,6 +398,8 @@ class SqlState:
         if status not in JOB_TRANSITIONS:
             raise ConfigError(f"no job status {status!r}; one of {', '.join(JOB_TRANSITIONS)}")
         current = self.job(job_id).status
+        if current == "created" and status == "running":
+            raise PreconditionError(f"job {job_id} starts with start_job, which opens its round 0")
         if status not in JOB_TRANSITIONS[current] or not self._run(
                 "UPDATE jobs SET status = ? WHERE job_id = ? AND status = ? RETURNING job_id", (status, job_id, current)):
             raise PreconditionError(f"job {job_id} cannot become {status}: it is {self.job(job_id).status}")

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from offsite.cloud.coordinator import Coordinator
 
 WAIT_S = 2.0   # how soon a client waiting for its round's close asks again
+CREATED_WAIT_S = 10.0  # how soon a client of a job whose emulator is being built asks again
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,8 @@ class Tasks:
         cfg, art, state = job.config, job.artifacts, self.c.state
         if not cfg.on_roster(client.name):
             raise PreconditionError(f"client {client.client_id} is not on the roster of job {job_id}")
+        if job.status == "created":  # its emulator is being built: minutes, at real size
+            return Task("wait", job_id, 0, cfg.rounds, retry_after_s=CREATED_WAIT_S), "waiting for the job to be created"
         if job.status != "running" or job.round >= cfg.rounds:
             return Task("done", job_id, job.round, cfg.rounds), "done"
         rnd, me = state.round(job_id, job.round), client.client_id

@@ -13,6 +13,7 @@ from offsite.cloud.api_keys import ExpiredKeyError, RevokedKeyError, UnknownKeyE
 from offsite.cloud.identity import StateLayout, hash_secret, init_state
 from offsite.cloud.state import SqliteState
 from offsite.errors import AuthError, ConfigError, NotFoundError
+from tests.test_state import _start
 
 NOW = 1_800_000_000.0
 
@@ -20,8 +21,8 @@ NOW = 1_800_000_000.0
 @pytest.fixture
 def state():
     s = SqliteState(":memory:")
-    s.add_job("j1", "{}", "{}", "a0", 1.0)
-    s.add_job("j2", "{}", "{}", "a0", 1.0)
+    _start(s, "j1", "{}")
+    _start(s, "j2", "{}")
     return s
 
 
@@ -29,7 +30,7 @@ def state():
 def folder(tmp_path):
     """A state folder as `offsite cloud init` makes it, with one job."""
     init_state(tmp_path / "s", ["a"], ["localhost"], 3600)
-    StateLayout(tmp_path / "s").open_state().add_job("j1", "{}", "{}", "a0", 1.0)
+    _start(StateLayout(tmp_path / "s").open_state(), "j1", "{}")
     return tmp_path / "s"
 
 

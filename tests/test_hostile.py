@@ -198,6 +198,9 @@ def test_idle_calls_on_both_ports_neither_freeze_nor_fill_the_coordinator(coordi
     assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * (ATTACKERS * 6 + ENROLL_CONNECTIONS * 4)
     assert cut == {"request_timeout": ATTACKERS * 3 + ENROLL_CONNECTIONS * 4, "part_timeout": ATTACKERS * 3,
                    "send_timeout": ATTACKERS * 2}  # every idle call was cut
+    # every call is timed, the cut ones too: the honest client's 5 GetTasks and more, each attacker's 3 idle uploads
+    assert _metric(web, "offsite_call_seconds_count", method="GetTask") >= 5 + ATTACKERS * 3
+    assert _metric(web, "offsite_call_seconds_count", method="UploadChunks") >= ATTACKERS * 3
     # a cut download whose client reads nothing keeps the chunk in flight until that client goes away (gRPC
     # cannot cancel a send), and keeps its slot: one client can pin at most calls_per_client of them
     assert after["in_flight"] == ATTACKERS * 2 and after["in_flight_gone"] == 0

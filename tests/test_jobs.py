@@ -148,3 +148,40 @@ def test_two_jobs_with_different_bases_and_overlapping_rosters_run_to_completion
     assert [r["status"] for r in cancelled["round_log"]] == ["open"] and cancelled["round_log"][0]["updates"] == 1
     for job_id in ("a", "b"):
         assert (state / "jobs" / job_id / "report.json").is_file()
+
+
+def test_a_job_is_created_while_its_emulator_is_built_and_a_failed_creation_leaves_none(tiny_model, tmp_path, monkeypatch):
+    """While create_job builds, the job is listed as created and its roster's clients are told to wait (not
+    done, not train); a creation that fails leaves no job, and the id can be used again."""
+    from offsite.cloud import job_admin
+    from offsite.cloud.status import read_status
+    c, _, clients, _ = make_world(tiny_model, tmp_path, rounds=1, clients=("c1",))
+    c2 = clients[1][0]  # on no job's roster so far
+    seen, real_build = {}, job_admin.build
+
+    def build(*args, **kwargs):  # what the coordinator shows while the emulator is being built
+        seen["status"] = {j["job_id"]: j["status"] for j in read_status(c)["jobs"]}
+        seen["task"] = c.next_task(c2)
+        seen["activity"] = c.state.client(c2.client_id).activity
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(job_admin, "build", build)
+    cfg = JobConfig(job_id="k", base_model=str(tiny_model), emulator_layers=1, rounds=1, clients_per_round=1, clients=("c2",))
+    c.create_job(cfg)
+    assert seen["status"] == {"j": "running", "k": "created"}
+    assert (seen["task"].kind, seen["task"].job_id, seen["task"].retry_after_s) == ("wait", "k", 10.0)
+    assert seen["activity"] == "waiting for the job to be created of job k"
+    assert c.job("k").status == "running" and c.state.global_adapters("k") and c.next_task(c2).kind in ("train", "wait")
+
+    def broken(*args, **kwargs):
+        raise ConfigError("the base model has no such layers")
+
+    monkeypatch.setattr(job_admin, "build", broken)
+    with pytest.raises(ConfigError, match="no such layers"):
+        c.create_job(JobConfig(job_id="m", base_model=str(tiny_model), emulator_layers=1))
+    assert [j.job_id for j in c.state.jobs()] == ["j", "k"]  # nothing left of m
+    monkeypatch.setattr(job_admin, "build", real_build)
+    c.create_job(JobConfig(job_id="m", base_model=str(tiny_model), emulator_layers=1))
+    assert c.job("m").status == "running"
+    with pytest.raises(AlreadyExistsError, match="job m already exists"):
+        c.create_job(JobConfig(job_id="m", base_model=str(tiny_model), emulator_layers=1))

@@ -108,9 +108,14 @@ def test_metrics_count_what_the_coordinator_did(observed):
     assert m[("offsite_received_bytes_total", ())] == observed.received > 0  # submit_update alone carries no traffic
     assert m[("offsite_sent_bytes_total", ())] == observed.sent > 0
     assert m[("offsite_job_round", j)] == 2 and m[("offsite_uploads_in_progress", j)] == 0
+    assert m[("offsite_job_status", (("job", "j"), ("status", "done")))] == 1
+    assert m[("offsite_job_status", (("job", "j"), ("status", "running")))] == 0
+    assert ("offsite_round_selected", j) not in m  # a finished job has no open round
     assert m[("offsite_clients_connected", ())] == 2  # the third is revoked
     mid = observed.mid  # scraped while the first upload was half in
     assert mid[("offsite_uploads_in_progress", j)] == 1 and mid[("offsite_job_round", j)] == 0
+    assert mid[("offsite_round_selected", j)] == 3 and mid[("offsite_round_updates", j)] == 0
+    assert mid[("offsite_job_status", (("job", "j"), ("status", "running")))] == 1
     assert mid.get(("offsite_updates_accepted_total", j), 0) == 0 and mid[("offsite_clients_connected", ())] == 3
 
 

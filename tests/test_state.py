@@ -21,6 +21,32 @@ def state(request, tmp_path):
     return IMPLEMENTATIONS[request.param](request, tmp_path)
 
 
+def _start(state, job_id: str, artifacts_json: str) -> None:
+    """A job made as create_job makes it: created, then running with round 0 open from adapter a0."""
+    state.add_job(job_id, "{}", 1.0)
+    state.start_job(job_id, artifacts_json, "a0", 1.0)
+
+
+def test_a_job_is_created_then_started_once(state):
+    state.add_job("j", '{"rounds": 2}', 1.0)
+    job = state.job("j")
+    assert (job.status, job.round, job.artifacts_json, state.rounds("j")) == ("created", 0, "{}", [])
+    state.start_job("j", '{"plan": 1}', "a0", 2.0)
+    job = state.job("j")
+    assert (job.status, job.artifacts_json, [r.adapter_sha256 for r in state.rounds("j")]) == ("running", '{"plan": 1}', ["a0"])
+    with pytest.raises(PreconditionError, match="it is running, not created"):
+        state.start_job("j", "{}", "other", 3.0)  # nothing changed: one round 0, the first artifacts
+    assert state.job("j").artifacts_json == '{"plan": 1}' and len(state.rounds("j")) == 1
+    assert not state.forget_job("j")  # only a creation that never started can be forgotten
+    state.add_job("k", "{}", 1.0)
+    state.set_job_status("k", "cancelled")  # cancelled while its emulator was built: it does not start after all
+    with pytest.raises(PreconditionError, match="it is cancelled"):
+        state.start_job("k", "{}", "a0", 2.0)
+    state.add_job("f", "{}", 1.0)
+    assert state.forget_job("f") and [j.job_id for j in state.jobs()] == ["j", "k"]
+    state.add_job("f", "{}", 1.0)  # its id is free again
+
+
 def test_tokens_are_single_use_and_expire(state):
     now = time.time()
     state.add_token("h1", "client-1", now + 60)
@@ -45,9 +71,10 @@ def test_clients_and_revocation(state):
 
 
 def test_jobs_and_updates_counted_once(state):
-    state.add_job("j", "{}", "{}", "a0", 1.0)
+    state.add_job("j", "{}", 1.0)
     with pytest.raises(AlreadyExistsError):
-        state.add_job("j", "{}", "{}", "a0", 1.0)
+        state.add_job("j", "{}", 1.0)
+    state.start_job("j", "{}", "a0", 1.0)
     assert state.add_update(UpdateRecord("j", 0, "c1", 10, "d1", 100)) == 1
     assert state.add_update(UpdateRecord("j", 0, "c2", 20, "d2", 100)) == 2
     with pytest.raises(AlreadyExistsError):
@@ -59,7 +86,7 @@ def test_jobs_and_updates_counted_once(state):
 
 
 def test_rounds_close_once_and_move_the_job(state):
-    state.add_job("j", "{}", '{"plan": 1}', "a0", 1.0)
+    _start(state, "j", '{"plan": 1}')
     first = state.round("j", 0)
     assert (first.status, first.adapter_sha256, first.opened_at, first.selected, first.deadline) == ("open", "a0", 1.0, (), None)
     state.add_update(UpdateRecord("j", 0, "c1", 10, "d1", 100))
@@ -81,7 +108,7 @@ def test_rounds_close_once_and_move_the_job(state):
 
 
 def test_a_close_that_missed_an_update_changes_nothing(state):
-    state.add_job("j", "{}", "{}", "a0", 1.0)
+    _start(state, "j", "{}")
     state.add_update(UpdateRecord("j", 0, "c1", 10, "d1", 100))
     state.add_update(UpdateRecord("j", 0, "c2", 10, "d2", 100))  # accepted while the close aggregated c1's alone
     with pytest.raises(UpdatesArrivedError):
@@ -90,7 +117,7 @@ def test_a_close_that_missed_an_update_changes_nothing(state):
 
 
 def test_job_status_moves_only_along_its_transitions(state):
-    state.add_job("j", "{}", "{}", "a0", 1.0)
+    _start(state, "j", "{}")
     with pytest.raises(PreconditionError, match="cannot become done: it is running"):
         state.set_job_status("j", "done")
     with pytest.raises(ConfigError):
@@ -105,7 +132,7 @@ def test_job_status_moves_only_along_its_transitions(state):
 
 
 def test_selections_keep_their_order_and_seats(state):
-    state.add_job("j", "{}", "{}", "a0", 1.0)
+    _start(state, "j", "{}")
     state.select_clients("j", 0, ["c3", "c1"], 2.0)
     state.select_clients("j", 0, ["c1", "c2"], 3.0)  # c1 keeps its seat
     assert state.round("j", 0).selected == ("c3", "c1", "c2") and state.rounds("j")[0].selected == ("c3", "c1", "c2")
@@ -121,7 +148,7 @@ def test_rejections_recorded(state):
 
 def test_sqlite_state_survives_reopen(tmp_path):
     first = SqliteState(tmp_path / "s.sqlite")
-    first.add_job("j", "{}", "{}", "a0", 1.0)
+    _start(first, "j", "{}")
     first.add_update(UpdateRecord("j", 0, "c1", 10, "d1", 100))
     again = SqliteState(tmp_path / "s.sqlite")
     assert len(again.updates("j")) == 1 and again.job("j").status == "running"
@@ -137,7 +164,7 @@ TWO_CONNECTIONS = {  # two handles on one database, as two coordinator processes
 @pytest.mark.parametrize("backend", sorted(TWO_CONNECTIONS))
 def test_two_connections_racing_to_close_a_round_close_it_once(backend, request, tmp_path):
     a, b = TWO_CONNECTIONS[backend](request, tmp_path)
-    a.add_job("j", "{}", "{}", "a0", 1.0)
+    _start(a, "j", "{}")
     for r in range(20):  # each round, both close it at once from their own threads
         start, results = threading.Barrier(2), {}
 
@@ -218,7 +245,7 @@ def test_last_seen_is_written_behind_and_flushed(backend, request, tmp_path):
 
 
 def test_train_loss_and_bytes_round_trip(state):
-    state.add_job("j", "{}", "{}", "a0", 1.0)
+    _start(state, "j", "{}")
     state.add_update(UpdateRecord("j", 0, "c1", 10, "d1", 5 * 2**30, 1.5, train_loss=2.25))
     state.add_update(UpdateRecord("j", 0, "c2", 10, "d2", 1))
     assert [(u.upload_bytes, u.accepted_at, u.train_loss) for u in state.updates("j")] == [(5 * 2**30, 1.5, 2.25), (1, 0.0, None)]
