@@ -195,6 +195,16 @@ def _method(task) -> MethodConfig:
     return MethodConfig(**{f.name: getattr(m, f.name) for f in m.DESCRIPTOR.fields}) if m.name else MethodConfig()
 
 
+def schedule_part(kind: str, round_: int, rounds: int) -> tuple[float, float]:
+    """The part of the learning-rate schedule a round covers: all of it ("round", or "" from an older
+    coordinator), or its share of one schedule over the job's rounds ("job")."""
+    if kind in ("", "round"):
+        return 0.0, 1.0
+    if kind != "job" or not 0 <= round_ < rounds:
+        raise ConfigError(f"the coordinator sent lr_schedule {kind!r:.40} for round {round_} of {rounds}")
+    return round_ / rounds, (round_ + 1) / rounds
+
+
 def _train(stub, task, trainer: LocalTrainer, me, cfg: ClientConfig, live: Liveness, retried) -> RoundResult:
     """Train the round; the result holds the update (the method's trainable tensors) and the training stats."""
     adapter_path = retried(lambda: download_blob(stub, task.adapter_sha256, _global_adapter(cfg, task)), "download adapter")
@@ -203,7 +213,8 @@ def _train(stub, task, trainer: LocalTrainer, me, cfg: ClientConfig, live: Liven
     log.info("client %s: %s", me.client_id, compute.describe(trainer.stored_dtype))
     train_cfg = lm.TrainConfig(epochs=t.epochs, lr=t.lr, batch_size=t.batch_size, seed=t.seed + 1000 * task.round,
                                bf16=compute.autocast, grad_accum=max(t.grad_accum, 1),
-                               gradient_checkpointing=t.gradient_checkpointing)
+                               gradient_checkpointing=t.gradient_checkpointing, prox_mu=t.prox_mu,
+                               schedule=schedule_part(t.lr_schedule, task.round, task.total_rounds))
 
     def on_step(step: int, total: int) -> None:
         live.report("training", step / total)

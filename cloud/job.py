@@ -26,6 +26,8 @@ from offsite.tensors import TensorSpec
 
 MAX_ROUNDS = 100_000           # the most rounds a job may have, and the largest round number the wire carries
 MAX_EXAMPLES = 2**53           # the largest example count the wire carries (exact in float64)
+MAX_PROX_MU = 100.0            # FedProx's mu: the paper tries 0.001..1; beyond 100 the proximal term is all there is
+LR_SCHEDULES = ("round", "job")
 WEIGHTINGS = ("examples", "equal")
 _AGGREGATION_KEYS = {"weighting", "max_examples_per_client", "max_weight_share"}  # [aggregation] keys that are job fields
 
@@ -50,6 +52,8 @@ class JobConfig:
     pack: bool = False                    # clients pack examples into full max_length sequences
     grad_accum: int = 1                   # micro-batches per optimizer step (effective batch = batch_size x this)
     gradient_checkpointing: bool = False  # clients recompute activations in backward (QLoRA-style, for small memory)
+    prox_mu: float = 0.0                  # [training] FedProx's proximal weight mu on the client; 0: plain local steps
+    lr_schedule: str = "round"            # [training] round: warmup and cosine decay each round | job: one over all rounds
     seed: int = 0
     strategy: str = "uniform"
     quantize: str | None = None
@@ -107,6 +111,10 @@ class JobConfig:
             raise ConfigError(f"round_timeout_s must be >= 0, got {self.round_timeout_s}")
         if self.epochs <= 0 or self.lr <= 0:
             raise ConfigError(f"job epochs and lr must be positive, got {self.epochs} and {self.lr}")
+        if not 0.0 <= self.prox_mu <= MAX_PROX_MU:
+            raise ConfigError(f"prox_mu must be in 0..{MAX_PROX_MU:g}, got {self.prox_mu}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if self.max_update_norm < 0 or self.heartbeat_s <= 0:
             raise ConfigError(f"max_update_norm must be >= 0 and heartbeat_s > 0, got {self.max_update_norm} and {self.heartbeat_s}")
         if self.secure_aggregation and (self.clients_per_round < 2 or self.secagg_timeout_s <= 0

@@ -199,7 +199,8 @@ def task_message(task: Task) -> pb.Task:
         msg.training.CopyFrom(pb.TrainingSettings(epochs=c.epochs, lr=c.lr, batch_size=c.batch_size,
                                                   max_length=c.max_length, seed=c.seed, method=method, pack=c.pack,
                                                   grad_accum=c.grad_accum, gradient_checkpointing=c.gradient_checkpointing,
-                                                  privacy=privacy_message(c), upload_dtype=task.upload_dtype))
+                                                  privacy=privacy_message(c), upload_dtype=task.upload_dtype,
+                                                  prox_mu=c.prox_mu, lr_schedule=c.lr_schedule))
     return msg
 
 

@@ -188,10 +188,18 @@ class TrainConfig:
     max_steps: int | None = None
     grad_accum: int = 1       # micro-batches per optimizer step: a large effective batch in little memory
     gradient_checkpointing: bool = False  # recompute block activations in backward: less memory, ~30% more compute
+    prox_mu: float = 0.0      # FedProx (Li et al. 2020): mu / 2 * ||w - w_start||^2 joins the loss; 0: off
+    schedule: tuple[float, float] = (0.0, 1.0)  # the part of the lr schedule this run covers (a job-wide one: round r of R
+                                                # covers (r / R, (r + 1) / R)); warmup only where it starts at 0
 
     def __post_init__(self) -> None:
         if self.epochs <= 0 or self.lr <= 0 or self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError(f"epochs, lr, batch_size and grad_accum must be positive: {self}")
+        if not (math.isfinite(self.prox_mu) and self.prox_mu >= 0):
+            raise ValueError(f"prox_mu must be finite and >= 0, got {self.prox_mu}")
+        start, end = self.schedule
+        if not 0.0 <= start < end <= 1.0:
+            raise ValueError(f"schedule must be a part (start, end) of [0, 1] with start < end, got {self.schedule}")
 
 
 @dataclass(frozen=True)
@@ -212,6 +220,25 @@ def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def lr_multiplier(step: int, total: int, cfg: TrainConfig) -> float:
+    """The learning rate of optimizer step `step` of `total`, as a multiple of cfg.lr: linear warmup over the
+    first warmup_steps (only where the schedule starts, at 0), then cosine decay from 1 to 0.1 over the
+    schedule. A run that covers the part (start, end) of it (cfg.schedule) follows that part only, so that
+    the rounds of a job together make one warmup and one decay instead of one each."""
+    start, end = cfg.schedule
+    warmup = cfg.warmup_steps if start == 0 else 0
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = start + (end - start) * (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def proximal_term(params: list[torch.nn.Parameter], anchors: list[torch.Tensor], mu: float) -> torch.Tensor:
+    """FedProx's mu / 2 * ||w - w_start||^2 over the trainables: it keeps a client's local steps near the
+    global adapter it started from, which damps client drift on non-IID data."""
+    return 0.5 * mu * sum(((p.float() - a) ** 2).sum() for p, a in zip(params, anchors))
 
 
 def total_steps(examples: int, cfg: TrainConfig) -> int:
@@ -237,19 +264,15 @@ def train(model, encoded: list[Row], params: list[torch.nn.Parameter], pad_id: i
     micro_per_epoch = math.ceil(len(encoded) / cfg.batch_size)
     total = total_steps(len(encoded), cfg)
     opt = (optimizer or torch.optim.AdamW)(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-
-    def lr_at(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+    # FedProx's anchor: the round's start, taken before a resume loads later values (fp32, one copy of the trainables)
+    anchors = [p.detach().float().clone() for p in params] if cfg.prox_mu else None
 
     step, epoch, skip = 0, 0, 0
     resumed = checkpoint.restore(params, opt) if checkpoint else None
     if resumed:
         step, epoch, skip = resumed["step"], resumed["epoch"], resumed["batch"]
         log.info("%s: resuming training at step %d of %d from %s", desc, step, total, checkpoint.path)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at, last_epoch=step - 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, total, cfg), last_epoch=step - 1)
     device = input_device(model)
     model.train()
     last, micro, tokens, loss_total = float("nan"), 0, 0, 0.0
@@ -261,7 +284,8 @@ def train(model, encoded: list[Row], params: list[torch.nn.Parameter], pad_id: i
                 continue
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 loss_sum, n = token_loss_sum(model, ids.to(device), mask.to(device), labels.to(device))
-            loss = loss_sum / max(n, 1) + (regularizer() if regularizer else 0.0)
+            loss = (loss_sum / max(n, 1) + (regularizer() if regularizer else 0.0)
+                    + (proximal_term(params, anchors, cfg.prox_mu) if anchors else 0.0))
             (loss / cfg.grad_accum).backward()
             summed = float(loss_sum.detach())
             micro, tokens, last, loss_total = micro + 1, tokens + n, summed / max(n, 1), loss_total + summed

@@ -53,3 +53,27 @@ def test_the_aggregation_section_splits_into_weights_rule_and_strategy(tmp_path)
     (tmp_path / "job.toml").write_text('[job]\nid = "j"\nbase_model = "m"\n[aggregation]\ncombine = "median"\ntrim = 0.1\n')
     with pytest.raises(ConfigError, match="trim"):  # median takes no trim: it lands with the strategy, which refuses it
         JobConfig.from_toml(tmp_path / "job.toml")
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(prox_mu=-0.1), "prox_mu"), (dict(prox_mu=1e3), "prox_mu"),
+                                           (dict(lr_schedule="cosine"), "lr_schedule")])
+def test_fedprox_and_schedule_settings_are_bounded(tiny_model, kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        JobConfig(job_id="j", base_model=str(tiny_model), **kwargs)
+
+
+def test_the_client_takes_its_rounds_part_of_a_job_wide_schedule():
+    from offsite.client.run import schedule_part
+    assert schedule_part("job", 1, 4) == (0.25, 0.5) and schedule_part("round", 3, 4) == (0.0, 1.0)
+    assert schedule_part("", 0, 1) == (0.0, 1.0)  # an older coordinator sends none
+    for kind, round_, rounds in (("job", 4, 4), ("job", -1, 4), ("warm", 0, 4)):
+        with pytest.raises(ConfigError, match="lr_schedule"):
+            schedule_part(kind, round_, rounds)
+
+
+def test_a_train_task_carries_the_fedprox_and_schedule_settings(tiny_model):
+    from offsite.cloud.serde import task_message
+    from offsite.cloud.tasks import Task
+    cfg = JobConfig(job_id="j", base_model=str(tiny_model), prox_mu=0.1, lr_schedule="job")
+    training = task_message(Task("train", "j", 1, 2, config=cfg)).training
+    assert (training.prox_mu, training.lr_schedule) == (pytest.approx(0.1), "job")

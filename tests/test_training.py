@@ -88,3 +88,52 @@ def test_the_round_reports_its_token_weighted_mean_training_loss(trainer):
     assert out.stats.mean_loss == pytest.approx(lm.mean_token_loss(local.model, local.train_set, local.tokenizer.pad_token_id),
                                                 rel=1e-4)
     assert out.stats.mean_loss != pytest.approx(out.stats.last_loss, rel=1e-4)  # not just the last micro-batch
+
+
+@pytest.mark.parametrize("schedule, warmup, total, expected", [
+    ((0.0, 1.0), 2, 6, [0.5, 1.0, 1.0, 0.1 + 0.45 * (1 + 0.7071067811865476), 0.55, 0.1 + 0.45 * (1 - 0.7071067811865476)]),
+    ((0.5, 1.0), 2, 4, [0.55, 0.1 + 0.45 * (1 - 0.3826834323650898), 0.1 + 0.45 * (1 - 0.7071067811865476),
+                        0.1 + 0.45 * (1 - 0.9238795325112867)]),  # no warmup: it was in the job's first round
+    ((0.0, 0.5), 1, 3, [1.0, 1.0, 0.1 + 0.45 * (1 + 0.7071067811865476)]),  # round 1 of 2: warmup, half the decay
+])
+def test_the_learning_rate_follows_its_part_of_the_schedule(schedule, warmup, total, expected):
+    cfg = lm.TrainConfig(schedule=schedule, warmup_steps=warmup)
+    assert [lm.lr_multiplier(step, total, cfg) for step in range(total)] == pytest.approx(expected, abs=1e-12)
+
+
+def test_a_job_wide_schedule_is_one_decay_over_its_rounds():
+    """Round r of R covers (r / R, (r + 1) / R): each round starts where the last one would have gone on."""
+    rounds, steps = 4, 5
+    parts = [lm.TrainConfig(schedule=(r / rounds, (r + 1) / rounds), warmup_steps=0) for r in range(rounds)]
+    chained = [lm.lr_multiplier(s, steps, cfg) for cfg in parts for s in range(steps)]
+    whole = [lm.lr_multiplier(s, rounds * steps, lm.TrainConfig(warmup_steps=0)) for s in range(rounds * steps)]
+    assert chained == pytest.approx(whole, abs=1e-12)
+    assert chained[0] == 1.0 and chained[-1] < 0.12  # one decay, not four restarts
+    for bad in ((0.5, 0.5), (-0.1, 0.5), (0.2, 1.5)):
+        with pytest.raises(ValueError, match="schedule"):
+            lm.TrainConfig(schedule=bad)
+
+
+def test_the_proximal_term_and_its_gradient_by_hand():
+    w = torch.nn.Parameter(torch.tensor([2.0, 4.0]))
+    v = torch.nn.Parameter(torch.tensor([[1.0]]))
+    term = lm.proximal_term([w, v], [torch.tensor([1.0, 2.0]), torch.tensor([[3.0]])], mu=0.5)
+    assert term.item() == pytest.approx(0.25 * (1 + 4 + 4))  # mu / 2 * ||w - w0||^2
+    term.backward()
+    assert w.grad.tolist() == [0.5, 1.0] and v.grad.tolist() == [[-1.0]]  # mu * (w - w0)
+    for bad in (-0.1, float("nan")):
+        with pytest.raises(ValueError, match="prox_mu"):
+            lm.TrainConfig(prox_mu=bad)
+
+
+def test_fedprox_keeps_the_local_update_near_the_global_adapter(trainer):
+    local, start = trainer
+    digest = spec_digest(spec_of(start))
+
+    def moved(mu: float) -> float:
+        out = local.train_round(start, digest, lm.TrainConfig(epochs=1, lr=1e-2, batch_size=8, prox_mu=mu), MethodConfig(),
+                                show_progress=False)
+        return sum(float(((out.update[k].double() - start[k].double()) ** 2).sum()) for k in start) ** 0.5
+
+    free, held = moved(0.0), moved(50.0)
+    assert held < 0.2 * free  # the proximal term pulls the local steps back toward the start (measured: 1.91 vs 0.09)

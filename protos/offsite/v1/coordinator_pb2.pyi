@@ -36,7 +36,7 @@ class GetTaskRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class TrainingSettings(_message.Message):
-    __slots__ = ("epochs", "lr", "batch_size", "max_length", "seed", "method", "pack", "grad_accum", "gradient_checkpointing", "privacy", "upload_dtype")
+    __slots__ = ("epochs", "lr", "batch_size", "max_length", "seed", "method", "pack", "grad_accum", "gradient_checkpointing", "privacy", "upload_dtype", "prox_mu", "lr_schedule")
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +48,8 @@ class TrainingSettings(_message.Message):
     GRADIENT_CHECKPOINTING_FIELD_NUMBER: _ClassVar[int]
     PRIVACY_FIELD_NUMBER: _ClassVar[int]
     UPLOAD_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    PROX_MU_FIELD_NUMBER: _ClassVar[int]
+    LR_SCHEDULE_FIELD_NUMBER: _ClassVar[int]
     epochs: float
     lr: float
     batch_size: int
@@ -59,7 +61,9 @@ class TrainingSettings(_message.Message):
     gradient_checkpointing: bool
     privacy: Privacy
     upload_dtype: str
-    def __init__(self, epochs: _Optional[float] = ..., lr: _Optional[float] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., seed: _Optional[int] = ..., method: _Optional[_Union[AdapterMethod, _Mapping]] = ..., pack: _Optional[bool] = ..., grad_accum: _Optional[int] = ..., gradient_checkpointing: _Optional[bool] = ..., privacy: _Optional[_Union[Privacy, _Mapping]] = ..., upload_dtype: _Optional[str] = ...) -> None: ...
+    prox_mu: float
+    lr_schedule: str
+    def __init__(self, epochs: _Optional[float] = ..., lr: _Optional[float] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., seed: _Optional[int] = ..., method: _Optional[_Union[AdapterMethod, _Mapping]] = ..., pack: _Optional[bool] = ..., grad_accum: _Optional[int] = ..., gradient_checkpointing: _Optional[bool] = ..., privacy: _Optional[_Union[Privacy, _Mapping]] = ..., upload_dtype: _Optional[str] = ..., prox_mu: _Optional[float] = ..., lr_schedule: _Optional[str] = ...) -> None: ...
 
 class AdapterMethod(_message.Message):
     __slots__ = ("name", "r", "alpha", "dropout", "target_modules", "target_r", "orth_reg_weight", "virtual_tokens", "bottleneck_dim")
