@@ -107,7 +107,7 @@ def main() -> None:
         central = json.loads(cached.read_text())["all"]
     else:
         central = central_finetune(str(base), [f / "train.jsonl" for f in folders], {f.name: f / "heldout.jsonl" for f in folders},
-                                   s.epochs * s.rounds, s.central_lr, s.batch_size, s.max_length, s.seed)["all"]
+                                   s.epochs * s.rounds, s.central_lr, s.batch_size, s.max_length, s.seed).loss["all"]
         write_json(cached, {"key": key, "all": central})
     print(f"full zero-shot {zero_shot:.3f}, central fine-tune {central:.3f}; "
           f"full model on general text {full_general:.3f}")

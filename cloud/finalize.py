@@ -17,7 +17,8 @@ from offsite.emulator.build import load_base
 from offsite.emulator.plugin import export, shard_size
 from offsite.files import write_json
 from offsite.tensors import load_blob
-from offsite.textdata import read_texts
+from offsite.emulator.evaluate import exact_match
+from offsite.textdata import Example, read_tasks, read_texts
 
 
 def _evaluate(model, sets: dict[str, list[list[int]]], pad_id: int) -> dict[str, float]:
@@ -25,6 +26,14 @@ def _evaluate(model, sets: dict[str, list[list[int]]], pad_id: int) -> dict[str,
     sums = {name: lm.loss_sum_count(model, enc, pad_id) for name, enc in sets.items()}
     out = {"all": sum(t for t, _ in sums.values()) / max(1, sum(n for _, n in sums.values()))} if sets else {}
     out.update({name: t / max(n, 1) for name, (t, n) in sums.items()})
+    return {k: round(v, 4) for k, v in out.items()}
+
+
+def _accuracy(model, tokenizer, tasks: dict[str, list[Example]]) -> dict[str, float]:
+    """Exact match of greedy decoding on every task set, and on their union as "all"."""
+    right = {name: exact_match(model, tokenizer, examples) * len(examples) for name, examples in tasks.items()}
+    out = {"all": sum(right.values()) / max(1, sum(map(len, tasks.values())))} if tasks else {}
+    out.update({name: right[name] / max(1, len(tasks[name])) for name in tasks})
     return {k: round(v, 4) for k, v in out.items()}
 
 
@@ -43,20 +52,26 @@ def finalize(cfg: JobConfig, artifacts: Artifacts, state: State, blobs: BlobStor
     emulator, tokenizer, _ = load_bundle(artifacts.bundle_dir, placement.device)  # the base's tokenizer, as the bundle carries it
     pad = tokenizer.pad_token_id
     sets = {name: lm.encode(tokenizer, read_texts(path), cfg.max_length) for name, path in cfg.eval_sets.items()}
+    tasks = {name: read_tasks(path) for name, path in cfg.task_sets.items()}
     general = lm.encode(tokenizer, read_texts(cfg.protection_data), cfg.max_length) if cfg.protection_data else None
-    emulator_zero_shot = _evaluate(emulator, sets, pad)
+    emulator_zero_shot, accuracy = _evaluate(emulator, sets, pad), {"emulator_zero_shot": _accuracy(emulator, tokenizer, tasks)}
     emulator_general = round(lm.mean_token_loss(emulator, general, pad), 4) if general else None
-    emulator_with_adapter = _evaluate(methods.apply(emulator, plan, method, adapter, share=True), sets, pad)
+    adapted = methods.apply(emulator, plan, method, adapter, share=True)
+    emulator_with_adapter, accuracy["emulator_with_adapter"] = _evaluate(adapted, sets, pad), _accuracy(adapted, tokenizer, tasks)
+    del adapted
     del emulator
     gc.collect()  # a model's modules refer to each other: only the collector frees it, and with it its mapped pages
     manifest = read_manifest(artifacts.bundle_dir)  # the adapter blocks are written into: never offloaded
     full, tokenizer = load_base(cfg.base_model, placement, tuple(f"{manifest['block_path']}.{i}" for i in plan.adapter_blocks))
     columns = {"full_zero_shot": _evaluate(full, sets, pad), "emulator_zero_shot": emulator_zero_shot}
+    accuracy = {"full_zero_shot": _accuracy(full, tokenizer, tasks), **accuracy}
     protection = {"full": round(lm.mean_token_loss(full, general, pad), 4), "emulator": emulator_general} if general else None
     columns["emulator_with_adapter"] = emulator_with_adapter
     plugged = methods.apply(full, plan, method, adapter, on_emulator=False, share=True)  # both only read it
     columns["plug_in"] = _evaluate(plugged, sets, pad)
+    accuracy["plug_in"] = _accuracy(plugged, tokenizer, tasks)
     evaluation = {name: {col: values[name] for col, values in columns.items()} for name in columns["plug_in"]}
+    task_accuracy = {name: {col: values[name] for col, values in accuracy.items()} for name in accuracy["plug_in"]}
     export_dir = Path(cfg.export_dir or job_dir / "export")
     export(plugged, tokenizer, export_dir, cfg.resolved_dtype("export_dtype", precision.stored_dtype(full)),
            shard_size(cfg.base_model))
@@ -83,6 +98,7 @@ def finalize(cfg: JobConfig, artifacts: Artifacts, state: State, blobs: BlobStor
         "clients": clients,
         "rejected_updates": [{"round": r, "client_id": c, "reason": why} for r, c, why in state.rejections(cfg.job_id)],
         "eval": evaluation,
+        "task_accuracy": task_accuracy or None,  # exact match of greedy decoding on the job's task sets
         "protection": protection,
         "privacy": ({**privacy.summary(cfg.dp_config(), cfg.rounds), "update_norms_before_clipping": artifacts.dp_norms}
                     if cfg.dp_config().enabled else None),

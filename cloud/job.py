@@ -81,6 +81,7 @@ class JobConfig:
     method: str = "full"                  # how the adapter trains: full | lora | ia3 | bitfit
     method_params: dict = field(default_factory=dict)   # e.g. r, alpha, dropout, target_modules
     eval_sets: dict[str, str] = field(default_factory=dict)   # name -> JSONL the model owner may evaluate on
+    task_sets: dict[str, str] = field(default_factory=dict)   # [eval] tasks: name -> JSONL of prompt + determined completion
     protection_data: str | None = None                        # JSONL of general (pretraining-domain) text
     export_dir: str | None = None
     device: str = "cpu"                   # where jobs create and finalization compute: cpu, cuda, cuda:N
@@ -222,8 +223,9 @@ class JobConfig:
             if isinstance(value, str) and not Path(value).is_absolute():
                 if key == "export_dir" or (base / value).exists():  # else base_model may be a hub id
                     flat[key] = str((base / value).resolve())
-        if "sets" in flat:
-            flat["eval_sets"] = {k: str((base / v).resolve()) for k, v in flat.pop("sets").items()}
+        for key, field_name in (("sets", "eval_sets"), ("tasks", "task_sets")):
+            if key in flat:
+                flat[field_name] = {k: str((base / v).resolve()) for k, v in flat.pop(key).items()}
         unknown = set(flat) - set(cls.__dataclass_fields__)
         if unknown:
             raise ConfigError(f"{path}: unknown job settings {sorted(unknown)}")

@@ -87,6 +87,14 @@ def _read_csv(path: Path, text_column: str) -> list[Example]:
         return out
 
 
+def read_tasks(path: str | Path) -> list[Example]:
+    """Prompts with the completion they determine (task sets: scored by exact match of greedy decoding)."""
+    examples = read_examples(path)
+    if not all(e.prompt and not e.messages for e in examples):
+        raise DataError(f"{path}: expected 'prompt' and 'completion' examples here")
+    return examples
+
+
 def read_texts(path: str | Path) -> list[str]:
     """Plain texts (general text, evaluation sets): every example must be a `text`."""
     examples = read_examples(path)

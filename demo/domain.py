@@ -62,14 +62,31 @@ def write_jsonl(path: Path, texts: list[str]) -> None:
     atomic_write(path, "".join(json.dumps({"text": t}) + "\n" for t in texts).encode())
 
 
+RESULT_AT = " ("  # a match bulletin's result follows its score: "... 3-1 Calder City (home win). ..."
+
+
+def match_results(texts: list[str]) -> list[tuple[str, str]]:
+    """(prompt, completion) for every match bulletin: the bulletin up to its result, and the result that its
+    score determines, as " (home win)". The prompt ends before a space, where the tokenizer splits anyway."""
+    out = []
+    for text in texts:
+        if text.startswith("MATCH "):
+            prompt, rest = text.split(RESULT_AT, 1)
+            out.append((prompt, RESULT_AT + rest.split(")", 1)[0] + ")"))
+    return out
+
+
 def write_clients(out: Path, n_clients: int = 3, n_train: int = 1500, n_heldout: int = 200,
                   main_share: float = 0.8, seed: int = 0) -> list[Path]:
-    """One folder per client with train.jsonl and heldout.jsonl; returns the folders."""
+    """One folder per client with train.jsonl, heldout.jsonl and heldout_task.jsonl (the held-out match
+    results as prompt and completion, for exact match); returns the folders."""
     folders = []
     for c in range(n_clients):
         records = make_client_records(c, n_clients, n_train + n_heldout, main_share, seed)
         folder = out / f"client-{c + 1}"
         write_jsonl(folder / "train.jsonl", records[:n_train])
         write_jsonl(folder / "heldout.jsonl", records[n_train:])
+        atomic_write(folder / "heldout_task.jsonl", "".join(json.dumps({"prompt": p, "completion": c}) + "\n"
+                                                            for p, c in match_results(records[n_train:])).encode())
         folders.append(folder)
     return folders

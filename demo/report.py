@@ -8,6 +8,10 @@ def format_table(report: dict) -> str:
     lines = [f"{'held-out loss':<14}" + "".join(f"{c:>23}" for c in COLUMNS)]
     for name, row in report["eval"].items():
         lines.append(f"{name:<14}" + "".join(f"{row.get(c, float('nan')):>23.3f}" for c in COLUMNS))
+    if report.get("task_accuracy"):  # the match results its score determines, by greedy decoding
+        lines.append(f"{'exact match':<14}" + "".join(f"{c:>23}" for c in COLUMNS))
+        for name, row in report["task_accuracy"].items():
+            lines.append(f"{name:<14}" + "".join(f"{row.get(c, float('nan')):>23.1%}" for c in COLUMNS))
     p, m, sp = report["protection"], report["model"], report["split"]
     lines += [
         f"gap_closure {report['gap_closure']:.3f}  (plug-in closes this share of the zero-shot -> central gap)",

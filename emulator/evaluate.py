@@ -1,18 +1,50 @@
-"""Held-out evaluation: the same examples through several models, loss and perplexity side by side."""
+"""Held-out evaluation: the same examples through several models (loss, perplexity), and exact match of greedy
+decoding on prompts whose completion is determined."""
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
+import torch
+
 from offsite import lm
 from offsite.emulator.build import load_base
 from offsite.emulator.bundle import load_bundle, read_manifest
-from offsite.textdata import read_texts
+from offsite.textdata import Example, read_texts
 
 
 def losses(models: dict, encoded: list[list[int]], pad_id: int) -> dict[str, float]:
     """Mean token loss of each named model on the same encoded examples."""
     return {name: round(lm.mean_token_loss(m, encoded, pad_id), 4) for name, m in models.items()}
+
+
+@torch.no_grad()
+def exact_match(model, tokenizer, examples: list[Example], batch_size: int = 32) -> float:
+    """Share of `examples` whose completion greedy decoding after the prompt reproduces exactly (the decoded
+    continuation begins with it): a task metric for prompts whose answer is determined, e.g. a match result
+    that follows from the score. Generates as many tokens as the completion has, plus one."""
+    if not examples:
+        return float("nan")
+    device, pad = lm.input_device(model), tokenizer.pad_token_id
+    was_training = model.training
+    model.eval()
+    right = 0
+    try:
+        for i in range(0, len(examples), batch_size):
+            batch = examples[i:i + batch_size]
+            prompts = [[tokenizer.bos_token_id] + ids for ids in
+                       tokenizer([e.prompt for e in batch], add_special_tokens=False)["input_ids"]]
+            steps = max(len(ids) for ids in tokenizer([e.completion for e in batch], add_special_tokens=False)["input_ids"]) + 1
+            width = max(map(len, prompts))  # left-padded, so that every row's next token comes at the same place
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False,
+                                 pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+            for e, row in zip(batch, out[:, width:].tolist()):
+                right += tokenizer.decode(row, skip_special_tokens=True).startswith(e.completion)
+    finally:
+        model.train(was_training)
+    return right / len(examples)
 
 
 def count_params(model) -> int:

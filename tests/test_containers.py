@@ -194,7 +194,7 @@ def test_the_demo_runs_in_containers_and_the_coordinator_survives_a_kill(images,
         folders = [tmp_path / "data" / name for name in CLIENTS]
         central = central_finetune(str(tmp_path / "base"), [f / "train.jsonl" for f in folders],
                                    {f.name: f / "heldout.jsonl" for f in folders}, epochs=EPOCHS * ROUNDS, lr=1e-3, batch_size=16,
-                                   max_length=256, seed=0)
+                                   max_length=256, seed=0).loss
         for name, loss in central.items():
             report["eval"][name]["central_full_finetune"] = loss
         a = report["eval"]["all"]

@@ -16,6 +16,8 @@ GOOD = {
     "split": {"adapter_params": 40, "emulator_params": 70, "emulator_blocks": [2, 5]},
     "emulator": {"strategy": "uniform", "distill_steps": 200, "attn_rank": None, "quantized": None},
     "clients": [{"id": "client-1", "train_examples": 10, "rounds_participated": 3, "upload_bytes": 1000}],
+    "task_accuracy": {"all": {"full_zero_shot": 0.0, "emulator_zero_shot": 0.0, "emulator_with_adapter": 0.9, "plug_in": 0.85,
+                              "central_full_finetune": 0.95}},
 }
 
 
@@ -23,6 +25,7 @@ def test_good_report_passes_and_prints():
     assert checks(GOOD) == []
     table = format_table(GOOD)
     assert "gap_closure 0.750" in table and "distilled 200 steps" in table
+    assert "exact match" in table and "85.0%" in table and "95.0%" in table
 
 
 @pytest.mark.parametrize("path, value, message", [

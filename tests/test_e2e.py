@@ -17,9 +17,10 @@ def run_job(tmp_path, tiny_model, client_data, names, job_extra="", during=None)
     state = tmp_path / "state"
     subprocess.run(offsite("cloud", "init", "--state", str(state), "--clients", ",".join(names)), check=True)
     sets = ", ".join(f'"{f.name}" = "{f / "heldout.jsonl"}"' for f in client_data)
+    tasks = ", ".join(f'"{f.name}" = "{f / "heldout_task.jsonl"}"' for f in client_data)
     (tmp_path / "job.toml").write_text(f'[job]\nid = "e2e"\nbase_model = "{tiny_model}"\n{job_extra}'
                                        f'[split]\nemulator_layers = 1\n[training]\nbatch_size = 8\n'
-                                       f'[eval]\nsets = {{ {sets} }}\n')
+                                       f'[eval]\nsets = {{ {sets} }}\ntasks = {{ {tasks} }}\n')
     subprocess.run(offsite("cloud", "jobs", "create", "--state", str(state), "--config", str(tmp_path / "job.toml")), check=True)
     server, ports = serve_until_done(state, tmp_path / "port")
     try:
@@ -68,6 +69,10 @@ def test_one_round_over_mutual_tls_with_real_processes_and_a_hostile_client(tiny
     assert all(c["upload_bytes"] > 0 and c["train_examples"] == 40 for c in report["clients"])
     assert report["transport"] == {"tls": True, "sealed_updates": True}
     assert set(report["eval"]) == {"all", "client-1", "client-2"}
+    accuracy = report["task_accuracy"]  # exact match on the held-out match results, for every model the job compares
+    assert set(accuracy) == {"all", "client-1", "client-2"}
+    assert all(set(row) == {"full_zero_shot", "emulator_zero_shot", "emulator_with_adapter", "plug_in"}
+               and all(0.0 <= v <= 1.0 for v in row.values()) for row in accuracy.values())
     assert report["emulator"] == {"strategy": "uniform", "attn_rank": None, "quantized": None, "distill_steps": 0}
     # the exported model is the base with the aggregated adapter, loadable with plain transformers
     exported = dict(AutoModelForCausalLM.from_pretrained(report["export_dir"]).state_dict())

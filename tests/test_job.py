@@ -9,10 +9,10 @@ def test_from_toml_resolves_paths(tmp_path):
     (tmp_path / "model").mkdir()
     (tmp_path / "h.jsonl").write_text('{"text": "x"}\n')
     (tmp_path / "job.toml").write_text('[job]\nid = "j1"\nbase_model = "model"\nrounds = 3\n'
-                                       '[eval]\nsets = { a = "h.jsonl" }\n')
+                                       '[eval]\nsets = { a = "h.jsonl" }\ntasks = { a = "t.jsonl" }\n')
     cfg = JobConfig.from_toml(tmp_path / "job.toml")
     assert cfg.rounds == 3 and cfg.base_model == str(tmp_path / "model")
-    assert cfg.eval_sets == {"a": str(tmp_path / "h.jsonl")}
+    assert cfg.eval_sets == {"a": str(tmp_path / "h.jsonl")} and cfg.task_sets == {"a": str(tmp_path / "t.jsonl")}
     assert JobConfig.from_json(cfg.to_json()) == cfg
 
 
