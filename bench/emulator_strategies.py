@@ -19,6 +19,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from offsite import lm
+from offsite.client.run import schedule_part
 from offsite.client.train import LocalTrainer
 from offsite.cloud.aggregate import FedAvg, WeightedMean
 from offsite.demo import domain
@@ -32,11 +33,12 @@ from offsite.emulator.build import build, load_base
 from offsite.emulator.bundle import load_bundle
 from offsite.emulator import methods
 from offsite.emulator.config import EmulatorConfig
+from offsite.emulator.evaluate import exact_match
 from offsite.emulator.methods import MethodConfig
 from offsite.emulator.quantize import tensor_bytes_by_block
 from offsite.files import write_json
 from offsite.tensors import spec_digest, spec_of, to_bytes
-from offsite.textdata import read_texts
+from offsite.textdata import read_tasks, read_texts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,9 +57,11 @@ def variants(distill_data: Path, steps: int) -> dict[str, EmulatorConfig]:
 
 
 def federate(base: Path, bundle: Path, folders: list[Path], s: DemoSettings, method: MethodConfig = MethodConfig(),
-             lr: float | None = None) -> dict[str, float]:
+             lr: float | None = None, prox_mu: float = 0.0, lr_schedule: str = "round") -> dict[str, float]:
     """The demo's schedule: rounds x clients, each from the global adapter; each update merged into the
-    dense adapter it proposes and averaged by examples, as the coordinator does."""
+    dense adapter it proposes and averaged by examples, as the coordinator does. Returns the held-out loss
+    and exact match (on each client's heldout_task.jsonl) of the emulator with the adapter and of the plug-in,
+    and what a client spent: trainable parameters, upload bytes and seconds of training per round."""
     trainers = [LocalTrainer(bundle, read_texts(f / "train.jsonl"), None, s.max_length) for f in folders]
     full, tokenizer = load_base(str(base))
     plan = trainers[0].plan
@@ -65,21 +69,27 @@ def federate(base: Path, bundle: Path, folders: list[Path], s: DemoSettings, met
     torch.manual_seed(s.seed)
     global_adapter = {**extract_adapter(full, plan, on_emulator=False), **methods.fresh_extras(scratch, plan, method)}
     digest = spec_digest(spec_of(global_adapter))
+    seconds = 0.0
     for r in range(s.rounds):
         mean = WeightedMean()
         for t in trainers:
             cfg = lm.TrainConfig(epochs=s.epochs, lr=lr or s.lr, batch_size=s.batch_size, seed=s.seed + 1000 * r,
-                                 bf16=lm.cpu_has_fast_bf16())
+                                 bf16=lm.cpu_has_fast_bf16(), prox_mu=prox_mu, schedule=schedule_part(lr_schedule, r, s.rounds))
             out = t.train_round(global_adapter, digest, cfg, method, show_progress=False)
+            seconds += out.stats.seconds
             mean.add(methods.propose(scratch, plan, method, global_adapter, out.update), float(len(t.train_set)))
         global_adapter, _ = FedAvg().step(global_adapter, mean.result(), {})
     held = [x for f in folders for x in lm.encode(tokenizer, read_texts(f / "heldout.jsonl"), s.max_length)]
+    tasks = [x for f in folders for x in read_tasks(f / "heldout_task.jsonl")]
     emulator, _, plan = load_bundle(bundle)
     emulator = methods.apply(emulator, plan, method, global_adapter)
     full = methods.apply(full, plan, method, global_adapter, on_emulator=False)
     return {"emulator_with_adapter": lm.mean_token_loss(emulator, held, tokenizer.pad_token_id),
             "plug_in": lm.mean_token_loss(full, held, tokenizer.pad_token_id),
-            "trainable_params": out.trainable_params, "upload_bytes": len(to_bytes(out.update))}
+            "emulator_with_adapter_accuracy": exact_match(emulator, tokenizer, tasks),
+            "plug_in_accuracy": exact_match(full, tokenizer, tasks),
+            "trainable_params": out.trainable_params, "upload_bytes": len(to_bytes(out.update)),
+            "client_seconds_per_round": seconds / (s.rounds * len(trainers))}
 
 
 def main() -> None:

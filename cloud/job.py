@@ -45,6 +45,7 @@ class JobConfig:
     bottom: int = 2
     top: int = 2
     emulator_layers: int = 2
+    train_extra: tuple[str, ...] = ()     # [split] what the adapter trains beyond its blocks: norm, head, embeddings
     epochs: float = 1.0
     lr: float = 3e-3
     batch_size: int = 16
@@ -95,6 +96,9 @@ class JobConfig:
                 and self.job_id.replace("-", "").replace("_", "").isalnum()):
             raise ConfigError(f"job id must be 1 to 64 ASCII letters, digits, '-' or '_', got {self.job_id!r:.80}")
         object.__setattr__(self, "clients", tuple(self.clients))  # a TOML or JSON list
+        object.__setattr__(self, "train_extra", tuple(self.train_extra))
+        if self.train_extra and self.method != "full":
+            raise ConfigError(f"train_extra trains {list(self.train_extra)} in full: it needs method full, not {self.method}")
         bad = [n for n in self.clients if not isinstance(n, str) or not CLIENT_NAME.fullmatch(n)]
         if bad or len(set(self.clients)) != len(self.clients):
             raise ConfigError(f"clients must be distinct client names ({CLIENT_NAME.pattern}), got {list(self.clients)!r:.200}")
@@ -188,7 +192,7 @@ class JobConfig:
         return EmulatorConfig(bottom=self.bottom, top=self.top, emulator_layers=self.emulator_layers,
                               strategy=self.strategy, quantize=self.quantize, attn_rank=self.attn_rank, calibration_data=self.calibration_data,
                               distill_data=self.distill_data, distill_steps=self.distill_steps,
-                              distill_lr=self.distill_lr, seed=self.seed)
+                              distill_lr=self.distill_lr, seed=self.seed, train_extra=self.train_extra)
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "JobConfig":

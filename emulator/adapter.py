@@ -1,4 +1,5 @@
-"""The adapter's tensors under one canonical naming: the full model's state-dict names.
+"""The adapter's tensors under one canonical naming: the full model's state-dict names (blocks, and the
+plan's extras outside them).
 
 The same adapter block sits at different indices in the emulator and in the full model; naming its
 tensors by the full model's indices lets the cloud plug an update in with a plain state-dict load.
@@ -14,12 +15,19 @@ from offsite.errors import InvalidUpdateError
 
 
 def _block_tensors(model: nn.Module, plan: SplitPlan, on_emulator: bool) -> dict[str, torch.nn.Parameter]:
+    """The adapter blocks' parameters and the plan's extras (named alike in the emulator and the full model)."""
     found = find_blocks(model)
     out = {}
     for original in plan.adapter_blocks:
         index = plan.emulator_index(original) if on_emulator else original
         for name, param in found.blocks[index].named_parameters():
             out[f"{found.path}.{original}.{name}"] = param
+    if plan.extras:
+        params = dict(model.named_parameters())
+        missing = [n for n in plan.extras if n not in params]
+        if missing:
+            raise InvalidUpdateError(f"the model has no parameters {missing[:3]}, which the adapter trains")
+        out.update({n: params[n] for n in plan.extras})
     return out
 
 
@@ -55,7 +63,8 @@ def load_adapter(model: nn.Module, plan: SplitPlan, adapter: dict[str, torch.Ten
 
 
 def freeze_all_but_adapter(model: nn.Module, plan: SplitPlan, on_emulator: bool) -> list[nn.Parameter]:
-    """Freeze everything (embeddings, emulator middle, head) except the adapter; return the trainables."""
+    """Freeze everything (embeddings, emulator middle, head) except the adapter (with the plan's extras);
+    return the trainables."""
     for p in model.parameters():
         p.requires_grad_(False)
     trainable = list(_block_tensors(model, plan, on_emulator).values())

@@ -1,6 +1,7 @@
 """Build an emulator bundle and the adapter skeleton from a base model."""
 from __future__ import annotations
 
+import dataclasses
 import gc
 import tempfile
 from dataclasses import asdict, dataclass
@@ -15,6 +16,7 @@ from offsite.emulator.blocks import find_blocks, keep_blocks, num_blocks
 from offsite.emulator.bundle import write_manifest
 from offsite.emulator.config import EmulatorConfig
 from offsite.emulator.distill import DistillConfig, distill
+from offsite.emulator.extras import extra_names
 from offsite.emulator.placement import Placement, onloaded
 from offsite.emulator.plan import SplitPlan
 from offsite.emulator.quantize import quantize_saved
@@ -53,15 +55,17 @@ class BuildResult:
 
 
 def choose_plan(model, tokenizer, cfg: EmulatorConfig) -> tuple[SplitPlan, list[list[float]] | None]:
-    """The split: uniform drop, or one block per cluster of similar middle blocks (with the CKA matrix)."""
-    n = num_blocks(model.config)
+    """The split: uniform drop, or one block per cluster of similar middle blocks (with the CKA matrix);
+    with the parameters the adapter trains beyond its blocks (cfg.train_extra)."""
+    n, extras = num_blocks(model.config), extra_names(model, cfg.train_extra)
     if cfg.strategy == "uniform":
-        return SplitPlan.uniform(n, cfg.bottom, cfg.top, cfg.emulator_layers), None
+        return dataclasses.replace(SplitPlan.uniform(n, cfg.bottom, cfg.top, cfg.emulator_layers), extras=extras), None
     SplitPlan.uniform(n, cfg.bottom, cfg.top, cfg.emulator_layers)  # same validation of the numbers
     texts = read_texts(cfg.calibration_data or cfg.distill_data)
     windows = lm.pack(lm.encode(tokenizer, texts, max_len=10**9), 128)[:64]
     sim = middle_similarity(model, cfg.bottom, cfg.top, windows, tokenizer.pad_token_id)
-    return similarity_plan(n, cfg.bottom, cfg.top, cfg.emulator_layers, sim), [[round(float(v), 4) for v in row] for row in sim]
+    plan = dataclasses.replace(similarity_plan(n, cfg.bottom, cfg.top, cfg.emulator_layers, sim), extras=extras)
+    return plan, [[round(float(v), 4) for v in row] for row in sim]
 
 
 def _distill_bf16(state) -> bool:

@@ -7,6 +7,7 @@ from offsite.errors import ConfigError
 
 
 STRATEGIES = ("uniform", "similarity")
+EXTRAS = ("norm", "head", "embeddings")  # what the adapter may train beyond its blocks
 
 
 @dataclass(frozen=True)
@@ -23,8 +24,12 @@ class EmulatorConfig:
     distill_lr: float = 1e-4
     distill_batch_size: int = 8
     seed: int = 0
+    train_extra: tuple[str, ...] = ()  # beyond the adapter blocks: "norm", "head", "embeddings" (offsite.emulator.extras)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "train_extra", tuple(self.train_extra))  # a TOML or JSON list
+        if not set(self.train_extra) <= set(EXTRAS) or len(set(self.train_extra)) != len(self.train_extra):
+            raise ConfigError(f"train_extra must name distinct ones of {', '.join(EXTRAS)}, got {list(self.train_extra)}")
         if min(self.bottom, self.top, self.emulator_layers) < 1:
             raise ConfigError(f"bottom, top and emulator_layers must be at least 1: {self}")
         if self.strategy not in STRATEGIES:

@@ -9,12 +9,15 @@ from offsite.errors import ConfigError
 @dataclass(frozen=True)
 class SplitPlan:
     """Bottom `bottom` and top `top` blocks are the adapter; `kept_middle` (original indices, in order)
-    are the emulator's compressed middle."""
+    are the emulator's compressed middle. `extras` are parameters outside the blocks that the adapter
+    trains too (the final norm, the LM head, the input embeddings: see offsite.emulator.extras), by their
+    names in the full model, which the emulator shares."""
 
     num_blocks: int
     bottom: int
     top: int
     kept_middle: tuple[int, ...]
+    extras: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.bottom < 1 or self.top < 1:
@@ -54,8 +57,10 @@ class SplitPlan:
         return self.emulator_order.index(original)
 
     def to_dict(self) -> dict:
-        return {"num_blocks": self.num_blocks, "bottom": self.bottom, "top": self.top, "kept_middle": list(self.kept_middle)}
+        return {"num_blocks": self.num_blocks, "bottom": self.bottom, "top": self.top, "kept_middle": list(self.kept_middle),
+                **({"extras": list(self.extras)} if self.extras else {})}  # older readers see the plan they know
 
     @classmethod
     def from_dict(cls, d: dict) -> "SplitPlan":
-        return cls(int(d["num_blocks"]), int(d["bottom"]), int(d["top"]), tuple(int(i) for i in d["kept_middle"]))
+        return cls(int(d["num_blocks"]), int(d["bottom"]), int(d["top"]), tuple(int(i) for i in d["kept_middle"]),
+                   tuple(str(n) for n in d.get("extras", ())))

@@ -255,3 +255,16 @@ def test_an_adapter_that_does_not_fit_the_base_is_refused(tiny_model, every_meth
         assert end.finish == "error" and isinstance(end.error, InvalidUpdateError), broken.keys() - adapter.keys()
     assert collect(served.submit("full", [5, 6])[1])[1].finish in ("length", "stop")
     served.engine.drain()
+
+
+def test_a_job_that_trained_beyond_its_blocks_is_refused_by_the_shared_base_engine():
+    """Its norm, head or embeddings would be shared by every row of a batch: serving it here would answer
+    with the base's, so it is refused by name."""
+    from offsite.emulator.adapter import extract_adapter
+    from offsite.emulator.blocks import find_blocks
+    base = tiny("llama")
+    plan = SplitPlan(6, 2, 2, (3,), extras=("model.norm.weight",))
+    found = find_blocks(base)
+    adapter = extract_adapter(base, plan, on_emulator=False)
+    with pytest.raises(InvalidUpdateError, match="trained model.norm.weight beyond its adapter blocks"):
+        build_adapter("j", base, list(found.blocks), found.path, plan, MethodConfig("full"), adapter)

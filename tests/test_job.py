@@ -77,3 +77,9 @@ def test_a_train_task_carries_the_fedprox_and_schedule_settings(tiny_model):
     cfg = JobConfig(job_id="j", base_model=str(tiny_model), prox_mu=0.1, lr_schedule="job")
     training = task_message(Task("train", "j", 1, 2, config=cfg)).training
     assert (training.prox_mu, training.lr_schedule) == (pytest.approx(0.1), "job")
+
+
+def test_extras_train_in_full_only(tiny_model):
+    assert JobConfig(job_id="j", base_model=str(tiny_model), train_extra=["norm"]).emulator_config().train_extra == ("norm",)
+    with pytest.raises(ConfigError, match="needs method full"):
+        JobConfig(job_id="j", base_model=str(tiny_model), train_extra=("norm",), method="lora")

@@ -124,3 +124,37 @@ def test_adapter_with_wrong_names_is_refused(tiny_model):
     adapter.pop(next(iter(adapter)))
     with pytest.raises(Exception, match="missing"):
         load_adapter(full, plan, adapter, on_emulator=False)
+
+
+@pytest.mark.parametrize("family, kinds, expected", [
+    ("llama", ("norm",), ("model.norm.weight",)),
+    ("llama", ("head", "embeddings"), ("lm_head.weight", "model.embed_tokens.weight")),  # untied: two matrices
+    ("gpt2", ("norm", "head"), ("transformer.ln_f.bias", "transformer.ln_f.weight", "transformer.wte.weight")),  # tied
+    ("opt", ("norm",), ("model.decoder.final_layer_norm.bias", "model.decoder.final_layer_norm.weight")),
+    ("bloom", ("norm",), ("transformer.ln_f.bias", "transformer.ln_f.weight")),  # not word_embeddings_layernorm
+    ("gpt_neox", ("head",), ("lm_head.weight",)),
+])
+def test_what_the_adapter_trains_beyond_its_blocks_is_named_per_family(family, kinds, expected):
+    from offsite.emulator.extras import extra_names
+    from tests.test_families import tiny
+    assert extra_names(tiny(family), kinds) == expected
+
+
+def test_a_plan_with_extras_travels_and_an_older_one_reads_without(tiny_model, tmp_path):
+    plan = SplitPlan(6, 2, 2, (3,), extras=("model.norm.weight",))
+    assert SplitPlan.from_dict(plan.to_dict()) == plan
+    assert SplitPlan.from_dict({"num_blocks": 6, "bottom": 2, "top": 2, "kept_middle": [3]}).extras == ()
+    with pytest.raises(ConfigError, match="train_extra"):
+        EmulatorConfig(train_extra=("lm_head",))
+    result = build(str(tiny_model), EmulatorConfig(emulator_layers=1, train_extra=("norm", "embeddings")), tmp_path / "b",
+                   show_progress=False)
+    assert result.plan.extras == ("model.embed_tokens.weight", "model.norm.weight")  # the tiny base ties its head
+    assert set(result.plan.extras) <= set(result.skeleton)  # the job's first global adapter holds them
+    emulator, _, plan = load_bundle(tmp_path / "b")
+    assert plan == result.plan  # the bundle's manifest carries them to the client
+    full, _ = load_base(str(tiny_model))
+    torch.testing.assert_close(result.skeleton["model.norm.weight"], full.state_dict()["model.norm.weight"])
+    changed = {k: v + 0.5 for k, v in result.skeleton.items()}
+    load_adapter(full, plan, changed, on_emulator=False)  # plug-in writes them into the full model too
+    torch.testing.assert_close(full.state_dict()["model.norm.weight"], changed["model.norm.weight"])
+    torch.testing.assert_close(full.get_output_embeddings().weight, changed["model.embed_tokens.weight"])  # tied: the head too

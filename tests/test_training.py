@@ -137,3 +137,17 @@ def test_fedprox_keeps_the_local_update_near_the_global_adapter(trainer):
 
     free, held = moved(0.0), moved(50.0)
     assert held < 0.2 * free  # the proximal term pulls the local steps back toward the start (measured: 1.91 vs 0.09)
+
+
+def test_the_final_norm_and_embeddings_train_and_travel_when_the_job_says_so(tiny_model, client_data, tmp_path):
+    result = build(str(tiny_model), EmulatorConfig(emulator_layers=1, train_extra=("norm", "embeddings")), tmp_path / "b",
+                   show_progress=False)
+    texts = read_texts(client_data[0] / "train.jsonl")
+    local = LocalTrainer(tmp_path / "b", texts, texts[:8], max_length=64)
+    start = result.skeleton
+    out = local.train_round(start, spec_digest(spec_of(start)), lm.TrainConfig(epochs=1, lr=1e-2, batch_size=8),
+                            show_progress=False)
+    assert set(out.update) == set(start)  # the blocks and the extras
+    for name in ("model.norm.weight", "model.embed_tokens.weight"):
+        assert not torch.equal(out.update[name], start[name])
+    assert out.heldout_after < out.heldout_before

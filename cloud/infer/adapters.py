@@ -63,6 +63,9 @@ def build_adapter(job_id: str, model: nn.Module, base_blocks: list[nn.Module], b
     job's tensors differ from the base's."""
     if plan.num_blocks != len(base_blocks):
         raise InvalidUpdateError(f"job {job_id} was split from a {plan.num_blocks}-block model; this base has {len(base_blocks)}")
+    if plan.extras:  # rows of one batch share the base's norm, head and embeddings: only blocks are routed per job
+        raise InvalidUpdateError(f"job {job_id} trained {', '.join(plan.extras)} beyond its adapter blocks, which the "
+                                 f"shared-base engine cannot route per request: serve its export on its own")
     extras = {k: v for k, v in adapter.items() if k == methods.PROMPT}
     blocks: dict[int, nn.Module] = {}
     deltas: dict[tuple[int, str], Delta] = {}

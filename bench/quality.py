@@ -1,0 +1,158 @@
+"""Where the demo's quality goes, and what the federated options buy back: one run, same base, data,
+emulator and seeds for every row.
+
+    .venv/bin/python bench/quality.py [--rows demo,schedule-job,prox-0.01,prox-0.1] [--no-baselines]
+
+Baselines (each trained on the pooled client data for rounds x epochs, as central fine-tuning is):
+- central_full_finetune: the whole full model (the upper bound gap_closure is measured against);
+- central_adapter_on_full: only the adapter blocks, on the full model itself (what the emulator costs);
+- central_offsite: the adapter through the same emulator, then plugged in (what federation costs).
+Rows: the demo's federated schedule (bench/emulator_strategies.federate: the system's own trainer, merge
+and FedAvg, no wire) under each option of the job file. For every row: held-out loss of the plug-in,
+gap_closure, exact match on the held-out match results, the emulator's protection margin on general
+text (emulator alone minus full model), a client's training seconds and upload bytes per round.
+Results: bench/results/quality.json (rows of earlier runs are kept).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers.utils import logging as hf_logging
+
+from offsite import lm
+from offsite.client.train import LocalTrainer
+from offsite.demo import domain
+from offsite.demo.base import prepare_base
+from offsite.demo.central import central_finetune
+from offsite.demo.corpus import general_corpus
+from offsite.demo.run import DemoSettings
+from offsite.emulator.adapter import extract_adapter, freeze_all_but_adapter, load_adapter
+from offsite.emulator.build import build, load_base
+from offsite.emulator.bundle import load_bundle
+from offsite.emulator.config import EmulatorConfig
+from offsite.emulator.evaluate import exact_match
+from offsite.files import write_json
+from offsite.tensors import spec_digest, spec_of
+from offsite.textdata import read_tasks, read_texts
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from emulator_strategies import federate  # noqa: E402  (the one federated schedule of the benches)
+
+ROWS = {  # name -> the job file's options: [training] ones as keyword arguments of federate, [split] train_extra
+    "demo": {},
+    "schedule-job": {"lr_schedule": "job"},
+    "prox-0.01": {"prox_mu": 0.01},
+    "prox-0.1": {"prox_mu": 0.1},
+    "extra-norm": {"train_extra": ("norm",)},
+    "extra-norm-head": {"train_extra": ("norm", "head")},  # the demo's base ties them: the embeddings train too
+}
+
+
+def _scores(model, tokenizer, held: list, tasks: list) -> dict[str, float]:
+    return {"loss": round(lm.mean_token_loss(model, held, tokenizer.pad_token_id), 4),
+            "accuracy": round(exact_match(model, tokenizer, tasks), 4)}
+
+
+def baselines(base: Path, bundle: Path, folders: list[Path], s: DemoSettings, held: list, tasks: list) -> dict[str, dict]:
+    """The three central baselines, each on the pooled data for rounds x epochs."""
+    pooled = [t for f in folders for t in read_texts(f / "train.jsonl")]
+    epochs = s.epochs * s.rounds
+    central = central_finetune(str(base), [f / "train.jsonl" for f in folders], {f.name: f / "heldout.jsonl" for f in folders},
+                               epochs, s.central_lr, s.batch_size, s.max_length, s.seed,
+                               task_files={f.name: f / "heldout_task.jsonl" for f in folders})
+    out = {"central_full_finetune": {"loss": central.loss["all"], "accuracy": central.accuracy["all"]}}
+
+    full, tokenizer = load_base(str(base))  # the adapter blocks trained on the full model itself
+    plan = load_bundle(bundle)[2]
+    encoded = lm.encode(tokenizer, pooled, s.max_length)
+    lm.train(full, encoded, freeze_all_but_adapter(full, plan, on_emulator=False), tokenizer.pad_token_id,
+             lm.TrainConfig(epochs=epochs, lr=s.lr, batch_size=s.batch_size, seed=s.seed, bf16=lm.cpu_has_fast_bf16()),
+             desc="central adapter on the full model", show_progress=False)
+    out["central_adapter_on_full"] = _scores(full, tokenizer, held, tasks)
+
+    trainer = LocalTrainer(bundle, pooled, None, s.max_length)  # the adapter through the emulator, plugged in
+    full, tokenizer = load_base(str(base))
+    start = extract_adapter(full, plan, on_emulator=False)
+    result = trainer.train_round(start, spec_digest(spec_of(start)),
+                                 lm.TrainConfig(epochs=epochs, lr=s.lr, batch_size=s.batch_size, seed=s.seed,
+                                                bf16=lm.cpu_has_fast_bf16()), show_progress=False)
+    load_adapter(full, plan, result.update, on_emulator=False)
+    out["central_offsite"] = _scores(full, tokenizer, held, tasks)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", default=",".join(ROWS))
+    parser.add_argument("--no-baselines", action="store_true")
+    parser.add_argument("--work", default=str(ROOT / "runs" / "bench"))
+    args = parser.parse_args()
+    hf_logging.disable_progress_bar()
+    torch.manual_seed(0)
+    s = DemoSettings()
+    work = Path(args.work)
+    base = prepare_base(ROOT / "runs" / "demo" / "base", s.base)
+    folders = domain.write_clients(work / "data", s.clients, s.n_train, s.n_heldout, s.main_share, s.seed)
+    general_train, general_held = general_corpus()
+    domain.write_jsonl(work / "data" / "general_train.jsonl", general_train)
+    full, tokenizer = load_base(str(base))
+    held = [x for f in folders for x in lm.encode(tokenizer, read_texts(f / "heldout.jsonl"), s.max_length)]
+    tasks = [x for f in folders for x in read_tasks(f / "heldout_task.jsonl")]
+    general = lm.encode(tokenizer, general_held, s.max_length)
+    zero_shot, full_general = _scores(full, tokenizer, held, tasks), lm.mean_token_loss(full, general, tokenizer.pad_token_id)
+    out_path = ROOT / "bench" / "results" / "quality.json"
+    previous = json.loads(out_path.read_text()) if out_path.is_file() else {}
+    def emulator_config(train_extra: tuple[str, ...] = ()) -> EmulatorConfig:  # the demo's: 2 of 4 middle blocks, distilled
+        return EmulatorConfig(emulator_layers=2, distill_data=str(work / "data" / "general_train.jsonl"),
+                              distill_steps=s.distill_steps, distill_lr=1e-4, train_extra=train_extra)
+
+    bundle = work / "quality-bundle"
+    build(str(base), emulator_config(), bundle, show_progress=False)
+    emulator = load_bundle(bundle)[0]
+    emulator_zero_shot = _scores(emulator, tokenizer, held, tasks)
+    margin = round(lm.mean_token_loss(emulator, general, tokenizer.pad_token_id) - full_general, 4)
+    t = time.perf_counter()
+    central = previous.get("baselines", {}) if args.no_baselines else baselines(base, bundle, folders, s, held, tasks)
+    print(f"baselines in {time.perf_counter() - t:.0f} s: {central}", flush=True)
+    top = central["central_full_finetune"]["loss"]
+
+    def closure(loss: float) -> float:
+        return round((zero_shot["loss"] - loss) / (zero_shot["loss"] - top), 4)
+
+    rows = {}
+    for name in args.rows.split(","):
+        options = dict(ROWS[name])
+        extra = options.pop("train_extra", ())
+        row_bundle = work / f"quality-bundle-{'-'.join(extra)}" if extra else bundle  # the same emulator, more in the adapter
+        if extra:
+            build(str(base), emulator_config(extra), row_bundle, show_progress=False)
+        fed = federate(base, row_bundle, folders, s, **options)
+        rows[name] = {"options": ROWS[name], "plug_in": round(fed["plug_in"], 4), "gap_closure": closure(fed["plug_in"]),
+                      "plug_in_accuracy": round(fed["plug_in_accuracy"], 4),
+                      "emulator_with_adapter": round(fed["emulator_with_adapter"], 4), "protection_margin": margin,
+                      "client_seconds_per_round": round(fed["client_seconds_per_round"], 1),
+                      "upload_bytes_per_round": fed["upload_bytes"]}
+        print(name, rows[name], flush=True)
+    print(f"\nfull zero-shot loss {zero_shot['loss']:.3f}, exact match {zero_shot['accuracy']:.1%}; emulator zero-shot "
+          f"{emulator_zero_shot['loss']:.3f}, {emulator_zero_shot['accuracy']:.1%}; protection margin {margin:.3f} nats")
+    print(f"{'baseline':<26}{'loss':>8}{'gap_closure':>13}{'exact match':>13}")
+    for name, b in central.items():
+        print(f"{name:<26}{b['loss']:>8.3f}{closure(b['loss']):>13.3f}{b['accuracy']:>13.1%}")
+    print(f"{'federated row':<26}{'plug-in':>8}{'gap_closure':>13}{'exact match':>13}{'client s/round':>16}{'upload B/round':>16}")
+    for name, r in rows.items():
+        print(f"{name:<26}{r['plug_in']:>8.3f}{r['gap_closure']:>13.3f}{r['plug_in_accuracy']:>13.1%}"
+              f"{r['client_seconds_per_round']:>16.1f}{r['upload_bytes_per_round']:>16,}")
+    write_json(out_path, {"machine": f"{os.cpu_count()} cores", "full_zero_shot": zero_shot,
+                          "emulator_zero_shot": emulator_zero_shot, "protection_margin": margin, "baselines": central,
+                          "rows": {**previous.get("rows", {}), **rows}})
+
+
+if __name__ == "__main__":
+    main()
