@@ -1,8 +1,11 @@
 """Emulator variants side by side on the demo model: what each gives the data owner (plug-in
-gap_closure after the demo's federated schedule) and the model owner (emulator-alone loss on general
-text: higher protects more). One run, same data, same schedule, same seeds for every variant.
+gap_closure and exact match after the demo's federated schedule) and the model owner (protection: the
+emulator alone's loss on general text minus the full model's, and its exact match on the task; a worse
+emulator protects more). One run, same data, same schedule, same seeds for every variant; the strategies
+and the knobs that move them (distillation steps, attention rank, kept blocks). The utility/protection
+frontier is drawn to bench/results/frontier.svg.
 
-    .venv/bin/python bench/emulator_strategies.py [--variants uniform,distill] [--distill-steps 200]
+    .venv/bin/python bench/emulator_strategies.py [--variants uniform,distill,...] [--distill-steps 200]
 
 Federation is simulated in one process with the system's own pieces (LocalTrainer, FedAvg, plug-in);
 the wire is left out because it does not change the numbers.
@@ -44,9 +47,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def variants(distill_data: Path, steps: int) -> dict[str, EmulatorConfig]:
+    def distilled(n: int) -> EmulatorConfig:
+        return EmulatorConfig(emulator_layers=2, distill_data=str(distill_data), distill_steps=n, distill_lr=1e-4)
     return {
         "uniform": EmulatorConfig(emulator_layers=2),
-        "distill": EmulatorConfig(emulator_layers=2, distill_data=str(distill_data), distill_steps=steps, distill_lr=1e-4),
+        "distill": distilled(steps),
+        "distill-50": distilled(50),
+        "distill-100": distilled(100),
+        "keep-1": EmulatorConfig(emulator_layers=1),
+        "keep-3": EmulatorConfig(emulator_layers=3),
+        "attn-rank-32": EmulatorConfig(emulator_layers=2, attn_rank=32),
         "similarity": EmulatorConfig(emulator_layers=2, strategy="similarity", calibration_data=str(distill_data)),
         "attn-rank": EmulatorConfig(emulator_layers=2, attn_rank=64),
         "int8": EmulatorConfig(emulator_layers=2, quantize="int8"),
@@ -110,6 +120,8 @@ def main() -> None:
     general = lm.encode(tokenizer, general_held, s.max_length)
     held = [x for f in folders for x in lm.encode(tokenizer, read_texts(f / "heldout.jsonl"), s.max_length)]
     zero_shot = lm.mean_token_loss(full, held, tokenizer.pad_token_id)
+    tasks = [x for f in folders for x in read_tasks(f / "heldout_task.jsonl")]
+    zero_shot_accuracy = exact_match(full, tokenizer, tasks)
     full_general = lm.mean_token_loss(full, general, tokenizer.pad_token_id)
     cached = work / "central.json"  # the baseline does not depend on the emulator: compute it once
     key = {"settings": repr(s), "base": (base / "offsite-base.json").read_text()}
@@ -134,24 +146,69 @@ def main() -> None:
             bundle_bytes = sum(f.stat().st_size for f in (Path(tmp) / "bundle").iterdir())
             protection = lm.mean_token_loss(emulator, general, tokenizer.pad_token_id)
             zs_emulator = lm.mean_token_loss(emulator, held, tokenizer.pad_token_id)
+            zs_emulator_accuracy = exact_match(emulator, tokenizer, tasks)
             fed = federate(base, Path(tmp) / "bundle", folders, s)
         rows[name] = {"build_s": round(build_s, 1), "kept_middle": list(plan.kept_middle), "middle_bytes": middle_bytes,
                       "bundle_bytes": bundle_bytes, "emulator_general_loss": round(protection, 4),
                       "protection_margin": round(protection - full_general, 4), "emulator_zero_shot": round(zs_emulator, 4),
-                      **{k: round(v, 4) for k, v in fed.items() if k in ("emulator_with_adapter", "plug_in")},
+                      "emulator_zero_shot_accuracy": round(zs_emulator_accuracy, 4),
+                      **{k: round(v, 4) for k, v in fed.items() if k in ("emulator_with_adapter", "plug_in", "plug_in_accuracy")},
                       "gap_closure": round((zero_shot - fed["plug_in"]) / (zero_shot - central), 4)}
         print(name, rows[name], flush=True)
-    print(f"\n{'variant':<12}{'kept':>8}{'emulator loss (general)':>25}{'margin vs full':>16}{'plug-in':>10}"
-          f"{'gap_closure':>13}{'middle MB':>11}{'bundle MB':>11}{'build s':>9}")
-    for name, r in rows.items():
-        print(f"{name:<12}{str(r['kept_middle']):>8}{r['emulator_general_loss']:>25.3f}{r['protection_margin']:>16.3f}"
-              f"{r['plug_in']:>10.3f}{r['gap_closure']:>13.3f}{r['middle_bytes'] / 1e6:>11.2f}{r['bundle_bytes'] / 1e6:>11.2f}"
-              f"{r['build_s']:>9.0f}")
     out = ROOT / "bench" / "results" / "emulator_strategies.json"
-    previous = json.loads(out.read_text())["variants"] if out.is_file() else {}
-    rows = {**previous, **rows}  # runs of other variants are kept
-    write_json(out, {"full_zero_shot": round(zero_shot, 4), "central_full_finetune": round(central, 4),
-                "full_general_loss": round(full_general, 4), "distill_steps": args.distill_steps, "variants": rows})
+    previous = json.loads(out.read_text()) if out.is_file() else {}
+    if previous.get("full_zero_shot") == round(zero_shot, 4):  # rows of other variants on the same base are kept
+        rows = {**previous["variants"], **rows}
+    print(f"\n{'variant':<14}{'kept':>10}{'emulator loss (general)':>25}{'margin vs full':>16}{'emulator task':>15}"
+          f"{'plug-in':>10}{'gap_closure':>13}{'exact match':>13}{'middle MB':>11}{'build s':>9}")
+    for name, r in rows.items():
+        print(f"{name:<14}{str(r['kept_middle']):>10}{r['emulator_general_loss']:>25.3f}{r['protection_margin']:>16.3f}"
+              f"{r.get('emulator_zero_shot_accuracy', float('nan')):>15.1%}{r['plug_in']:>10.3f}{r['gap_closure']:>13.3f}"
+              f"{r.get('plug_in_accuracy', float('nan')):>13.1%}{r['middle_bytes'] / 1e6:>11.2f}{r['build_s']:>9.0f}")
+    write_json(out, {"full_zero_shot": round(zero_shot, 4), "full_zero_shot_accuracy": round(zero_shot_accuracy, 4),
+                     "central_full_finetune": round(central, 4), "full_general_loss": round(full_general, 4),
+                     "distill_steps": args.distill_steps, "variants": rows})
+    frontier_svg(rows, ROOT / "bench" / "results" / "frontier.svg")
+
+
+def pareto(points: dict[str, tuple[float, float]]) -> list[str]:
+    """The names of the points no other point beats on both coordinates (higher is better on each), by x."""
+    return sorted((n for n, (x, y) in points.items()
+                   if not any(x2 >= x and y2 >= y and (x2, y2) != (x, y) for x2, y2 in points.values())),
+                  key=lambda n: points[n][0])
+
+
+def frontier_svg(rows: dict[str, dict], path: Path, width: int = 640, height: int = 420) -> None:
+    """Protection margin (x) against gap_closure (y), every variant a labelled point, the frontier a line."""
+    points = {n: (r["protection_margin"], r["gap_closure"]) for n, r in rows.items()}
+    xs, ys = [x for x, _ in points.values()], [y for _, y in points.values()]
+    x0, x1 = min(xs + [0.0]), max(xs + [0.1]) * 1.1 + 1e-3
+    y0, y1 = min(ys) - 0.02, max(ys) + 0.02
+    left, bottom, right, top = 70, height - 50, width - 20, 20
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        return (left + (x - x0) / (x1 - x0) * (right - left), bottom - (y - y0) / (y1 - y0) * (bottom - top))
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">',
+             f'<rect width="{width}" height="{height}" fill="white"/>',
+             f'<line x1="{left}" y1="{bottom}" x2="{right}" y2="{bottom}" stroke="black"/>',
+             f'<line x1="{left}" y1="{bottom}" x2="{left}" y2="{top}" stroke="black"/>',
+             f'<text x="{(left + right) / 2}" y="{height - 12}" text-anchor="middle">protection: emulator alone minus full '
+             f'model, loss on general text (nats)</text>',
+             f'<text x="16" y="{(top + bottom) / 2}" text-anchor="middle" transform="rotate(-90 16 {(top + bottom) / 2})">'
+             f'utility: gap_closure of the plug-in</text>']
+    for i in range(5):
+        x, y = x0 + (x1 - x0) * i / 4, y0 + (y1 - y0) * i / 4
+        (px, _), (_, py) = at(x, y0), at(x0, y)
+        parts += [f'<text x="{px}" y="{bottom + 15}" text-anchor="middle">{x:.3f}</text>',
+                  f'<text x="{left - 6}" y="{py + 4}" text-anchor="end">{y:.3f}</text>']
+    line = " ".join("%.1f,%.1f" % at(*points[n]) for n in pareto(points))
+    parts.append(f'<polyline points="{line}" fill="none" stroke="#c33" stroke-width="1.5"/>')
+    for name, (x, y) in points.items():
+        px, py = at(x, y)
+        parts += [f'<circle cx="{px:.1f}" cy="{py:.1f}" r="3.5" fill="#246"/>',
+                  f'<text x="{px + 6:.1f}" y="{py - 5:.1f}">{name}</text>']
+    path.write_text("\n".join(parts + ["</svg>"]) + "\n")
 
 
 if __name__ == "__main__":
