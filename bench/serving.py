@@ -341,7 +341,7 @@ def child_engine(spec: dict) -> None:
 
     def load(job_id: str):
         r = engine.router
-        return build_adapter(job_id, model, r.base_blocks, r.path, p, method,
+        return build_adapter(job_id, model, r, p, method,
                              adapter_tensors(kind, r.base_blocks, r.path, p, int(job_id.split("-")[1])))
 
     cache = AdapterCache(load, None)

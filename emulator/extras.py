@@ -34,6 +34,19 @@ def extra_names(model: nn.Module, kinds: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(sorted(names))
 
 
+def outer_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The modules outside the blocks that hold what `extra_names` can name, by module name: the final
+    norm (where the family has one it can tell), the input embeddings and the output head (one matrix, two
+    modules, when tied)."""
+    found = {id(m): n for n, m in model.named_modules()}
+    try:
+        norm = [final_norm(model)]
+    except UnsupportedModelError:
+        norm = []
+    modules = [*norm, model.get_input_embeddings(), model.get_output_embeddings()]
+    return {found[id(m)]: m for m in modules if m is not None and id(m) in found}
+
+
 def final_norm(model: nn.Module) -> nn.Module:
     """The norm after the last block: a norm beside the block list (LLaMA's model.norm, GPT-2's ln_f, OPT's
     final_layer_norm), not one of the embeddings (BLOOM's word_embeddings_layernorm)."""

@@ -60,9 +60,8 @@ class Served:
         self.base = base
 
     def _load(self, job_id):
-        cfg, adapter = self.jobs[job_id]
-        r = self.engine.router
-        return build_adapter(job_id, self.base, r.base_blocks, r.path, PLAN, cfg, adapter)
+        cfg, adapter, *plan = self.jobs[job_id]  # a job may bring its own plan
+        return build_adapter(job_id, self.base, self.engine.router, plan[0] if plan else PLAN, cfg, adapter)
 
     def submit(self, model, prompt, sampling=Sampling(max_tokens=TOKENS, temperature=0), **kw):
         events: queue.Queue = queue.Queue()
@@ -257,14 +256,30 @@ def test_an_adapter_that_does_not_fit_the_base_is_refused(tiny_model, every_meth
     served.engine.drain()
 
 
-def test_a_job_that_trained_beyond_its_blocks_is_refused_by_the_shared_base_engine():
-    """Its norm, head or embeddings would be shared by every row of a batch: serving it here would answer
-    with the base's, so it is refused by name."""
-    from offsite.emulator.adapter import extract_adapter
-    from offsite.emulator.blocks import find_blocks
-    base = tiny("llama")
-    plan = SplitPlan(6, 2, 2, (3,), extras=("model.norm.weight",))
-    found = find_blocks(base)
-    adapter = extract_adapter(base, plan, on_emulator=False)
-    with pytest.raises(InvalidUpdateError, match="trained model.norm.weight beyond its adapter blocks"):
-        build_adapter("j", base, list(found.blocks), found.path, plan, MethodConfig("full"), adapter)
+
+@pytest.mark.parametrize("family, kinds", [("llama", ("norm", "head")), ("gpt2", ("norm", "embeddings"))])
+def test_jobs_that_trained_their_norm_head_or_embeddings_are_served_row_by_row(family, kinds):
+    """A job that trained beyond its blocks (llama: untied head; gpt2: its embeddings, tied to the head),
+    batched with a blocks-only job and the base: each row gets its own job's norm, embeddings and head."""
+    import dataclasses
+
+    from offsite.emulator.adapter import extract_adapter, load_adapter
+    from offsite.emulator.extras import extra_names
+    plan = dataclasses.replace(PLAN, extras=extra_names(tiny(family), kinds))
+    cfg = MethodConfig("full")
+    extra = _randomize(extract_adapter(tiny(family), plan, on_emulator=False), seed=5)
+    blocks = job_adapter(lambda: tiny(family), cfg, seed=1)
+    plugged = {"extra": tiny(family), "blocks": tiny(family)}
+    load_adapter(plugged["extra"], plan, {k: v.clone() for k, v in extra.items()}, on_emulator=False)
+    load_adapter(plugged["blocks"], PLAN, {k: v.clone() for k, v in blocks.items()}, on_emulator=False)
+    cases = [([None, "extra", "blocks"][i % 3], p) for i, p in enumerate(prompts(9, 96, seed=4))]
+    expected = [reference(plugged[m] if m else tiny(family), p, 2, cached=False) for m, p in cases]
+    served = Served(tiny(family), {"extra": (cfg, extra, plan), "blocks": (cfg, blocks)}, eos=2)
+    pending = [(m, served.submit(m, p)[1]) for m, p in cases]
+    for (model, events), tokens in zip(pending, expected):
+        assert collect(events)[0] == tokens, model
+    job = served.cache.acquire("extra")
+    routed = {"model.norm", "lm_head"} if family == "llama" else {"transformer.ln_f", "transformer.wte", "lm_head"}
+    assert set(job.outer) == routed  # gpt2's head is its embedding matrix: both modules route it
+    served.cache.release(job)
+    served.engine.drain()

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from offsite.cloud.infer.routing import Delta
+from offsite.cloud.infer.routing import Delta, Router
 from offsite.emulator import bottleneck, methods
 from offsite.emulator.methods import MethodConfig
 from offsite.emulator.plan import SplitPlan
@@ -43,6 +43,7 @@ class JobAdapter:
     deltas: dict[tuple[int, str], Delta] = field(default_factory=dict)  # (block, linear) -> low-rank change, on the base's
     prompt: torch.Tensor | None = None                    # prompt tuning: (virtual tokens, hidden) input embeddings
     prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # prefix tuning: per layer (1, heads, tokens, dim) k, v
+    outer: dict[str, nn.Module] = field(default_factory=dict)  # module name -> the job's final norm, embeddings, head
     nbytes: int = 0
     users: int = field(default=0, repr=False)             # running requests that hold it
 
@@ -57,15 +58,14 @@ def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def build_adapter(job_id: str, model: nn.Module, base_blocks: list[nn.Module], block_path: str, plan: SplitPlan,
-                  method: MethodConfig, adapter: dict[str, torch.Tensor]) -> JobAdapter:
+def build_adapter(job_id: str, model: nn.Module, router: Router, plan: SplitPlan, method: MethodConfig,
+                  adapter: dict[str, torch.Tensor]) -> JobAdapter:
     """The job's part, from its global adapter (canonical names): a copy of a base block only where the
-    job's tensors differ from the base's."""
+    job's tensors differ from the base's, and of each outer module (norm, embeddings, head) that holds a
+    tensor the job trained beyond its blocks."""
+    base_blocks, block_path = router.base_blocks, router.path
     if plan.num_blocks != len(base_blocks):
         raise InvalidUpdateError(f"job {job_id} was split from a {plan.num_blocks}-block model; this base has {len(base_blocks)}")
-    if plan.extras:  # rows of one batch share the base's norm, head and embeddings: only blocks are routed per job
-        raise InvalidUpdateError(f"job {job_id} trained {', '.join(plan.extras)} beyond its adapter blocks, which the "
-                                 f"shared-base engine cannot route per request: serve its export on its own")
     extras = {k: v for k, v in adapter.items() if k == methods.PROMPT}
     blocks: dict[int, nn.Module] = {}
     deltas: dict[tuple[int, str], Delta] = {}
@@ -98,7 +98,7 @@ def build_adapter(job_id: str, model: nn.Module, base_blocks: list[nn.Module], b
                         _check_shape(param, mine[name], f"job {job_id}: {prefix}{name}")
                         param.copy_(mine[name])
         blocks[index] = block.eval()
-    job = JobAdapter(job_id, blocks, deltas)
+    job = JobAdapter(job_id, blocks, deltas, outer=_outer(job_id, router, plan, adapter))
     if method.name == "prompt":
         job.prompt = extras[methods.PROMPT].to(model.get_input_embeddings().weight.device)
     elif method.name == "prefix":
@@ -106,8 +106,25 @@ def build_adapter(job_id: str, model: nn.Module, base_blocks: list[nn.Module], b
     job.nbytes = (_nbytes(t for b in blocks.values() for t in b.state_dict().values())
                   + _nbytes(t for d in deltas.values() for t in (d.down, d.up))
                   + (_nbytes([job.prompt]) if job.prompt is not None else 0)
-                  + (_nbytes(t for kv in job.prefix for t in kv) if job.prefix else 0))
+                  + (_nbytes(t for kv in job.prefix for t in kv) if job.prefix else 0)
+                  + _nbytes({t.data_ptr(): t for m in job.outer.values() for t in m.parameters()}.values()))  # a tied pair once
     return job
+
+
+def _outer(job_id: str, router: Router, plan: SplitPlan, adapter: dict[str, torch.Tensor]) -> dict[str, nn.Module]:
+    """The job's copy of every outer module whose parameters it trained (a tied head and the embeddings each
+    get one, holding the job's one matrix)."""
+    out, served = {}, set()
+    for name, o in router.outer.items():
+        mine = {attr: adapter[canonical] for attr, canonical in o.params.items() if canonical in plan.extras}
+        if mine:
+            out[name] = _copy_with(o.module, {**{a: p.detach() for a, p in o.module.named_parameters(recurse=False)}, **mine},
+                                   f"job {job_id}: {name}.").eval()
+            served.update(o.params[a] for a in mine)
+    if set(plan.extras) - served:
+        raise InvalidUpdateError(f"job {job_id} trained {sorted(set(plan.extras) - served)[:3]}, which this base's "
+                                 f"engine cannot tell the module of")
+    return out
 
 
 def _low_rank(base: nn.Module, own: dict[str, torch.Tensor], mine: dict[str, torch.Tensor]) -> dict[str, Delta] | None:

@@ -348,8 +348,8 @@ class Engine:
             layer.values = layer.values.index_select(0, index)[..., first:, :]
 
 
-def _routes(adapter: JobAdapter | None) -> tuple[dict, dict]:
-    return (adapter.blocks, adapter.deltas) if adapter is not None else ({}, {})
+def _routes(adapter: JobAdapter | None) -> tuple[dict, dict, dict]:
+    return (adapter.blocks, adapter.deltas, adapter.outer) if adapter is not None else ({}, {}, {})
 
 
 def _left_pad(t: torch.Tensor, length: int) -> torch.Tensor:

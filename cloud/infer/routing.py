@@ -1,6 +1,8 @@
 """Run one batch through many jobs' versions of the same base model.
 
-Jobs on one base differ only in their adapter blocks (the bottom and top k). Every block of the base is
+Jobs on one base differ in their adapter blocks (the bottom and top k) and, where a job trained them
+(offsite.emulator.extras), in its final norm, input embeddings and head: each of these is wrapped in a
+`RoutedOuter` that hands each row to its job's version, the same way. Every block of the base is
 wrapped in a `RoutedBlock`: when all rows of the batch use the same version of that block (always so in
 the shared middle), it is one call on the whole batch; otherwise each version runs on its own rows, with
 the per-row arguments (hidden states, mask, positions, rotary tables) cut to those rows and the KV cache
@@ -16,6 +18,7 @@ import torch
 from torch import nn
 
 from offsite.emulator.blocks import find_blocks
+from offsite.emulator.extras import outer_modules
 
 # The block arguments that carry one entry per row of the batch; everything else is shared by all rows.
 PER_ROW = frozenset({"hidden_states", "attention_mask", "position_ids", "position_embeddings", "alibi"})
@@ -44,28 +47,31 @@ class Router:
         found = find_blocks(model)
         self.path = found.path
         self.base_blocks: list[nn.Module] = list(found.blocks)
+        named = {id(p): n for n, p in model.named_parameters()}  # a tied head's weight: the embedding's name
+        self.outer: dict[str, Outer] = {name: Outer(name, m, {a: named[id(p)] for a, p in m.named_parameters(recurse=False)})
+                                        for name, m in outer_modules(model).items()}
+        self._outer_groups: dict[str, list[Group]] = {}
+        for name, o in self.outer.items():
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, RoutedOuter(o.module, name, self))
         self._groups: dict[int, list[Group]] = {}
         self._deltas: dict[int, list[tuple[torch.Tensor, Delta]]] = {}   # id(linear) -> (rows in its call, delta)
         self._hooked: set[int] = set()
         for index, block in enumerate(self.base_blocks):
             found.blocks[index] = RoutedBlock(block, index, self)
 
-    def route(self, rows: list[tuple[dict[int, nn.Module], dict[tuple[int, str], Delta]]]) -> None:
+    def route(self, rows: list[tuple[dict[int, nn.Module], dict[tuple[int, str], Delta], dict[str, nn.Module]]]) -> None:
         """`rows[r]` = (block index -> the module row r runs there, missing: the base's block;
-        (block index, linear name) -> the delta row r adds to that linear of the base's block)."""
+        (block index, linear name) -> the delta row r adds to that linear of the base's block;
+        outer module name -> row r's version of it, missing: the base's)."""
         groups: dict[int, list[Group]] = {}
         deltas: dict[int, list[tuple[torch.Tensor, Delta]]] = {}
+        self._outer_groups = {name: _grouped([own.get(name, o.module) for _, _, own in rows], o.module)
+                              for name, o in self.outer.items()}
         for index, base in enumerate(self.base_blocks):
-            members: dict[int, tuple[nn.Module, list[int]]] = {}
-            for r, (own, _) in enumerate(rows):
-                module = own.get(index, base)
-                members.setdefault(id(module), (module, []))[1].append(r)
+            groups[index] = _grouped([own.get(index, base) for own, _, _ in rows], base)
+            on_base = [r for r, (own, _, _) in enumerate(rows) if index not in own]  # the base block's rows, in its call's order
             device = next(base.parameters()).device
-            if len(members) > 1:
-                groups[index] = [Group(m, torch.tensor(rs, device=device)) for m, rs in members.values()]
-            else:
-                groups[index] = [Group(next(iter(members.values()))[0] if members else base, None)]
-            on_base = members.get(id(base), (base, []))[1]   # the rows the base's block runs, in its call's order
             by_delta: dict[int, tuple[str, Delta, list[int]]] = {}
             for position, r in enumerate(on_base):
                 for (block, name), delta in rows[r][1].items():
@@ -79,6 +85,9 @@ class Router:
 
     def groups(self, index: int) -> list[Group]:
         return self._groups.get(index) or [Group(self.base_blocks[index], None)]
+
+    def outer_groups(self, name: str) -> list[Group]:
+        return self._outer_groups.get(name) or [Group(self.outer[name].module, None)]
 
     def _hook(self, linear: nn.Module) -> None:
         if id(linear) not in self._hooked:
@@ -96,6 +105,48 @@ class Router:
             x = args[0].index_select(0, rows)
             output.index_add_(0, rows, (x.to(delta.down.dtype) @ delta.down @ delta.up).to(output.dtype))
         return output
+
+
+@dataclass(frozen=True)
+class Outer:
+    """A module outside the blocks that a job may have its own version of (final norm, embeddings, head)."""
+    name: str
+    module: nn.Module        # the base's
+    params: dict[str, str]   # its own parameters' attribute names -> their names in the model (offsite.emulator.extras)
+
+
+def _grouped(modules: list[nn.Module], base: nn.Module) -> list[Group]:
+    """One group per distinct module over the rows (rows: None when every row runs the same one)."""
+    members: dict[int, tuple[nn.Module, list[int]]] = {}
+    for r, module in enumerate(modules):
+        members.setdefault(id(module), (module, []))[1].append(r)
+    if len(members) <= 1:
+        return [Group(next(iter(members.values()))[0] if members else base, None)]
+    device = next(base.parameters()).device
+    return [Group(m, torch.tensor(rs, device=device)) for m, rs in members.values()]
+
+
+class RoutedOuter(nn.Module):
+    """A norm, embedding or head of the base that hands each row (the first dimension of its input) to the
+    version of it the router says."""
+
+    def __init__(self, base: nn.Module, name: str, router: Router):
+        super().__init__()
+        self.base = base
+        object.__setattr__(self, "_name", name)
+        object.__setattr__(self, "_router", router)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["base"], name)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        groups = self._router.outer_groups(self._name)
+        if len(groups) == 1:
+            return groups[0].module(x, *args, **kwargs)
+        return _gather([g.module(x.index_select(0, g.rows), *args, **kwargs) for g in groups], groups, x.shape[0])
 
 
 class RoutedBlock(nn.Module):

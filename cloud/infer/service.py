@@ -123,7 +123,7 @@ class InferenceService:
         def load(job_id: str):
             job = self.catalog.job(job_id)
             router = holder["engine"].router
-            return build_adapter(job_id, model, router.base_blocks, router.path, job.plan, job.method, self.catalog.adapter(job))
+            return build_adapter(job_id, model, router, job.plan, job.method, self.catalog.adapter(job))
 
         adapters = AdapterCache(load, self.config.adapter_memory)
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
