@@ -48,6 +48,8 @@ from emulator_strategies import federate  # noqa: E402  (the one federated sched
 ROWS = {  # name -> the job file's options: [training] ones as keyword arguments of federate, [split] train_extra
     "demo": {},
     "schedule-job": {"lr_schedule": "job"},
+    "prox-0.0001": {"prox_mu": 0.0001},  # mu weighs a sum over every trainable: 3.2 M of them here
+    "prox-0.001": {"prox_mu": 0.001},
     "prox-0.01": {"prox_mu": 0.01},
     "prox-0.1": {"prox_mu": 0.1},
     "extra-norm": {"train_extra": ("norm",)},

@@ -37,6 +37,9 @@ class DemoSettings:
     max_length: int = 256
     central_lr: float = 1e-3
     distill_steps: int = 100   # emulator distillation on the general corpus (0: none); see bench/emulator_strategies.py
+    train_extra: tuple[str, ...] = ()   # what the adapter trains beyond its blocks (norm, head, embeddings); bench/quality.py
+    lr_schedule: str = "round"          # "job": one warmup and cosine decay over all rounds
+    prox_mu: float = 0.0                # FedProx's proximal weight on the clients
     seed: int = 0
     secure_aggregation: bool = False   # the coordinator learns only the sum of the clients' changes
     dp_noise: float = 0.0      # DP-FedAvg noise multiplier (0: no DP)
@@ -67,6 +70,7 @@ emulator_layers = 2
 distill_data = "{data / 'general_train.jsonl'}"   # the model owner's general text
 distill_steps = {s.distill_steps}
 distill_lr = 1e-4
+train_extra = {json.dumps(list(s.train_extra))}
 
 [training]
 epochs = {s.epochs}
@@ -74,6 +78,8 @@ lr = {s.lr}
 batch_size = {s.batch_size}
 max_length = {s.max_length}
 seed = {s.seed}
+lr_schedule = "{s.lr_schedule}"
+prox_mu = {s.prox_mu}
 
 {_privacy_toml(s)}[eval]
 # Held-out sets the model owner evaluates the plug-in on (in this demo the data owners lend them).
