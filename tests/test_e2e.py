@@ -64,7 +64,8 @@ def test_one_round_over_mutual_tls_with_real_processes_and_a_hostile_client(tiny
             assert upload(stub, "e2e", 0, 40, envelope).accepted
 
     state, report = run_job(tmp_path, tiny_model, client_data, ["client-1", "client-2", "attacker"],
-                            'rounds = 1\nclients_per_round = 3\n[aggregation]\ncombine = "median"\n', during=attack)
+                            'rounds = 1\nclients_per_round = 3\ntrain_extra = ["norm"]\n[aggregation]\ncombine = "median"\n',
+                            during=attack)
     assert [(c["id"], c["rounds_participated"]) for c in report["clients"]] == [("attacker", 1), ("client-1", 1), ("client-2", 1)]
     assert all(c["upload_bytes"] > 0 and c["train_examples"] == 40 for c in report["clients"])
     assert report["transport"] == {"tls": True, "sealed_updates": True}
@@ -84,6 +85,7 @@ def test_one_round_over_mutual_tls_with_real_processes_and_a_hostile_client(tiny
     assert not torch.equal(exported[name], base.state_dict()[name])  # the adapter was trained
     middle = "model.layers.3.mlp.up_proj.weight"
     assert torch.equal(exported[middle], base.state_dict()[middle])  # the middle never changes
+    assert not torch.equal(exported["model.norm.weight"], base.state_dict()["model.norm.weight"])  # train_extra: the norm too
 
     blobs = BlobStore(state / "blobs")
     updates = {u["client_id"].rsplit("-", 1)[0]: load_blob(blobs.open_path(u["blob_sha256"])) for u in status["updates"]}
