@@ -78,15 +78,17 @@ def match_results(texts: list[str]) -> list[tuple[str, str]]:
 
 def write_clients(out: Path, n_clients: int = 3, n_train: int = 1500, n_heldout: int = 200,
                   main_share: float = 0.8, seed: int = 0) -> list[Path]:
-    """One folder per client with train.jsonl, heldout.jsonl and heldout_task.jsonl (the held-out match
-    results as prompt and completion, for exact match); returns the folders."""
+    """One folder per client with train.jsonl, heldout.jsonl and, where its held-out records have match
+    bulletins, heldout_task.jsonl (their results as prompt and completion, for exact match); returns the folders."""
     folders = []
     for c in range(n_clients):
         records = make_client_records(c, n_clients, n_train + n_heldout, main_share, seed)
         folder = out / f"client-{c + 1}"
         write_jsonl(folder / "train.jsonl", records[:n_train])
         write_jsonl(folder / "heldout.jsonl", records[n_train:])
-        atomic_write(folder / "heldout_task.jsonl", "".join(json.dumps({"prompt": p, "completion": c}) + "\n"
-                                                            for p, c in match_results(records[n_train:])).encode())
+        tasks = match_results(records[n_train:])
+        if tasks:  # a tiny held-out set may hold no match bulletin: then no task set (an empty one is no data)
+            atomic_write(folder / "heldout_task.jsonl",
+                         "".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in tasks).encode())
         folders.append(folder)
     return folders

@@ -17,7 +17,7 @@ def run_job(tmp_path, tiny_model, client_data, names, job_extra="", during=None)
     state = tmp_path / "state"
     subprocess.run(offsite("cloud", "init", "--state", str(state), "--clients", ",".join(names)), check=True)
     sets = ", ".join(f'"{f.name}" = "{f / "heldout.jsonl"}"' for f in client_data)
-    tasks = ", ".join(f'"{f.name}" = "{f / "heldout_task.jsonl"}"' for f in client_data)
+    tasks = ", ".join(f'"{f.name}" = "{f / "heldout_task.jsonl"}"' for f in client_data if (f / "heldout_task.jsonl").exists())
     (tmp_path / "job.toml").write_text(f'[job]\nid = "e2e"\nbase_model = "{tiny_model}"\n{job_extra}'
                                        f'[split]\nemulator_layers = 1\n[training]\nbatch_size = 8\n'
                                        f'[eval]\nsets = {{ {sets} }}\ntasks = {{ {tasks} }}\n')
