@@ -103,6 +103,20 @@ def federate(base: Path, bundle: Path, folders: list[Path], s: DemoSettings, met
             "client_seconds_per_round": seconds / (s.rounds * len(trainers))}
 
 
+def demo_inputs(s: DemoSettings, work: Path):
+    """What the demo's benches start from, seeded: the demo's base (cached), each client's data and the
+    general corpus under `work`; returns (base folder, client folders, general held-out texts, full model,
+    tokenizer)."""
+    hf_logging.disable_progress_bar()
+    torch.manual_seed(0)
+    base = prepare_base(ROOT / "runs" / "demo" / "base", s.base)
+    folders = domain.write_clients(work / "data", s.clients, s.n_train, s.n_heldout, s.main_share, s.seed)
+    general_train, general_held = general_corpus()
+    domain.write_jsonl(work / "data" / "general_train.jsonl", general_train)
+    full, tokenizer = load_base(str(base))
+    return base, folders, general_held, full, tokenizer
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default="uniform,distill")
@@ -111,15 +125,8 @@ def main() -> None:
     parser.add_argument("--train-extra", default="norm", help="what every variant's adapter trains beyond its blocks "
                         "(comma-separated: norm, head, embeddings; '' for the blocks alone): the demo trains the norm")
     args = parser.parse_args()
-    hf_logging.disable_progress_bar()
-    torch.manual_seed(0)
-    s = DemoSettings()
-    work = Path(args.work)
-    base = prepare_base(ROOT / "runs" / "demo" / "base", s.base)
-    folders = domain.write_clients(work / "data", s.clients, s.n_train, s.n_heldout, s.main_share, s.seed)
-    general_train, general_held = general_corpus()
-    domain.write_jsonl(work / "data" / "general_train.jsonl", general_train)
-    full, tokenizer = load_base(str(base))
+    s, work = DemoSettings(), Path(args.work)
+    base, folders, general_held, full, tokenizer = demo_inputs(s, work)
     general = lm.encode(tokenizer, general_held, s.max_length)
     held = [x for f in folders for x in lm.encode(tokenizer, read_texts(f / "heldout.jsonl"), s.max_length)]
     zero_shot = lm.mean_token_loss(full, held, tokenizer.pad_token_id)

@@ -22,15 +22,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from transformers.utils import logging as hf_logging
 
 from offsite import lm
 from offsite.client.train import LocalTrainer
-from offsite.demo import domain
-from offsite.demo.base import prepare_base
 from offsite.demo.central import central_finetune
-from offsite.demo.corpus import general_corpus
 from offsite.demo.run import DemoSettings
 from offsite.emulator.adapter import extract_adapter, freeze_all_but_adapter, load_adapter
 from offsite.emulator.build import build, load_base
@@ -43,7 +38,7 @@ from offsite.textdata import read_tasks, read_texts
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from emulator_strategies import federate  # noqa: E402  (the one federated schedule of the benches)
+from emulator_strategies import demo_inputs, federate  # noqa: E402  (one setup, one federated schedule)
 
 ROWS = {  # name -> the job file's options: [training] ones as keyword arguments of federate, [split] train_extra
     "demo": {},
@@ -96,15 +91,8 @@ def main() -> None:
     parser.add_argument("--no-baselines", action="store_true")
     parser.add_argument("--work", default=str(ROOT / "runs" / "bench"))
     args = parser.parse_args()
-    hf_logging.disable_progress_bar()
-    torch.manual_seed(0)
-    s = DemoSettings()
-    work = Path(args.work)
-    base = prepare_base(ROOT / "runs" / "demo" / "base", s.base)
-    folders = domain.write_clients(work / "data", s.clients, s.n_train, s.n_heldout, s.main_share, s.seed)
-    general_train, general_held = general_corpus()
-    domain.write_jsonl(work / "data" / "general_train.jsonl", general_train)
-    full, tokenizer = load_base(str(base))
+    s, work = DemoSettings(), Path(args.work)
+    base, folders, general_held, full, tokenizer = demo_inputs(s, work)
     held = [x for f in folders for x in lm.encode(tokenizer, read_texts(f / "heldout.jsonl"), s.max_length)]
     tasks = [x for f in folders for x in read_tasks(f / "heldout_task.jsonl")]
     general = lm.encode(tokenizer, general_held, s.max_length)
