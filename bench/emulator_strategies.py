@@ -2,7 +2,8 @@
 gap_closure and exact match after the demo's federated schedule) and the model owner (protection: the
 emulator alone's loss on general text minus the full model's, and its exact match on the task; a worse
 emulator protects more). One run, same data, same schedule, same seeds for every variant; the strategies
-and the knobs that move them (distillation steps, attention rank, kept blocks). The utility/protection
+and the knobs that move them (distillation steps, attention rank, kept blocks, CRaSh's sharing of the kept
+blocks over the full depth). The utility/protection
 frontier is drawn to bench/results/frontier.svg.
 
     .venv/bin/python bench/emulator_strategies.py [--variants uniform,distill,...] [--distill-steps 200]
@@ -57,6 +58,8 @@ def variants(distill_data: Path, steps: int) -> dict[str, EmulatorConfig]:
         "distill-100": distilled(100),
         "keep-1": EmulatorConfig(emulator_layers=1),
         "keep-3": EmulatorConfig(emulator_layers=3),
+        "share-1": EmulatorConfig(emulator_layers=1, share_blocks=True),  # CRaSh: the kept block runs 4 times
+        "share-2": EmulatorConfig(emulator_layers=2, share_blocks=True),  # each kept block twice
         "attn-rank-32": EmulatorConfig(emulator_layers=2, attn_rank=32),
         "similarity": EmulatorConfig(emulator_layers=2, strategy="similarity", calibration_data=str(distill_data)),
         "attn-rank": EmulatorConfig(emulator_layers=2, attn_rank=64),

@@ -91,7 +91,7 @@ def finalize(cfg: JobConfig, artifacts: Artifacts, state: State, blobs: BlobStor
         "model": {"architecture": full.config.model_type, "num_blocks": plan.num_blocks, "params": params["full"]},
         "split": {"bottom": plan.bottom, "top": plan.top, "emulator_blocks": list(plan.kept_middle),
                   "adapter_params": params["adapter"], "emulator_params": params["emulator"]},
-        "emulator": {"strategy": made["strategy"], "attn_rank": made.get("attn_rank"), "quantized": made["quantized"],
+        "emulator": {"strategy": made["strategy"], "shared": made.get("shared", False), "attn_rank": made.get("attn_rank"), "quantized": made["quantized"],
                      "distill_steps": (made.get("distillation") or {}).get("steps", 0)},
         "adapter_method": {**method.to_dict(),
                            "trainable_params": sum(math.prod(shape) for shape, _ in artifacts.update_spec.values())},

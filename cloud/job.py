@@ -59,6 +59,7 @@ class JobConfig:
     strategy: str = "uniform"
     quantize: str | None = None
     attn_rank: int = 0
+    share_blocks: bool = False            # [split] each kept middle block runs for the dropped ones it stands for (CRaSh)
     calibration_data: str | None = None
     distill_data: str | None = None       # model owner's text for emulator distillation
     distill_steps: int = 0
@@ -192,7 +193,8 @@ class JobConfig:
         return EmulatorConfig(bottom=self.bottom, top=self.top, emulator_layers=self.emulator_layers,
                               strategy=self.strategy, quantize=self.quantize, attn_rank=self.attn_rank, calibration_data=self.calibration_data,
                               distill_data=self.distill_data, distill_steps=self.distill_steps,
-                              distill_lr=self.distill_lr, seed=self.seed, train_extra=self.train_extra)
+                              distill_lr=self.distill_lr, seed=self.seed, train_extra=self.train_extra,
+                              share_blocks=self.share_blocks)
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "JobConfig":

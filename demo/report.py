@@ -28,7 +28,7 @@ def format_table(report: dict) -> str:
 
 
 def _made(e: dict) -> str:
-    parts = [f"{e['strategy']} drop"]
+    parts = [f"{e['strategy']} drop" + (", kept blocks shared over the dropped ones' depth" if e.get("shared") else "")]
     if e["distill_steps"]:
         parts.append(f"distilled {e['distill_steps']} steps")
     if e["attn_rank"]:

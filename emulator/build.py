@@ -20,6 +20,7 @@ from offsite.emulator.extras import extra_names
 from offsite.emulator.placement import Placement, onloaded
 from offsite.emulator.plan import SplitPlan
 from offsite.emulator.quantize import quantize_saved
+from offsite.emulator.sharing import share_blocks
 from offsite.emulator.strategy import low_rank_attention, middle_similarity, similarity_plan
 from offsite.errors import ConfigError
 from offsite.files import sha256_file
@@ -39,8 +40,9 @@ def load_base(path_or_id: str, placement: Placement | None = None, resident: tup
 
 
 def make_emulator(model, plan: SplitPlan):
-    """Cut `model` in place down to the plan's emulator (adapter blocks + kept middle)."""
-    return keep_blocks(model, plan.emulator_order)
+    """Cut `model` in place down to the plan's emulator (adapter blocks + kept middle, shared if the plan
+    says so)."""
+    return share_blocks(keep_blocks(model, plan.emulator_order), plan)
 
 
 @dataclass(frozen=True)
@@ -56,15 +58,18 @@ class BuildResult:
 
 def choose_plan(model, tokenizer, cfg: EmulatorConfig) -> tuple[SplitPlan, list[list[float]] | None]:
     """The split: uniform drop, or one block per cluster of similar middle blocks (with the CKA matrix);
-    with the parameters the adapter trains beyond its blocks (cfg.train_extra)."""
+    with the parameters the adapter trains beyond its blocks (cfg.train_extra), and with the kept blocks
+    shared over the spans they stand for (cfg.share_blocks)."""
     n, extras = num_blocks(model.config), extra_names(model, cfg.train_extra)
     if cfg.strategy == "uniform":
-        return dataclasses.replace(SplitPlan.uniform(n, cfg.bottom, cfg.top, cfg.emulator_layers), extras=extras), None
+        plan = SplitPlan.uniform(n, cfg.bottom, cfg.top, cfg.emulator_layers)
+        return dataclasses.replace(plan, extras=extras, repeats=plan.nearest_spans() if cfg.share_blocks else ()), None
     SplitPlan.uniform(n, cfg.bottom, cfg.top, cfg.emulator_layers)  # same validation of the numbers
     texts = read_texts(cfg.calibration_data or cfg.distill_data)
     windows = lm.pack(lm.encode(tokenizer, texts, max_len=10**9), 128)[:64]
     sim = middle_similarity(model, cfg.bottom, cfg.top, windows, tokenizer.pad_token_id)
-    plan = dataclasses.replace(similarity_plan(n, cfg.bottom, cfg.top, cfg.emulator_layers, sim), extras=extras)
+    plan = dataclasses.replace(similarity_plan(n, cfg.bottom, cfg.top, cfg.emulator_layers, sim, cfg.share_blocks),
+                               extras=extras)
     return plan, [[round(float(v), 4) for v in row] for row in sim]
 
 
@@ -117,7 +122,7 @@ def build(base: str, cfg: EmulatorConfig, out_dir: str | Path, show_progress: bo
                         "last_nmse": stats.last_nmse}
     emulator_params = sum(p.numel() for p in emulator.parameters())
     if state is None or state.is_main_process:
-        provenance = {"strategy": cfg.strategy, "similarity": similarity, "attn_rank": cfg.attn_rank or None,
+        provenance = {"strategy": cfg.strategy, "shared": cfg.share_blocks, "similarity": similarity, "attn_rank": cfg.attn_rank or None,
                       "distillation": distill_info, "quantized": cfg.quantize}
         out_dir.mkdir(parents=True, exist_ok=True)
         weights = precision.stored_state(emulator.state_dict(), stored)  # norms ran in fp32, distilled blocks trained in it

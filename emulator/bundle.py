@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from offsite import precision
 from offsite.emulator.plan import SplitPlan
 from offsite.emulator.quantize import keep_differentiable
+from offsite.emulator.sharing import share_blocks
 from offsite.errors import IntegrityError
 from offsite.files import sha256_file, write_json
 
@@ -70,8 +71,10 @@ def load_bundle(folder: str | Path, device: str = "cpu"):
     placement = {} if device == "cpu" else {"device_map": {"": device}}  # bitsandbytes packs on the target device
     model = precision.prepare(AutoModelForCausalLM.from_pretrained(str(folder), dtype="auto", **placement))
     keep_differentiable(model)
+    plan = SplitPlan.from_dict(manifest["plan"])
+    share_blocks(model, plan)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    return model, tokenizer, SplitPlan.from_dict(manifest["plan"])
+    return model, tokenizer, plan
 
 
 def describe_bundle(folder: str | Path) -> tuple[object, SplitPlan, torch.dtype]:

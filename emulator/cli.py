@@ -12,7 +12,8 @@ def cmd_build(args) -> int:
 
     cfg = EmulatorConfig(bottom=args.bottom, top=args.top, emulator_layers=args.emulator_layers,
                          strategy=args.strategy, quantize=args.quantize, attn_rank=args.attn_rank, calibration_data=args.calibration_data,
-                         distill_data=args.distill_data, distill_steps=args.distill_steps, distill_lr=args.distill_lr)
+                         distill_data=args.distill_data, distill_steps=args.distill_steps, distill_lr=args.distill_lr,
+                         share_blocks=args.share_blocks)
     result = build(args.model, cfg, args.out)
     if not _reports():
         return 0
@@ -59,6 +60,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=("int8", "nf4"), help="store the middle blocks quantized (bitsandbytes)")
     p.add_argument("--calibration-data", help="text to measure block similarity on (default: --distill-data)")
     p.add_argument("--attn-rank", type=int, default=0, help="rank of the SVD approximation of kept attention weights (0: off)")
+    p.add_argument("--share-blocks", action="store_true",
+                   help="each kept middle block also runs for the dropped blocks it stands for: the full depth (CRaSh)")
     p.add_argument("--distill-data", help="text to distill the emulator on (JSONL 'text' or .txt)")
     p.add_argument("--distill-steps", type=int, default=0, help="distillation steps (0: none); resumes from checkpoints")
     p.add_argument("--distill-lr", type=float, default=1e-4)

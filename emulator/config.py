@@ -25,6 +25,7 @@ class EmulatorConfig:
     distill_batch_size: int = 8
     seed: int = 0
     train_extra: tuple[str, ...] = ()  # beyond the adapter blocks: "norm", "head", "embeddings" (offsite.emulator.extras)
+    share_blocks: bool = False        # each kept middle block also runs for the dropped ones it stands for (CRaSh)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "train_extra", tuple(self.train_extra))  # a TOML or JSON list

@@ -78,12 +78,14 @@ def contiguous_clusters(sim: torch.Tensor, k: int) -> list[list[int]]:
     return runs[::-1]
 
 
-def similarity_plan(num_blocks: int, bottom: int, top: int, keep: int, sim: torch.Tensor) -> SplitPlan:
-    """Keep one representative (most similar to its cluster) per contiguous cluster of middle blocks."""
-    picks = []
-    for run in contiguous_clusters(sim, keep):
-        picks.append(max(run, key=lambda i: float(sim[i, run].sum())))
-    return SplitPlan(num_blocks, bottom, top, tuple(bottom + p for p in picks))
+def similarity_plan(num_blocks: int, bottom: int, top: int, keep: int, sim: torch.Tensor,
+                    share: bool = False) -> SplitPlan:
+    """Keep one representative (most similar to its cluster) per contiguous cluster of middle blocks;
+    `share`: each representative runs once for every block of its cluster (CRaSh's layer sharing)."""
+    runs = contiguous_clusters(sim, keep)
+    picks = [max(run, key=lambda i: float(sim[i, run].sum())) for run in runs]
+    return SplitPlan(num_blocks, bottom, top, tuple(bottom + p for p in picks),
+                     repeats=tuple(len(run) for run in runs) if share else ())
 
 
 @torch.no_grad()
