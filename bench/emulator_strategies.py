@@ -40,7 +40,9 @@ from offsite.emulator import methods
 from offsite.emulator.config import EmulatorConfig
 from offsite.emulator.evaluate import exact_match
 from offsite.emulator.methods import MethodConfig
+from offsite.emulator.distill import DistillConfig
 from offsite.emulator.quantize import tensor_bytes_by_block
+from offsite.emulator.realign import apply_patch, realign_bundle
 from offsite.files import write_json
 from offsite.tensors import spec_digest, spec_of, to_bytes
 from offsite.textdata import read_tasks, read_texts
@@ -71,11 +73,15 @@ def variants(distill_data: Path, steps: int) -> dict[str, EmulatorConfig]:
 
 
 def federate(base: Path, bundle: Path, folders: list[Path], s: DemoSettings, method: MethodConfig = MethodConfig(),
-             lr: float | None = None, prox_mu: float = 0.0, lr_schedule: str = "round") -> dict[str, float]:
+             lr: float | None = None, prox_mu: float = 0.0, lr_schedule: str = "round", realign_every: int = 0,
+             realign_steps: int = 50, realign_data: Path | None = None, general: list | None = None) -> dict[str, float]:
     """The demo's schedule: rounds x clients, each from the global adapter; each update merged into the
-    dense adapter it proposes and averaged by examples, as the coordinator does. Returns the held-out loss
-    and exact match (on each client's heldout_task.jsonl) of the emulator with the adapter and of the plug-in,
-    and what a client spent: trainable parameters, upload bytes and seconds of training per round."""
+    dense adapter it proposes and averaged by examples, as the coordinator does; with `realign_every`, the
+    emulator re-aligned around the new global adapter every k rounds on `realign_data` (FedBiOT), as the
+    coordinator does. Returns the held-out loss and exact match (on each client's heldout_task.jsonl) of the
+    emulator with the adapter and of the plug-in, and what a client spent: trainable parameters, upload
+    bytes, seconds of training per round, and patch bytes per re-alignment; with `general` (encoded general
+    text), the loss of the emulator alone on it as the clients end up holding it."""
     trainers = [LocalTrainer(bundle, read_texts(f / "train.jsonl"), None, s.max_length) for f in folders]
     full, tokenizer = load_base(str(base))
     plan = trainers[0].plan
@@ -83,19 +89,26 @@ def federate(base: Path, bundle: Path, folders: list[Path], s: DemoSettings, met
     torch.manual_seed(s.seed)
     global_adapter = {**extract_adapter(full, plan, on_emulator=False), **methods.fresh_extras(scratch, plan, method)}
     digest = spec_digest(spec_of(global_adapter))
-    seconds = 0.0
+    seconds, patch, patch_bytes = 0.0, None, 0
     for r in range(s.rounds):
         mean = WeightedMean()
         for t in trainers:
             cfg = lm.TrainConfig(epochs=s.epochs, lr=lr or s.lr, batch_size=s.batch_size, seed=s.seed + 1000 * r,
                                  bf16=lm.cpu_has_fast_bf16(), prox_mu=prox_mu, schedule=schedule_part(lr_schedule, r, s.rounds))
-            out = t.train_round(global_adapter, digest, cfg, method, show_progress=False)
+            out = t.train_round(global_adapter, digest, cfg, method, show_progress=False, emulator_patch=patch)
             seconds += out.stats.seconds
             mean.add(methods.propose(scratch, plan, method, global_adapter, out.update), float(len(t.train_set)))
         global_adapter, _ = FedAvg().step(global_adapter, mean.result(), {})
+        if realign_every and (r + 1) % realign_every == 0 and r + 1 < s.rounds:
+            dcfg = DistillConfig(steps=realign_steps, lr=1e-4, seed=s.seed + r + 1, bf16=lm.cpu_has_fast_bf16())
+            patch = realign_bundle(str(base), bundle, patch, method, global_adapter, read_texts(realign_data), dcfg)
+            patch_bytes = len(to_bytes(patch))
     held = [x for f in folders for x in lm.encode(tokenizer, read_texts(f / "heldout.jsonl"), s.max_length)]
     tasks = [x for f in folders for x in read_tasks(f / "heldout_task.jsonl")]
     emulator, _, plan = load_bundle(bundle)
+    if patch is not None:
+        apply_patch(emulator, plan, patch)
+    alone = lm.mean_token_loss(emulator, general, tokenizer.pad_token_id) if general else None
     emulator = methods.apply(emulator, plan, method, global_adapter)
     full = methods.apply(full, plan, method, global_adapter, on_emulator=False)
     return {"emulator_with_adapter": lm.mean_token_loss(emulator, held, tokenizer.pad_token_id),
@@ -103,7 +116,9 @@ def federate(base: Path, bundle: Path, folders: list[Path], s: DemoSettings, met
             "emulator_with_adapter_accuracy": exact_match(emulator, tokenizer, tasks),
             "plug_in_accuracy": exact_match(full, tokenizer, tasks),
             "trainable_params": out.trainable_params, "upload_bytes": len(to_bytes(out.update)),
-            "client_seconds_per_round": seconds / (s.rounds * len(trainers))}
+            "client_seconds_per_round": seconds / (s.rounds * len(trainers)), "patch_bytes": patch_bytes,
+            **({"emulator_general_loss": alone} if general else {})}
+
 
 
 def demo_inputs(s: DemoSettings, work: Path):

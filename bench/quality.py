@@ -10,7 +10,8 @@ Baselines (each trained on the pooled client data for rounds x epochs, as centra
 Rows: the demo's federated schedule (bench/emulator_strategies.federate: the system's own trainer, merge
 and FedAvg, no wire) under each option of the job file. For every row: held-out loss of the plug-in,
 gap_closure, exact match on the held-out match results, the emulator's protection margin on general
-text (emulator alone minus full model), a client's training seconds and upload bytes per round.
+text (emulator alone minus full model, as the clients end up holding it: re-alignment changes it), a
+client's training seconds and upload bytes per round, and the bytes of each re-alignment's patch.
 Results: bench/results/quality.json (rows of earlier runs are kept).
 """
 from __future__ import annotations
@@ -40,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from emulator_strategies import demo_inputs, federate  # noqa: E402  (one setup, one federated schedule)
 
+EMULATOR_DISTILL_STEPS = 100  # every row's emulator: the demo's until 2026-12 (keep 2 of 4 middle blocks, distilled)
 ROWS = {  # name -> the job file's options: [training] ones as keyword arguments of federate, [split] train_extra
     "demo": {},
     "schedule-job": {"lr_schedule": "job"},
@@ -49,6 +51,9 @@ ROWS = {  # name -> the job file's options: [training] ones as keyword arguments
     "prox-0.1": {"prox_mu": 0.1},
     "extra-norm": {"train_extra": ("norm",)},
     "extra-norm-head": {"train_extra": ("norm", "head")},  # the demo's base ties them: the embeddings train too
+    "realign-1": {"realign_every": 1},  # FedBiOT: the emulator re-aligned around the global adapter after rounds 1 and 2
+    "realign-1-steps-200": {"realign_every": 1, "realign_steps": 200},
+    "extra-norm-head+realign-1": {"train_extra": ("norm", "head"), "realign_every": 1},
 }
 
 
@@ -99,9 +104,9 @@ def main() -> None:
     zero_shot, full_general = _scores(full, tokenizer, held, tasks), lm.mean_token_loss(full, general, tokenizer.pad_token_id)
     out_path = ROOT / "bench" / "results" / "quality.json"
     previous = json.loads(out_path.read_text()) if out_path.is_file() else {}
-    def emulator_config(train_extra: tuple[str, ...] = ()) -> EmulatorConfig:  # the demo's: 2 of 4 middle blocks, distilled
+    def emulator_config(train_extra: tuple[str, ...] = ()) -> EmulatorConfig:  # 2 of 4 middle blocks, distilled 100 steps
         return EmulatorConfig(emulator_layers=2, distill_data=str(work / "data" / "general_train.jsonl"),
-                              distill_steps=s.distill_steps, distill_lr=1e-4, train_extra=train_extra)
+                              distill_steps=EMULATOR_DISTILL_STEPS, distill_lr=1e-4, train_extra=train_extra)
 
     bundle = work / "quality-bundle"
     build(str(base), emulator_config(), bundle, show_progress=False)
@@ -123,10 +128,14 @@ def main() -> None:
         row_bundle = work / f"quality-bundle-{'-'.join(extra)}" if extra else bundle  # the same emulator, more in the adapter
         if extra:
             build(str(base), emulator_config(extra), row_bundle, show_progress=False)
-        fed = federate(base, row_bundle, folders, s, **options)
+        if options.get("realign_every"):
+            options["realign_data"] = work / "data" / "general_train.jsonl"  # the model owner's public text
+        fed = federate(base, row_bundle, folders, s, general=general, **options)
         rows[name] = {"options": ROWS[name], "plug_in": round(fed["plug_in"], 4), "gap_closure": closure(fed["plug_in"]),
                       "plug_in_accuracy": round(fed["plug_in_accuracy"], 4),
-                      "emulator_with_adapter": round(fed["emulator_with_adapter"], 4), "protection_margin": margin,
+                      "emulator_with_adapter": round(fed["emulator_with_adapter"], 4),
+                      "protection_margin": round(fed["emulator_general_loss"] - full_general, 4),  # as clients end up holding it
+                      "patch_bytes_per_realignment": fed["patch_bytes"],
                       "client_seconds_per_round": round(fed["client_seconds_per_round"], 1),
                       "upload_bytes_per_round": fed["upload_bytes"]}
         print(name, rows[name], flush=True)
@@ -135,10 +144,12 @@ def main() -> None:
     print(f"{'baseline':<26}{'loss':>8}{'gap_closure':>13}{'exact match':>13}")
     for name, b in central.items():
         print(f"{name:<26}{b['loss']:>8.3f}{closure(b['loss']):>13.3f}{b['accuracy']:>13.1%}")
-    print(f"{'federated row':<26}{'plug-in':>8}{'gap_closure':>13}{'exact match':>13}{'client s/round':>16}{'upload B/round':>16}")
+    print(f"{'federated row':<26}{'plug-in':>8}{'gap_closure':>13}{'exact match':>13}{'protection':>12}"
+          f"{'client s/round':>16}{'upload B/round':>16}{'patch B':>12}")
     for name, r in rows.items():
         print(f"{name:<26}{r['plug_in']:>8.3f}{r['gap_closure']:>13.3f}{r['plug_in_accuracy']:>13.1%}"
-              f"{r['client_seconds_per_round']:>16.1f}{r['upload_bytes_per_round']:>16,}")
+              f"{r['protection_margin']:>12.3f}{r['client_seconds_per_round']:>16.1f}{r['upload_bytes_per_round']:>16,}"
+              f"{r.get('patch_bytes_per_realignment', 0):>12,}")
     write_json(out_path, {"machine": f"{os.cpu_count()} cores", "full_zero_shot": zero_shot,
                           "emulator_zero_shot": emulator_zero_shot, "protection_margin": margin, "baselines": central,
                           "rows": {**previous.get("rows", {}), **rows}})

@@ -208,6 +208,9 @@ def schedule_part(kind: str, round_: int, rounds: int) -> tuple[float, float]:
 def _train(stub, task, trainer: LocalTrainer, me, cfg: ClientConfig, live: Liveness, retried) -> RoundResult:
     """Train the round; the result holds the update (the method's trainable tensors) and the training stats."""
     adapter_path = retried(lambda: download_blob(stub, task.adapter_sha256, _global_adapter(cfg, task)), "download adapter")
+    patch = task.emulator_patch_sha256  # the emulator re-aligned by the model owner: its kept middle, verified like any blob
+    patch_path = patch and retried(lambda: download_blob(stub, patch, cfg.workdir / "jobs" / task.job_id / "emulator-patch.safetensors"),
+                                   "download emulator patch")
     t = task.training
     compute = precision.choose(cfg.device)
     log.info("client %s: %s", me.client_id, compute.describe(trainer.stored_dtype))
@@ -223,12 +226,13 @@ def _train(stub, task, trainer: LocalTrainer, me, cfg: ClientConfig, live: Liven
             raise RoundClosed()
 
     method = _method(task)
-    key = f"{task.job_id}/{task.round}/{task.adapter_sha256}/{method}/{train_cfg}/{sha256_file(cfg.data)}"
+    key = f"{task.job_id}/{task.round}/{task.adapter_sha256}/{patch}/{method}/{train_cfg}/{sha256_file(cfg.data)}"
     checkpoint = Checkpointer(cfg.workdir / "checkpoints", hashlib.sha256(key.encode()).hexdigest(), cfg.checkpoint_every)
     result = trainer.train_round(load_blob(adapter_path), task.skeleton_digest, train_cfg, method,
                                  desc=f"{me.client_id} round {task.round + 1}/{task.total_rounds}",
                                  show_progress=cfg.show_progress, on_step=on_step, checkpoint=checkpoint,
-                                 upload_dtype=precision.parse_dtype(t.upload_dtype) if t.upload_dtype else None)
+                                 upload_dtype=precision.parse_dtype(t.upload_dtype) if t.upload_dtype else None,
+                                 emulator_patch=load_blob(patch_path) if patch_path else None)
     log.info("client %s: round %d trained with %s (%d trainable params, %d steps, %.0f tok/s, peak memory %.0f MiB, "
              "local held-out %s -> %s)", me.client_id, task.round + 1, method.name, result.trainable_params,
              result.stats.steps, result.stats.tokens_per_s, result.stats.peak_memory_bytes / 2**20,

@@ -10,6 +10,7 @@ from offsite import lm
 from offsite.checkpoint import Checkpointer
 from offsite.emulator import methods
 from offsite.emulator.bundle import describe_bundle, load_bundle
+from offsite.emulator.realign import apply_patch
 from offsite.errors import IntegrityError
 from offsite.tensors import spec_digest, spec_of
 from offsite.textdata import Example
@@ -55,12 +56,16 @@ class LocalTrainer:
     def train_round(self, start: dict[str, torch.Tensor], skeleton_digest: str, cfg: lm.TrainConfig,
                     method: methods.MethodConfig = methods.MethodConfig(), desc: str = "train",
                     show_progress: bool = True, on_step=None, checkpoint: Checkpointer | None = None,
-                    upload_dtype: torch.dtype | None = None) -> RoundResult:
+                    upload_dtype: torch.dtype | None = None,
+                    emulator_patch: dict[str, torch.Tensor] | None = None) -> RoundResult:
         """Train one round from `start`. Seeded: the same inputs give the same update, interrupted
-        (with a checkpoint) or not. The update is cast to `upload_dtype` (None: fp32, as it trained)."""
+        (with a checkpoint) or not. The update is cast to `upload_dtype` (None: fp32, as it trained).
+        `emulator_patch`: the job's re-aligned kept middle (offsite.emulator.realign), copied in first."""
         if spec_digest(spec_of(start)) != skeleton_digest:
             raise IntegrityError("the global adapter does not match the job's skeleton digest")
         model, _, _ = load_bundle(self.bundle_dir, self.device)
+        if emulator_patch is not None:
+            apply_patch(model, self.plan, emulator_patch)
         torch.manual_seed(cfg.seed)  # a method's fresh modules (LoRA's A) start the same every time
         model = methods.apply(model, self.plan, method, start, share=True)  # `start` is not needed after this
         if cfg.gradient_checkpointing:  # non-reentrant: gradients reach the bottom adapter through frozen inputs

@@ -1,4 +1,5 @@
-"""Downloads: the blobs a client may fetch (its running jobs' bundle files and global adapters), in chunks."""
+"""Downloads: the blobs a client may fetch (its running jobs' bundle files, emulator patches and global
+adapters), in chunks."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Iterator
@@ -15,10 +16,11 @@ class BlobServing:
         self.c = coordinator
 
     def _offered(self, client: ClientRecord, digest: str) -> None:
-        """Only the bundle files and global adapters of the running jobs on the client's roster are
-        offered to it, never client updates."""
+        """Only the bundle files, emulator patch and global adapters of the running jobs on the client's
+        roster are offered to it, never client updates."""
         for job in self.c.jobs_of(client):
             if job.status == "running" and (digest in job.artifacts.bundle_files.values()
+                                            or digest == job.artifacts.emulator_patch
                                             or digest in self.c.state.global_adapters(job.job_id)):
                 return
         raise NotFoundError(f"blob {digest[:16]}... is not offered by a running job of client {client.client_id}")

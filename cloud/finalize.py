@@ -15,6 +15,7 @@ from offsite.emulator import methods
 from offsite.emulator.bundle import load_bundle, read_manifest
 from offsite.emulator.build import load_base
 from offsite.emulator.plugin import export, shard_size
+from offsite.emulator.realign import apply_patch
 from offsite.files import write_json
 from offsite.tensors import load_blob
 from offsite.emulator.evaluate import exact_match
@@ -50,6 +51,8 @@ def finalize(cfg: JobConfig, artifacts: Artifacts, state: State, blobs: BlobStor
     method = cfg.method_config()
     placement = cfg.placement(job_dir)
     emulator, tokenizer, _ = load_bundle(artifacts.bundle_dir, placement.device)  # the base's tokenizer, as the bundle carries it
+    if artifacts.emulator_patch:  # re-aligned: the emulator the clients trained the last rounds on
+        apply_patch(emulator, plan, load_blob(blobs.open_path(artifacts.emulator_patch)))
     pad = tokenizer.pad_token_id
     sets = {name: lm.encode(tokenizer, read_texts(path), cfg.max_length) for name, path in cfg.eval_sets.items()}
     tasks = {name: read_tasks(path) for name, path in cfg.task_sets.items()}
@@ -92,7 +95,7 @@ def finalize(cfg: JobConfig, artifacts: Artifacts, state: State, blobs: BlobStor
         "split": {"bottom": plan.bottom, "top": plan.top, "emulator_blocks": list(plan.kept_middle),
                   "adapter_params": params["adapter"], "emulator_params": params["emulator"]},
         "emulator": {"strategy": made["strategy"], "shared": made.get("shared", False), "attn_rank": made.get("attn_rank"), "quantized": made["quantized"],
-                     "distill_steps": (made.get("distillation") or {}).get("steps", 0)},
+                     "distill_steps": (made.get("distillation") or {}).get("steps", 0), "realign_every": cfg.realign_every},
         "adapter_method": {**method.to_dict(),
                            "trainable_params": sum(math.prod(shape) for shape, _ in artifacts.update_spec.values())},
         "rounds": cfg.rounds,

@@ -17,7 +17,7 @@ from offsite.cloud.privacy import DPConfig
 from offsite.cloud.robust import COMBINERS, make_combiner
 from offsite.cloud.state import JobRecord
 from offsite.emulator.config import EmulatorConfig
-from offsite.emulator.methods import MethodConfig
+from offsite.emulator.methods import VIRTUAL, MethodConfig
 from offsite.emulator.placement import Placement
 from offsite.emulator.plan import SplitPlan
 from offsite.errors import ConfigError
@@ -26,6 +26,7 @@ from offsite.tensors import TensorSpec
 
 MAX_ROUNDS = 100_000           # the most rounds a job may have, and the largest round number the wire carries
 MAX_EXAMPLES = 2**53           # the largest example count the wire carries (exact in float64)
+MAX_REALIGN_STEPS = 100_000    # distillation steps of one re-alignment: hours at real size, never unbounded
 MAX_PROX_MU = 100.0            # FedProx's mu: the paper tries 0.001..1; beyond 100 the proximal term is all there is
 LR_SCHEDULES = ("round", "job")
 WEIGHTINGS = ("examples", "equal")
@@ -64,6 +65,9 @@ class JobConfig:
     distill_data: str | None = None       # model owner's text for emulator distillation
     distill_steps: int = 0
     distill_lr: float = 1e-4
+    realign_every: int = 0                # [split] FedBiOT: re-distill the emulator around the global adapter every k rounds
+    realign_steps: int = 50               # [split] distillation steps of each re-alignment (at distill_lr)
+    realign_data: str | None = None       # [split] the model owner's public text for it (default: distill_data)
     max_update_bytes: int = 1 << 30
     max_update_norm: float = 0.0          # L2 bound on a client's change to the adapter; 0: no bound
     aggregator: str = "fedavg"            # server strategy: fedavg | fedavgm | fedadam
@@ -138,8 +142,22 @@ class JobConfig:
         make_strategy(self.aggregator, **self.aggregator_params)  # validates the strategy and its parameters
         self._check_weights_and_rule()
         self.method_config()
+        self._check_realign()
         self.dp_config()
         self.emulator_config()  # validates the split and distillation settings
+
+    def _check_realign(self) -> None:
+        if not 0 <= self.realign_every <= self.rounds or not 1 <= self.realign_steps <= MAX_REALIGN_STEPS:
+            raise ConfigError(f"realign_every must be in 0..rounds ({self.rounds}) and realign_steps in 1..{MAX_REALIGN_STEPS}, "
+                              f"got {self.realign_every} and {self.realign_steps}")
+        if not self.realign_every:
+            return
+        if not (self.realign_data or self.distill_data):
+            raise ConfigError("realign_every needs realign_data (or distill_data): the public text to re-align the emulator on")
+        if self.quantize or self.device_map or self.method in VIRTUAL:
+            raise ConfigError("re-alignment distills the emulator's middle in full precision on one device around the "
+                              "adapter's blocks: it works with neither quantize, device_map nor virtual-token methods "
+                              f"(got quantize {self.quantize}, device_map {self.device_map}, method {self.method})")
 
     def _check_weights_and_rule(self) -> None:
         if self.weighting not in WEIGHTINGS:
@@ -224,7 +242,7 @@ class JobConfig:
         if "id" in flat:
             flat["job_id"] = flat.pop("id")
         base = path.parent
-        for key in ("base_model", "protection_data", "export_dir", "distill_data", "calibration_data"):  # paths are relative to the file
+        for key in ("base_model", "protection_data", "export_dir", "distill_data", "calibration_data", "realign_data"):  # paths are relative to the file
             value = flat.get(key)
             if isinstance(value, str) and not Path(value).is_absolute():
                 if key == "export_dir" or (base / value).exists():  # else base_model may be a hub id
@@ -264,12 +282,13 @@ class Artifacts:
     secagg_shapes: dict[str, list[int]] | None = None  # secure aggregation only: the tensors a masked input covers
     strategy_state: str | None = None  # the server strategy's state's blob digest, once it has one
     dp_norms: list[list[float]] | None = None  # DP only: each round's update norms before clipping
+    emulator_patch: str | None = None  # re-alignment only: the newest patch of the emulator's kept middle (a blob digest)
 
     def to_json(self) -> str:
         out = {"manifest": self.manifest, "bundle_files": self.bundle_files, "bundle_dir": self.bundle_dir,
                "plan": self.plan.to_dict(), "spec": self.spec, "update_spec": self.update_spec,
                "upload_dtype": self.upload_dtype, "skeleton_digest": self.skeleton_digest, "params": self.params}
-        for key in ("secagg_shapes", "strategy_state", "dp_norms"):  # absent until a job has them, as before
+        for key in ("secagg_shapes", "strategy_state", "dp_norms", "emulator_patch"):  # absent until a job has them, as before
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         return json.dumps(out)
@@ -280,7 +299,7 @@ class Artifacts:
         return cls(art["manifest"], art["bundle_files"], art["bundle_dir"], SplitPlan.from_dict(art["plan"]), art["spec"],
                    art["update_spec"], art.get("upload_dtype", "float32"),  # older jobs: fp32
                    art["skeleton_digest"], art["params"], art.get("secagg_shapes"), art.get("strategy_state"),
-                   art.get("dp_norms"))
+                   art.get("dp_norms"), art.get("emulator_patch"))
 
 
 @dataclass(frozen=True)

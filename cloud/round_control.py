@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 
 from offsite import failpoints
-from offsite.cloud import robust, selection
+from offsite.cloud import realign, robust, selection
 from offsite.cloud.aggregate import WeightedMean, cap_weights, make_strategy
 from offsite.cloud.job import Job, JobConfig
 from offsite.cloud.privacy import ClippedNoisedMean, add_noise
@@ -205,6 +205,8 @@ class RoundControl:
             new_global, new_state = strategy.step(start, mean, state)
             art = dataclasses.replace(art, strategy_state=self.c.blobs.put_tensors(new_state) if new_state else None)
         result = self.c.blobs.put_tensors(new_global)
+        if realign.due(job):  # the clients of the next round train on the emulator re-aligned around new_global
+            art = dataclasses.replace(art, emulator_patch=realign.realign_job(self.c, job, new_global))
         failpoints.hit("cloud.round.closing")  # the new adapter is stored; the round has not closed yet
         done = job.round + 1 >= cfg.rounds
         if not self.c.state.close_round(job_id, job.round, updates=updates, result_sha256=result, reason=why,

@@ -191,7 +191,7 @@ def task_message(task: Task) -> pb.Task:
     msg = pb.Task(kind=_KINDS[task.kind], job_id=task.job_id, round=task.round, total_rounds=task.total_rounds,
                   bundle_manifest_sha256=task.bundle_manifest_sha256, adapter_sha256=task.adapter_sha256,
                   skeleton_digest=task.skeleton_digest, retry_after_s=task.retry_after_s,
-                  heartbeat_s=task.heartbeat_s)
+                  heartbeat_s=task.heartbeat_s, emulator_patch_sha256=task.emulator_patch_sha256)
     if task.config is not None:
         c = task.config
         m = c.method_config()

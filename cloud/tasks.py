@@ -29,6 +29,7 @@ class Task:
     retry_after_s: float = 0.0
     heartbeat_s: float = 0.0
     upload_dtype: str = ""    # what the update's tensors must be in
+    emulator_patch_sha256: str = ""  # re-alignment: the patch of the bundle's kept middle to train on ("" : none)
 
 
 class Tasks:
@@ -75,7 +76,8 @@ class Tasks:
         if state.has_update(job_id, job.round, me):
             return Task("wait", job_id, job.round, cfg.rounds, retry_after_s=WAIT_S), f"waiting for round {job.round + 1} to close"
         return (Task("train", job_id, job.round, cfg.rounds, art.manifest, rnd.adapter_sha256, art.skeleton_digest, cfg,
-                     heartbeat_s=cfg.heartbeat_s, upload_dtype=art.upload_dtype),
+                     heartbeat_s=cfg.heartbeat_s, upload_dtype=art.upload_dtype,
+                     emulator_patch_sha256=art.emulator_patch or ""),
                 f"assigned round {job.round + 1}")
 
     def heartbeat(self, client: ClientRecord, job_id: str, round_: int, activity: str, progress: float) -> bool:

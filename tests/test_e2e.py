@@ -75,7 +75,7 @@ def test_one_round_over_mutual_tls_with_real_processes_and_a_hostile_client(tiny
     assert all(set(row) == {"full_zero_shot", "emulator_zero_shot", "emulator_with_adapter", "plug_in"}
                and all(0.0 <= v <= 1.0 for v in row.values()) for row in accuracy.values())
     assert report["emulator"] == {"strategy": "uniform", "shared": False, "attn_rank": None, "quantized": None,
-                                  "distill_steps": 0}
+                                  "distill_steps": 0, "realign_every": 0}
     # the exported model is the base with the aggregated adapter, loadable with plain transformers
     exported = dict(AutoModelForCausalLM.from_pretrained(report["export_dir"]).state_dict())
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model))

@@ -6,10 +6,12 @@ import time
 
 import pytest
 
+from offsite.cloud.coordinator import Coordinator
 from offsite.cloud.identity import issue_tokens
 from offsite.cloud.job import Artifacts, JobConfig
 from offsite.demo.tiny import make_tiny_model
 from offsite.errors import AlreadyExistsError, ConfigError, NotFoundError, PreconditionError
+from offsite.files import sha256_file
 from tests.procs import offsite, run_clients, serve_until_done
 from tests.test_rounds import make_world
 
@@ -109,15 +111,18 @@ def test_two_jobs_with_different_bases_and_overlapping_rosters_run_to_completion
     """Real processes: job A on the tiny model for both clients, job B on another base for the second
     client only, and job C that can never close (its one client cannot make 2 updates), cancelled from
     the command line once its client sent one. Both clients run without --job and exit 0 once their
-    jobs are over; the coordinator exits when every job is done or cancelled."""
+    jobs are over; the coordinator exits when every job is done or cancelled. Job A re-aligns its
+    emulator after round 1 (FedBiOT): both clients download the patch and train round 2 on it."""
     state, names = tmp_path / "state", [f.name for f in client_data]
     other_base = make_tiny_model(tmp_path / "other-base", num_layers=5, hidden_size=48, seed=1)
     subprocess.run(offsite("cloud", "init", "--state", str(state), "--clients", ",".join(names)), check=True)
     jobs = {"a": (tiny_model, names, 2), "b": (other_base, names[1:], 1), "c": (tiny_model, names[:1], 2)}
+    realign = f'realign_every = 1\nrealign_steps = 3\nrealign_data = "{client_data[0] / "train.jsonl"}"\n'
     for job_id, (base, roster, per_round) in jobs.items():
         (tmp_path / f"{job_id}.toml").write_text(
             f'[job]\nid = "{job_id}"\nbase_model = "{base}"\nrounds = 2\nclients_per_round = {per_round}\n'
-            f'clients = {json.dumps(roster)}\n[split]\nemulator_layers = 1\n[training]\nbatch_size = 8\n')
+            f'clients = {json.dumps(roster)}\n[split]\nemulator_layers = 1\n{realign if job_id == "a" else ""}'
+            f'[training]\nbatch_size = 8\n')
         subprocess.run(offsite("cloud", "jobs", "create", "--state", str(state), "--config", str(tmp_path / f"{job_id}.toml")),
                        check=True)
     server, ports = serve_until_done(state, tmp_path / "port")
@@ -148,6 +153,10 @@ def test_two_jobs_with_different_bases_and_overlapping_rosters_run_to_completion
     assert [r["status"] for r in cancelled["round_log"]] == ["open"] and cancelled["round_log"][0]["updates"] == 1
     for job_id in ("a", "b"):
         assert (state / "jobs" / job_id / "report.json").is_file()
+    patch = Coordinator.open(state).job("a").artifacts.emulator_patch  # the one re-alignment, after round 1
+    for f in client_data:
+        assert sha256_file(tmp_path / f.name / "jobs" / "a" / "emulator-patch.safetensors") == patch
+    assert not (tmp_path / names[1] / "jobs" / "b" / "emulator-patch.safetensors").exists()
 
 
 def test_a_job_is_created_while_its_emulator_is_built_and_a_failed_creation_leaves_none(tiny_model, tmp_path, monkeypatch):

@@ -88,7 +88,7 @@ class AdapterMethod(_message.Message):
     def __init__(self, name: _Optional[str] = ..., r: _Optional[int] = ..., alpha: _Optional[float] = ..., dropout: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., target_r: _Optional[int] = ..., orth_reg_weight: _Optional[float] = ..., virtual_tokens: _Optional[int] = ..., bottleneck_dim: _Optional[int] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("kind", "job_id", "round", "total_rounds", "bundle_manifest_sha256", "adapter_sha256", "skeleton_digest", "training", "retry_after_s", "heartbeat_s")
+    __slots__ = ("kind", "job_id", "round", "total_rounds", "bundle_manifest_sha256", "adapter_sha256", "skeleton_digest", "training", "retry_after_s", "heartbeat_s", "emulator_patch_sha256")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[Task.Kind]
@@ -109,6 +109,7 @@ class Task(_message.Message):
     TRAINING_FIELD_NUMBER: _ClassVar[int]
     RETRY_AFTER_S_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_S_FIELD_NUMBER: _ClassVar[int]
+    EMULATOR_PATCH_SHA256_FIELD_NUMBER: _ClassVar[int]
     kind: Task.Kind
     job_id: str
     round: int
@@ -119,7 +120,8 @@ class Task(_message.Message):
     training: TrainingSettings
     retry_after_s: float
     heartbeat_s: float
-    def __init__(self, kind: _Optional[_Union[Task.Kind, str]] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., bundle_manifest_sha256: _Optional[str] = ..., adapter_sha256: _Optional[str] = ..., skeleton_digest: _Optional[str] = ..., training: _Optional[_Union[TrainingSettings, _Mapping]] = ..., retry_after_s: _Optional[float] = ..., heartbeat_s: _Optional[float] = ...) -> None: ...
+    emulator_patch_sha256: str
+    def __init__(self, kind: _Optional[_Union[Task.Kind, str]] = ..., job_id: _Optional[str] = ..., round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., bundle_manifest_sha256: _Optional[str] = ..., adapter_sha256: _Optional[str] = ..., skeleton_digest: _Optional[str] = ..., training: _Optional[_Union[TrainingSettings, _Mapping]] = ..., retry_after_s: _Optional[float] = ..., heartbeat_s: _Optional[float] = ..., emulator_patch_sha256: _Optional[str] = ...) -> None: ...
 
 class Privacy(_message.Message):
     __slots__ = ("secure_aggregation", "clip", "equal_weights")
