@@ -102,8 +102,8 @@ class JobConfig:
             raise ConfigError(f"job id must be 1 to 64 ASCII letters, digits, '-' or '_', got {self.job_id!r:.80}")
         object.__setattr__(self, "clients", tuple(self.clients))  # a TOML or JSON list
         object.__setattr__(self, "train_extra", tuple(self.train_extra))
-        if self.train_extra and self.method != "full":
-            raise ConfigError(f"train_extra trains {list(self.train_extra)} in full: it needs method full, not {self.method}")
+        if self.train_extra and self.method not in ("full", "lora"):  # lora: LoRA on head and embeddings, the norm in full
+            raise ConfigError(f"train_extra trains {list(self.train_extra)}: it needs method full or lora, not {self.method}")
         bad = [n for n in self.clients if not isinstance(n, str) or not CLIENT_NAME.fullmatch(n)]
         if bad or len(set(self.clients)) != len(self.clients):
             raise ConfigError(f"clients must be distinct client names ({CLIENT_NAME.pattern}), got {list(self.clients)!r:.200}")

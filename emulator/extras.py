@@ -4,8 +4,10 @@ A domain whose token statistics differ from pretraining (the demo's bulletins) n
 adapter blocks trainable, the frozen head caps what the plug-in can learn. The emulator holds all three
 already (they are not in the middle), so training them shows the data owner nothing new. With tied
 embeddings (most small bases), the head is the embedding matrix: "head" and "embeddings" name one
-parameter. They travel with every update, in full: the embeddings are vocab x hidden (at 128 k x 4 k,
-half a billion parameters), so they suit small vocabularies or a method of their own, not a large base.
+parameter. With method full they travel with every update in full: the embeddings are vocab x hidden (at
+128 k x 4 k, half a billion parameters), which suits small vocabularies only. With method lora the head and
+the embeddings train through LoRA modules of their own (a tied matrix: one, see offsite.emulator.methods)
+and only their factors travel, r x (vocab + hidden) each; the norm, a vector, trains in full.
 """
 from __future__ import annotations
 

@@ -18,14 +18,23 @@ so the client's upload, the coordinator's checks and the plug-in agree whatever 
   block the emulator kept (the layer that stood in for it during training).
 - bottleneck: Houlsby adapters in the adapter blocks (offsite.emulator.bottleneck).
 
+What the adapter trains beyond its blocks (the plan's extras: final norm, LM head, input embeddings; see
+offsite.emulator.extras) trains in full with method full. With lora, the head and the embeddings get LoRA
+modules of their own (peft's, on the Linear and the Embedding) and only their factors travel; the norm,
+a vector, trains in full and travels beside them. A head tied to the input embeddings is one matrix:
+its LoRA factors are the embedding's, transposed (`_TiedFactor`), so that training sees the change that
+merging makes to the shared matrix, once.
+
 The global adapter is the dense adapter blocks plus the tensors a method keeps beside them (virtual
 tokens, bottleneck modules); methods that change only the blocks add nothing. An update of those
 methods replaces its tensors in the global adapter, and the average over clients is their mean.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -84,16 +93,24 @@ def _block_name(path: str) -> re.Pattern:
     return re.compile(rf"^(?:base_model\.model\.)?{re.escape(path)}\.(\d+)\.(.+)$")
 
 
+def _outer_module(name: str, model: nn.Module, plan: SplitPlan) -> bool:
+    """Whether peft state `name` (no peft prefix) belongs to a LoRA module on one of the plan's extras."""
+    return any(name.startswith(f"{m}.lora_") for m in _outer_targets(model, plan))
+
+
 def _canonical(state: dict[str, torch.Tensor], model: nn.Module, plan: SplitPlan,
                dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """peft state names on the emulator -> canonical names (full model's indices, no peft prefix), in `dtype`."""
+    """peft state names on the emulator -> canonical names (full model's indices, no peft prefix), in `dtype`.
+    The LoRA modules on the plan's extras keep their names, which are the same in both models."""
     path = find_blocks(model).path
     pattern, out = _block_name(path), {}
     for name, tensor in state.items():
-        m = pattern.match(name)
-        if m is None:
-            raise InvalidUpdateError(f"method tensor {name} is not inside a block")
-        out[f"{path}.{plan.emulator_order[int(m.group(1))]}.{m.group(2)}"] = tensor.detach().to(dtype or tensor.dtype, copy=True)
+        m, bare = pattern.match(name), name.removeprefix("base_model.model.")
+        if m is not None:
+            bare = f"{path}.{plan.emulator_order[int(m.group(1))]}.{m.group(2)}"
+        elif not _outer_module(bare, model, plan):
+            raise InvalidUpdateError(f"method tensor {name} is not inside a block or on what the adapter trains beyond them")
+        out[bare] = tensor.detach().to(dtype or tensor.dtype, copy=True)
     return out
 
 
@@ -102,10 +119,73 @@ def _emulator_names(update: dict[str, torch.Tensor], model: nn.Module, plan: Spl
     pattern, out = _block_name(path), {}
     for name, tensor in update.items():
         m = pattern.match(name)
-        if m is None or int(m.group(1)) not in plan.adapter_blocks:
-            raise InvalidUpdateError(f"update tensor {name} is not in an adapter block")
-        out[f"base_model.model.{path}.{plan.emulator_index(int(m.group(1)))}.{m.group(2)}"] = tensor
+        if m is not None and int(m.group(1)) in plan.adapter_blocks:
+            out[f"base_model.model.{path}.{plan.emulator_index(int(m.group(1)))}.{m.group(2)}"] = tensor
+        elif m is None and _outer_module(name, model, plan):
+            out[f"base_model.model.{name}"] = tensor
+        else:
+            raise InvalidUpdateError(f"update tensor {name} is not in an adapter block or on what the adapter trains beyond them")
     return out
+
+
+# --- the plan's extras under lora ------------------------------------------------------------------
+def _outer_targets(model: nn.Module, plan: SplitPlan) -> list[str]:
+    """Module names of the plan's extras that LoRA adapts: the input embeddings and the LM head, whose
+    weight the adapter trains (a tied head: through the embeddings, the name the plan has for the matrix).
+    `model` may carry peft's modules."""
+    modules = dict(model.named_modules())
+    base = lambda m: m.get_base_layer() if hasattr(m, "get_base_layer") else m  # noqa: E731
+    names = [n.rpartition(".") for n in plan.extras]
+    return [m for m, _, leaf in names if leaf == "weight" and isinstance(base(modules.get(m)), (nn.Embedding, nn.Linear))]
+
+
+def _dense_extras(model: nn.Module, plan: SplitPlan) -> list[str]:
+    """The plan's extras that train in full under lora: the final norm (and any bias beside a weight)."""
+    targets = set(_outer_targets(model, plan))
+    return [n for n in plan.extras if n.rpartition(".")[0] not in targets or not n.endswith(".weight")]
+
+
+def _dense_parameters(model: nn.Module, names: list[str]) -> dict[str, nn.Parameter]:
+    """`names` (as the unwrapped model has them) -> the live parameters of `model`, which peft may wrap."""
+    live = {re.sub(r"\.base_layer(?=\.)", "", n).removeprefix("base_model.model."): p
+            for n, p in model.named_parameters(remove_duplicate=False)}
+    return {n: live[n] for n in names}
+
+
+def _tied_head(model: nn.Module) -> str | None:
+    """The LM head's module name where it is the input embedding matrix (tied), else None. Unwrapped `model`."""
+    head, table = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or table is None or head.weight is not table.weight:
+        return None
+    return next(n for n, m in model.named_modules() if m is head)
+
+
+class _TiedFactor(nn.Module):
+    """A LoRA factor of a tied head: the embedding's factor, transposed, read at every call (no copy, no
+    parameter of its own: the optimizer and the upload see one tensor, with the gradient of both its uses).
+    For the shared W (vocab x hidden) the embedding's LoRA adds scale (B_e A_e)^T; the head computes x W^T,
+    so its change is scale x B_e A_e: lora_A = B_e^T, lora_B = A_e^T."""
+
+    def __init__(self, embedding: nn.Module, factor: str):
+        super().__init__()
+        object.__setattr__(self, "_embedding", embedding)  # not a submodule: its parameters stay the embedding's
+        self.factor = factor
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return getattr(self._embedding, self.factor)["default"].t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight)
+
+
+def _tie_head(wrapped: nn.Module, head: str) -> None:
+    """Make the tied head's LoRA factors the embedding's (see _TiedFactor). peft ties adapters only for the
+    modules it knows by name (embed_tokens, lm_head); this does it for every family (GPT-2's wte, BLOOM's...)."""
+    base = wrapped.get_base_model()
+    layer, embedding = base.get_submodule(head), base.get_input_embeddings()
+    layer.lora_A["default"] = _TiedFactor(embedding, "lora_embedding_B")  # lora_A: r x hidden = B_e^T
+    layer.lora_B["default"] = _TiedFactor(embedding, "lora_embedding_A")  # lora_B: vocab x r = A_e^T
 
 
 # --- peft ------------------------------------------------------------------------------------------
@@ -121,7 +201,8 @@ def _adapter_linears(model: nn.Module, plan: SplitPlan, on_emulator: bool) -> li
     return names
 
 
-def _peft_config(cfg: MethodConfig, model: nn.Module, plan: SplitPlan, on_emulator: bool, total_steps: int = 1):
+def _peft_config(cfg: MethodConfig, model: nn.Module, plan: SplitPlan, on_emulator: bool, total_steps: int = 1,
+                 merging: bool = False):
     from peft import AdaLoraConfig, IA3Config, LoraConfig
     from peft.utils.constants import (TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
                                       TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING)
@@ -138,6 +219,9 @@ def _peft_config(cfg: MethodConfig, model: nn.Module, plan: SplitPlan, on_emulat
     targets = [n for n in linears if not leaves or n.rsplit(".", 1)[-1] in leaves]
     if not targets:
         raise ConfigError(f"{cfg.name}: no linear layer named {list(leaves)} in the adapter blocks")
+    outer = _outer_targets(model, plan)
+    if outer and cfg.name != "lora":
+        raise ConfigError(f"the adapter trains {outer} beyond its blocks: that needs method full or lora, not {cfg.name}")
     regex = "|".join(re.escape(n) for n in targets)  # exact module names: only the adapter blocks change
     fan_in_fan_out = model.config.model_type == "gpt2"  # GPT-2's Conv1D stores weights transposed
     if cfg.name == "ia3":
@@ -148,8 +232,33 @@ def _peft_config(cfg: MethodConfig, model: nn.Module, plan: SplitPlan, on_emulat
         return AdaLoraConfig(init_r=cfg.r, target_r=cfg.target_r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                              target_modules=regex, fan_in_fan_out=fan_in_fan_out, total_step=max(total_steps, 1),
                              orth_reg_weight=cfg.orth_reg_weight)
-    return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=regex,
+    tied = _tied_head(model) if outer else None
+    if tied and not merging:  # merging, the embedding's merge changes the shared matrix: the head adds nothing
+        outer.append(tied)
+    # full module names, a list: peft matches each exactly (or as a dotted suffix, which no other module has)
+    return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets + outer,
                       fan_in_fan_out=fan_in_fan_out)
+
+
+@contextlib.contextmanager
+def _known_peft_warnings():
+    """peft's warnings about what this module handles: a tied matrix in the adapter (tied here, merged once),
+    and fan_in_fan_out, which it sets per module (GPT-2's Conv1D: yes; its nn.Linear head: no)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*tie_word_embeddings")
+        warnings.filterwarnings("ignore", message="fan_in_fan_out is set to")
+        yield
+
+
+def _lora_model(model: nn.Module, config) -> nn.Module:
+    """`model` wrapped by peft with `config`, a tied head's factors made the embedding's (_tie_head)."""
+    from peft import get_peft_model
+    tied = _tied_head(model) if isinstance(config.target_modules, (list, set)) else None
+    with _known_peft_warnings():
+        wrapped = get_peft_model(model, config)
+    if tied is not None and tied in config.target_modules:
+        _tie_head(wrapped, tied)
+    return wrapped
 
 
 # --- bitfit ----------------------------------------------------------------------------------------
@@ -239,8 +348,10 @@ def attach(model: nn.Module, plan: SplitPlan, cfg: MethodConfig, on_emulator: bo
     elif cfg.name in VIRTUAL:
         trainable = list(model.prompt_encoder.parameters())
     else:
-        from peft import get_peft_model
-        model = get_peft_model(model, _peft_config(cfg, model, plan, on_emulator, total_steps))
+        dense = _dense_parameters(model, _dense_extras(model, plan))
+        model = _lora_model(model, _peft_config(cfg, model, plan, on_emulator, total_steps))
+        for p in dense.values():  # peft froze everything but its modules
+            p.requires_grad_(True)
         return model, precision.master_weights([p for p in model.parameters() if p.requires_grad])
     for p in trainable:
         p.requires_grad_(True)
@@ -280,8 +391,10 @@ def trainable_state(model: nn.Module, plan: SplitPlan, cfg: MethodConfig, on_emu
     pattern = getattr(config, "rank_pattern", None)
     if cfg.name == "adalora":  # peft would cut pruned ranks out; fixed shapes (pruned = 0) keep one spec for all
         config.rank_pattern = None
+    base = model.get_base_model()
+    dense = {n: p.detach().to(dtype or p.dtype, copy=True) for n, p in _dense_parameters(model, _dense_extras(base, plan)).items()}
     try:
-        return _canonical(get_peft_model_state_dict(model), model.get_base_model(), plan, dtype)
+        return {**_canonical(get_peft_model_state_dict(model, save_embedding_layers=False), base, plan, dtype), **dense}
     finally:
         if cfg.name == "adalora":
             config.rank_pattern = pattern
@@ -289,10 +402,12 @@ def trainable_state(model: nn.Module, plan: SplitPlan, cfg: MethodConfig, on_emu
 
 def touched(cfg: MethodConfig, update_names) -> set[str]:
     """The names of the global adapter's tensors that updates with these names can change: the update's
-    own, or for the methods that merge, the weight of every layer their modules sit on."""
+    own, or for the methods that merge, the weight of every layer their modules sit on (and the dense
+    tensors lora trains beside them: the final norm)."""
     if not cfg.merges:
         return set(update_names)
-    return {re.sub(r"\.(lora_[ABE]|ia3_l)(\.weight)?$", "", n) + ".weight" for n in update_names}
+    factor = re.compile(r"\.(lora_[ABE]|lora_embedding_[AB]|ia3_l)(\.weight)?$")
+    return {factor.sub("", n) + ".weight" if factor.search(n) else n for n in update_names}
 
 
 def propose(emulator: nn.Module | None, plan: SplitPlan, cfg: MethodConfig, start: dict[str, torch.Tensor],
@@ -304,14 +419,16 @@ def propose(emulator: nn.Module | None, plan: SplitPlan, cfg: MethodConfig, star
     Without `copy` the result is the scratch's own tensors, which the next proposal overwrites."""
     if not cfg.merges:
         return {**start, **update}
-    from peft import get_peft_model, set_peft_model_state_dict
+    from peft import set_peft_model_state_dict
     precision.master_weights(list(adapter_parameters(emulator, plan, on_emulator=True).values()))
-    load_adapter(emulator, plan, start, on_emulator=True)
-    wrapped = get_peft_model(emulator, _peft_config(cfg, emulator, plan, on_emulator=True))
-    result = set_peft_model_state_dict(wrapped, _emulator_names(update, emulator, plan))
+    dense = {k: v for k, v in update.items() if k in plan.extras}  # lora's norm: replaced, as method full's
+    load_adapter(emulator, plan, {**start, **dense}, on_emulator=True)
+    wrapped = _lora_model(emulator, _peft_config(cfg, emulator, plan, on_emulator=True, merging=True))
+    result = set_peft_model_state_dict(wrapped, _emulator_names({k: v for k, v in update.items() if k not in dense}, emulator, plan))
     if result.unexpected_keys:
         raise InvalidUpdateError(f"update has tensors the method does not: {result.unexpected_keys[:3]}")
-    merged = wrapped.merge_and_unload()
+    with _known_peft_warnings():
+        merged = wrapped.merge_and_unload()
     if copy:
         return extract_adapter(merged, plan, on_emulator=True)
     return {k: v.detach() for k, v in adapter_parameters(merged, plan, on_emulator=True).items()}
@@ -335,9 +452,10 @@ def propose_mean(emulator: nn.Module | None, plan: SplitPlan, cfg: MethodConfig,
     if not updates or len(updates) != len(weights) or not all(math.isfinite(w) and w > 0 for w in weights):
         raise InvalidUpdateError(f"a mean needs updates with positive finite weights, got {len(updates)} and {weights[:3]}")
     share = [w / sum(weights) for w in weights]
-    if cfg.name == "lora" and all(_is_lora_factor(n) for u in updates for n in u):
-        stacked = {n: torch.cat([u[n].float() * (s if ".lora_B." in n else 1.0) for u, s in zip(updates, share)],
-                                dim=1 if ".lora_B." in n else 0) for n in updates[0]}
+    if cfg.name == "lora":  # factors stack (B-like ones weighted, along r); the dense norm is a plain mean
+        stacked = {n: torch.cat([u[n].float() * (s if _is_lora_b(n) else 1.0) for u, s in zip(updates, share)],
+                                dim=1 if _is_lora_b(n) else 0) if _is_lora_factor(n) else
+                   sum(u[n].float() * s for u, s in zip(updates, share)) for n in updates[0]}
         wide = MethodConfig("lora", r=cfg.r * len(updates), alpha=cfg.alpha * len(updates), target_modules=cfg.target_modules)
         return propose(emulator, plan, wide, start, stacked, copy=False)
     if cfg.name == "ia3":
@@ -351,4 +469,9 @@ def propose_mean(emulator: nn.Module | None, plan: SplitPlan, cfg: MethodConfig,
 
 
 def _is_lora_factor(name: str) -> bool:
-    return name.endswith((".lora_A.weight", ".lora_B.weight"))
+    return name.endswith((".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B"))
+
+
+def _is_lora_b(name: str) -> bool:
+    """B-like factors (out x r: Linear's lora_B, Embedding's lora_embedding_B) stack along r as columns."""
+    return name.endswith((".lora_B.weight", ".lora_embedding_B"))

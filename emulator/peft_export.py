@@ -69,6 +69,9 @@ def export_peft(full: nn.Module, plan: SplitPlan, adapter: dict[str, torch.Tenso
     LoRA adapter of rank `rank` in `out_dir`, its factors in `dtype` (None: fp32)."""
     if rank < 1:
         raise ConfigError(f"a LoRA export needs rank >= 1, got {rank}")
+    if plan.extras:  # a tied head would need its LoRA to be the embedding's, which a plain PEFT load does not make
+        raise ConfigError(f"the adapter trains {list(plan.extras)[:3]} beyond its blocks (train_extra): a PEFT LoRA export "
+                          f"holds only the blocks' linear layers; export it merged")
     live = adapter_parameters(full, plan, on_emulator=False)
     if set(live) != set(adapter):
         raise ConfigError("the adapter does not fit this base: it was made for another model or split")

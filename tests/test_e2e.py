@@ -123,15 +123,23 @@ def test_a_dp_job_closes_rounds_without_the_missing_client_and_reports_epsilon(t
     assert json.loads(status.stdout)["jobs"][0]["privacy"]["epsilon_by_round"] == dp["epsilon_by_round"]
 
 
-@pytest.mark.parametrize("method", ["lora", "prompt", "bottleneck"])
-def test_each_kind_of_adapter_method_trains_through_the_real_client_and_plugs_back_in(method, tiny_model, client_data, tmp_path):
-    """One method of each kind over the wire: merged into the adapter (lora), virtual tokens beside it
-    (prompt), modules of our own (bottleneck). tests/test_methods.py covers every method in-process."""
+@pytest.mark.parametrize("method, extra", [("lora", ""), ("lora", 'train_extra = ["norm", "head"]\n'), ("prompt", ""),
+                                           ("bottleneck", "")])
+def test_each_kind_of_adapter_method_trains_through_the_real_client_and_plugs_back_in(method, extra, tiny_model, client_data,
+                                                                                      tmp_path):
+    """One method of each kind over the wire: merged into the adapter (lora; with the norm in full and LoRA
+    on the tied head too), virtual tokens beside it (prompt), modules of our own (bottleneck).
+    tests/test_methods.py covers every method in-process."""
     size = {"lora": "r = 2\n", "adalora": "r = 2\ntarget_r = 1\n",  # at width 32, rank 2 is 1/8 of the weights
             "bottleneck": "bottleneck_dim = 4\n"}.get(method, "")
     _, report = run_job(tmp_path, tiny_model, client_data[:1], ["client-1"],
-                        f'rounds = 1\nclients_per_round = 1\nlr = 0.03\nepochs = 4.0\n[adapter]\nmethod = "{method}"\n{size}')
+                        f'rounds = 1\nclients_per_round = 1\nlr = 0.03\nepochs = 4.0\n{extra}[adapter]\nmethod = "{method}"\n{size}')
     m, ev = report["adapter_method"], report["eval"]["all"]
+    if extra:
+        exported = AutoModelForCausalLM.from_pretrained(report["export_dir"]).state_dict()
+        base = AutoModelForCausalLM.from_pretrained(str(tiny_model)).state_dict()
+        assert all(not torch.equal(exported[n], base[n]) for n in ("model.norm.weight", "model.embed_tokens.weight"))
+        assert torch.equal(exported["lm_head.weight"], exported["model.embed_tokens.weight"])  # still one matrix
     dense_bytes = 4 * report["split"]["adapter_params"]
     assert m["name"] == method and 0 < m["trainable_params"] < report["split"]["adapter_params"] / 4
     assert report["clients"][0]["upload_bytes"] < dense_bytes / 3  # only the method's tensors travel

@@ -79,7 +79,12 @@ def test_a_train_task_carries_the_fedprox_and_schedule_settings(tiny_model):
     assert (training.prox_mu, training.lr_schedule) == (pytest.approx(0.1), "job")
 
 
-def test_extras_train_in_full_only(tiny_model):
-    assert JobConfig(job_id="j", base_model=str(tiny_model), train_extra=["norm"]).emulator_config().train_extra == ("norm",)
-    with pytest.raises(ConfigError, match="needs method full"):
-        JobConfig(job_id="j", base_model=str(tiny_model), train_extra=("norm",), method="lora")
+@pytest.mark.parametrize("method, ok", [("full", True), ("lora", True), ("adalora", False), ("ia3", False), ("bitfit", False),
+                                        ("prompt", False), ("bottleneck", False)])
+def test_extras_train_in_full_or_through_lora(tiny_model, method, ok):
+    make = lambda: JobConfig(job_id="j", base_model=str(tiny_model), train_extra=["norm", "head"], method=method)  # noqa: E731
+    if ok:
+        assert make().emulator_config().train_extra == ("norm", "head")
+    else:
+        with pytest.raises(ConfigError, match=f"needs method full or lora, not {method}"):
+            make()

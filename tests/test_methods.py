@@ -1,12 +1,15 @@
 """Adapter methods: only method tensors train and travel, under canonical names; an update merges into
 the dense adapter exactly (the emulator with the method attached and the emulator with the merged
 adapter give the same logits); and averaging merged adapters is exact where averaging factors is not."""
+import dataclasses
+
 import pytest
 import torch
 
 from offsite.emulator import methods
 from offsite.emulator.adapter import extract_adapter, load_adapter
 from offsite.emulator.build import make_emulator
+from offsite.emulator.extras import extra_names
 from offsite.emulator.methods import MethodConfig
 from offsite.emulator.plan import SplitPlan
 from offsite.emulator.plugin import export, load_export, plug_in
@@ -195,3 +198,109 @@ def test_export_loads_back_to_the_same_model(tiny_model, tmp_path, name):
         torch.testing.assert_close(loaded(input_ids=ids).logits, plugged.eval()(input_ids=ids).logits)
     plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export"))  # the folder itself is a plain model
     assert not any("bottleneck" in k for k in plain.state_dict())
+
+
+# --- what the adapter trains beyond its blocks, through lora -----------------------------------------
+EXTRA_CASES = [("llama", ("norm", "head")), ("llama", ("norm", "head", "embeddings")), ("gpt_neox", ("head", "embeddings")),
+               ("gpt2", ("norm", "head")), ("opt", ("embeddings",)), ("gemma2", ("norm", "head")), ("bloom", ("head",))]
+TIED = {"gpt2", "opt", "gemma2", "bloom"}  # tiny(family): the head is the input embedding matrix
+
+
+def with_extras(family, kinds):
+    return dataclasses.replace(PLAN, extras=extra_names(tiny(family), kinds))
+
+
+def _outer(update):
+    return {k for k in update if not any(f".{b}." in k for b in ("layers", "h"))}
+
+
+@pytest.mark.parametrize("family, kinds", EXTRA_CASES)
+def test_extras_through_lora_train_travel_and_merge_exactly(family, kinds):
+    """Head and embeddings get LoRA factors (a tied head: the embedding's, nothing of its own), the norm
+    trains in full beside them; the merged dense adapter gives the logits the trained model gave."""
+    cfg, plan = MethodConfig("lora", r=2), with_extras(family, kinds)
+    model, params = attached(family, cfg, plan)
+    update = methods.trainable_state(model, plan, cfg)
+    assert sum(p.numel() for p in params) == sum(v.numel() for v in update.values())
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == sum(p.numel() for p in params)
+    base = tiny(family)
+    table, head = (next(n for n, m in base.named_modules() if m is x) for x in (base.get_input_embeddings(), base.get_output_embeddings()))
+    expected = set()
+    if "embeddings" in kinds or ("head" in kinds and family in TIED):
+        expected |= {f"{table}.lora_embedding_A", f"{table}.lora_embedding_B"}
+    if "head" in kinds and family not in TIED:
+        expected |= {f"{head}.lora_A.weight", f"{head}.lora_B.weight"}
+    if "norm" in kinds:
+        expected |= {n for n in plan.extras if not n.startswith((table, head))}
+    assert _outer(update) == expected
+    assert all(update[n].dim() == 1 for n in expected if "lora" not in n)  # the norm, in full
+    assert sum(update[n].numel() for n in expected) < sum(p.numel() for n, p in base.named_parameters() if n in plan.extras) / 4
+
+    update = _randomize(update)
+    trained, _ = attached(family, cfg, plan)  # a fresh one, loaded with the update
+    from peft import set_peft_model_state_dict
+    dense = {k: v for k, v in update.items() if k in plan.extras}
+    set_peft_model_state_dict(trained, methods._emulator_names({k: v for k, v in update.items() if k not in dense},
+                                                               trained.get_base_model(), plan))
+    with torch.no_grad():
+        for name, p in methods._dense_parameters(trained, list(dense)).items():
+            p.copy_(dense[name])
+    start = extract_adapter(make_emulator(tiny(family), plan), plan, on_emulator=True)
+    adapter = methods.propose(make_emulator(tiny(family), plan), plan, cfg, start, update)
+    assert set(methods.touched(cfg, update)) <= set(adapter) and {n for n in plan.extras} <= methods.touched(cfg, update)
+    merged = make_emulator(tiny(family), plan)
+    load_adapter(merged, plan, adapter, on_emulator=True)
+    with torch.no_grad():
+        expected_logits, got = trained.eval()(IDS).logits, merged.eval()(IDS).logits
+        before = make_emulator(tiny(family), plan)(IDS).logits
+    assert (got - before).abs().max() > 1.0  # the update did change something
+    torch.testing.assert_close(got, expected_logits, atol=1e-4, rtol=1e-5)  # a tied head's change counted once
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt"])
+def test_a_tied_head_gives_its_gradient_to_the_embedding_factors(family):
+    """The gradient the optimizer sees on the embedding's factors is that of the loss through the shared
+    matrix W + scale (B A)^T, as both the input lookup and the head use it."""
+    cfg, plan = MethodConfig("lora", r=2, alpha=4.0), with_extras(family, ("head",))
+    model, _ = attached(family, cfg, plan)
+    table = model.get_input_embeddings()
+    a, b = table.lora_embedding_A["default"], table.lora_embedding_B["default"]
+    with torch.no_grad():
+        a.normal_(std=0.1)  # peft starts A at zero, which would hide the head's share of B's gradient
+    model.train(False)
+    model(IDS, labels=IDS).loss.backward()
+
+    reference = make_emulator(tiny(family), plan).eval()
+    name = plan.extras[0]
+    a0, b0 = a.detach().clone().requires_grad_(True), b.detach().clone().requires_grad_(True)
+    weight = reference.get_parameter(name).detach() + (b0 @ a0).t() * 2.0
+    lora = {n.replace("base_model.model.", "").replace(".base_layer", ""): p.detach()
+            for n, p in model.named_parameters() if ".base_layer." in n}  # the blocks' (unchanged: B = 0) weights
+    loss = torch.func.functional_call(reference, {**lora, name: weight}, (IDS,), {"labels": IDS}).loss
+    loss.backward()
+    torch.testing.assert_close(a.grad, a0.grad, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(b.grad, b0.grad, atol=1e-6, rtol=1e-4)
+    head = model.get_base_model().get_output_embeddings()
+    assert not list(head.lora_A.parameters()) and not list(head.lora_B.parameters())  # one tensor, no twin
+
+
+@pytest.mark.parametrize("family, kinds", [("llama", ("norm", "head", "embeddings")), ("gpt2", ("norm", "head"))])
+def test_the_mean_of_lora_updates_with_extras_in_one_merge_is_the_mean_of_each_merged(family, kinds):
+    cfg, plan = MethodConfig("lora", r=2), with_extras(family, kinds)
+    model, _ = attached(family, cfg, plan)
+    updates = [_randomize(methods.trainable_state(model, plan, cfg), seed) for seed in range(3)]
+    weights = [1.0, 5.0, 2.5]
+    start = initial(make_emulator(tiny(family), plan), cfg, plan)
+    proposals = [methods.propose(make_emulator(tiny(family), plan), plan, cfg, start, u) for u in updates]
+    expected = {k: sum(p[k].double() * w for p, w in zip(proposals, weights)) / sum(weights) for k in proposals[0]}
+    got = methods.propose_mean(make_emulator(tiny(family), plan), plan, cfg, start, updates, weights)
+    assert set(got) == set(expected)
+    for k in expected:
+        torch.testing.assert_close(got[k].double(), expected[k], atol=1e-6, rtol=1e-5)
+    assert all((expected[n] - start[n].double()).abs().max() > 1e-3 for n in plan.extras)  # every extra moved
+
+
+def test_extras_need_full_or_lora():
+    plan = with_extras("llama", ("head",))
+    with pytest.raises(ConfigError, match="needs method full or lora, not ia3"):
+        attached("llama", MethodConfig("ia3"), plan)

@@ -1,5 +1,6 @@
 """A LoRA job's dense global adapter, exported as a standard PEFT LoRA adapter on the full model's own
 layer indices: PeftModel.from_pretrained on the untouched base gives the plug-in's logits."""
+import dataclasses
 import json
 
 import pytest
@@ -60,3 +61,6 @@ def test_what_lora_cannot_say_is_refused(tmp_path):
         export_peft(tiny("llama"), PLAN, adapter, tmp_path / "b", rank=4, base_name="tiny")
     with pytest.raises(ConfigError, match="rank"):
         export_peft(tiny("llama"), PLAN, adapter, tmp_path / "c", rank=0, base_name="tiny")
+    extras = dataclasses.replace(PLAN, extras=("model.norm.weight",))
+    with pytest.raises(ConfigError, match=r"trains \['model.norm.weight'\] beyond its blocks .* export it merged"):
+        export_peft(tiny("llama"), extras, adapter, tmp_path / "d", rank=4, base_name="tiny")

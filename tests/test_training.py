@@ -6,6 +6,7 @@ from offsite import lm
 from offsite.checkpoint import Checkpointer
 from offsite.client.train import LocalTrainer
 from offsite.emulator.build import build
+from offsite.emulator.bundle import load_bundle
 from offsite.emulator.config import EmulatorConfig
 from offsite.emulator.methods import MethodConfig
 from offsite.tensors import spec_digest, spec_of
@@ -151,3 +152,24 @@ def test_the_final_norm_and_embeddings_train_and_travel_when_the_job_says_so(tin
     for name in ("model.norm.weight", "model.embed_tokens.weight"):
         assert not torch.equal(out.update[name], start[name])
     assert out.heldout_after < out.heldout_before
+
+
+def test_through_lora_the_head_and_embeddings_train_as_factors_and_the_norm_in_full(tiny_model, client_data, tmp_path):
+    """The demo base ties its head to its embeddings: one LoRA on the shared matrix, which the merge changes once."""
+    from offsite.emulator import methods
+    result = build(str(tiny_model), EmulatorConfig(emulator_layers=1, train_extra=("norm", "head")), tmp_path / "b",
+                   show_progress=False)
+    texts = read_texts(client_data[0] / "train.jsonl")
+    local = LocalTrainer(tmp_path / "b", texts, texts[:8], max_length=64)
+    start, cfg = result.skeleton, MethodConfig("lora", r=4)
+    out = local.train_round(start, spec_digest(spec_of(start)), lm.TrainConfig(epochs=1, lr=1e-2, batch_size=8), cfg,
+                            show_progress=False)
+    outer = {k for k in out.update if ".layers." not in k}
+    assert outer == {"model.embed_tokens.lora_embedding_A", "model.embed_tokens.lora_embedding_B", "model.norm.weight"}
+    assert out.heldout_after < out.heldout_before
+    scratch, _, _ = load_bundle(tmp_path / "b")
+    proposal = methods.propose(scratch, local.plan, cfg, start, out.update)
+    for name in ("model.norm.weight", "model.embed_tokens.weight"):
+        assert not torch.equal(proposal[name], start[name])
+    table = start["model.embed_tokens.weight"].numel()
+    assert out.update["model.embed_tokens.lora_embedding_A"].numel() + out.update["model.embed_tokens.lora_embedding_B"].numel() < table / 4
