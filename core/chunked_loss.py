@@ -9,8 +9,8 @@ logits are recomputed in backward instead of kept, so at most one slice of logit
 
 That is right only for a model whose logits are its head applied to the last hidden states, with nothing
 after (Gemma 2's soft-capping, a logit scale). Each model is probed once, on a few of its first batch's
-tokens: where the two ways disagree, or the head is not a plain linear layer, the loss is computed from
-the logits as before.
+tokens: where the two ways disagree, or the head is not a linear layer (plain, or with peft's LoRA on it),
+the loss is computed from the logits as before.
 
 Freed slices go back to the system only under a fixed malloc threshold (offsite.memory), which
 offsite.precision.prepare sets for models with large half-precision weights; it is not set here, because
@@ -96,10 +96,15 @@ def _sliceable_head(model, ids: torch.Tensor, mask: torch.Tensor) -> nn.Linear |
     known = _heads.get(model)
     if known is not None and known[0] is head:
         return head if known[1] else None
-    plain = isinstance(head, nn.Linear) and "forward" not in vars(head) and not getattr(model, "hf_device_map", None)
+    plain = _linear(head) and "forward" not in vars(head) and not getattr(model, "hf_device_map", None)
     ok = plain and _probe(model, head, ids[:1, :PROBE_TOKENS], mask[:1, :PROBE_TOKENS])
     _heads[model] = (head, ok)
     return head if ok else None
+
+
+def _linear(head: nn.Module | None) -> bool:
+    """A linear layer, or peft's LoRA on one (the adapter trains the head): either maps rows to rows."""
+    return isinstance(head, nn.Linear) or (hasattr(head, "get_base_layer") and isinstance(head.get_base_layer(), nn.Linear))
 
 
 def _probe(model, head: nn.Linear, ids: torch.Tensor, mask: torch.Tensor) -> bool:

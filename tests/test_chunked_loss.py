@@ -86,3 +86,28 @@ def test_peak_memory_is_a_slice_of_logits_not_the_batchs():
     assert sliced_loss == pytest.approx(plain_loss, rel=1e-5)
     assert plain_mb > 500  # 1020 x 64000 logits: 261 MB in fp32, and their softmax and gradient beside them
     assert sliced_mb < plain_mb / 5
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # a LoRA head of its own; a tied one (the embedding's factors)
+def test_a_head_with_lora_on_it_is_sliced_too(family, monkeypatch):
+    import dataclasses
+    from offsite.emulator import methods
+    from offsite.emulator.build import make_emulator
+    from offsite.emulator.extras import extra_names
+    from offsite.emulator.plan import SplitPlan
+    plan = dataclasses.replace(SplitPlan.uniform(6, 2, 2, 1), extras=extra_names(tiny(family), ("head",)))
+    model, _ = methods.attach(make_emulator(tiny(family), plan), plan, methods.MethodConfig("lora", r=2), on_emulator=True)
+    for n, p in model.named_parameters():
+        if "lora_B" in n or "lora_embedding_A" in n:  # B (A for embeddings) starts at zero: make the head's change show
+            torch.nn.init.normal_(p, std=0.1)
+    model.train()
+    slices = []
+    real = chunked_loss._slice_loss
+    monkeypatch.setattr(chunked_loss, "_slice_loss", lambda *a: slices.append(a[1].shape[0]) or real(*a))
+    monkeypatch.setattr(chunked_loss, "LOGIT_VALUES_PER_SLICE", 5 * V)
+    want = _loss_and_grads(model, lambda: chunked_loss.next_token_loss_sum(model(input_ids=IDS, attention_mask=MASK).logits, LABELS))
+    got = _loss_and_grads(model, lambda: chunked_loss.token_loss_sum(model, IDS, MASK, LABELS))
+    assert slices and got[0] == pytest.approx(want[0], rel=1e-5)
+    assert any("lora" in k for k in want[2]) and got[2].keys() == want[2].keys()
+    for name, grad in want[2].items():  # gradients up to ~60 here: float32 sums differ by ~1e-5 either way
+        torch.testing.assert_close(got[2][name], grad, rtol=1e-4, atol=1e-4, msg=name)
