@@ -120,7 +120,6 @@ def federate(base: Path, bundle: Path, folders: list[Path], s: DemoSettings, met
             **({"emulator_general_loss": alone} if general else {})}
 
 
-
 def demo_inputs(s: DemoSettings, work: Path):
     """What the demo's benches start from, seeded: the demo's base (cached), each client's data and the
     general corpus under `work`; returns (base folder, client folders, general held-out texts, full model,

@@ -24,7 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-
 from offsite import lm
 from offsite.client.train import LocalTrainer
 from offsite.demo.central import central_finetune
@@ -34,6 +33,7 @@ from offsite.emulator.build import build, load_base
 from offsite.emulator.bundle import load_bundle
 from offsite.emulator.config import EmulatorConfig
 from offsite.emulator.evaluate import exact_match
+from offsite.emulator.methods import MethodConfig
 from offsite.files import write_json
 from offsite.tensors import spec_digest, spec_of
 from offsite.textdata import read_tasks, read_texts
@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from emulator_strategies import demo_inputs, federate  # noqa: E402  (one setup, one federated schedule)
 
 EMULATOR_DISTILL_STEPS = 100  # every row's emulator: the demo's until 2026-12 (keep 2 of 4 middle blocks, distilled)
-ROWS = {  # name -> the job file's options: [training] ones as keyword arguments of federate, [split] train_extra
+ROWS = {  # name -> the job file's options: [training] ones as keyword arguments of federate, [split] train_extra, [adapter] method
     "blocks": {},  # the adapter blocks alone, nothing else changed (the demo's settings until 2026-12)
     "schedule-job": {"lr_schedule": "job"},
     "prox-0.0001": {"prox_mu": 0.0001},  # mu weighs a sum over every trainable: 3.2 M of them here
@@ -54,6 +54,9 @@ ROWS = {  # name -> the job file's options: [training] ones as keyword arguments
     "extra-norm-head": {"train_extra": ("norm", "head")},  # the demo's base ties them: the embeddings train too
     "realign-1": {"realign_every": 1},  # FedBiOT: the emulator re-aligned around the global adapter after rounds 1 and 2
     "extra-norm-head+realign-1": {"train_extra": ("norm", "head"), "realign_every": 1},
+    "lora-16": {"method": {"name": "lora", "r": 16, "alpha": 32.0}},  # LoRA on the adapter blocks' linears
+    "lora-16+extra-norm-head": {"method": {"name": "lora", "r": 16, "alpha": 32.0}, "train_extra": ("norm", "head")},  # + LoRA on the tied matrix
+    "lora-16+extra-norm-head-lr-0.01": {"method": {"name": "lora", "r": 16, "alpha": 32.0}, "train_extra": ("norm", "head"), "lr": 0.01},
 }
 
 
@@ -128,6 +131,8 @@ def main() -> None:
         row_bundle = work / f"quality-bundle-{'-'.join(extra)}" if extra else bundle  # the same emulator, more in the adapter
         if extra:
             build(str(base), emulator_config(extra), row_bundle, show_progress=False)
+        if "method" in options:
+            options["method"] = MethodConfig(**options["method"])
         if options.get("realign_every"):
             options["realign_data"] = work / "data" / "general_train.jsonl"  # the model owner's public text
         fed = federate(base, row_bundle, folders, s, general=general, **options)
