@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # `make images`: the coordinator and client images, built with no registry and no network in the build.
 #
-#   1. A wheelhouse (build/wheelhouse): every wheel the images install, torch's CPU build pinned, made by
-#      this host's own pip and its configuration (index, proxy, local wheels).
+#   1. A wheelhouse (build/wheelhouse): every wheel the images install, the locked releases with their hashes
+#      (requirements/runtime.lock, torch's CPU build from requirements/torch-cpu.lock), made by this host's
+#      own pip and its configuration (index, proxy, local wheels).
 #   2. A base image with Python 3.11: $BASE if given; else python:3.11-slim if a registry gives it; else one
 #      made here from Debian 12's packages (mmdebstrap, then `docker import`), as an air-gapped site would.
 #   3. `docker build --network none` of both targets of deploy/Dockerfile: pip installs from the wheelhouse
@@ -26,8 +27,16 @@ echo "images: wheelhouse in $WHEELS"
 rm -rf "$WHEELS" build/lib  # a stale build/lib would end up in the project's wheel
 mkdir -p "$WHEELS"
 pip_wheel() { "$PY" -m pip wheel -q --disable-pip-version-check --wheel-dir "$WHEELS" "$@"; }
-pip_wheel ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} --no-deps torch==2.13.0   # CPU by default: no CUDA gigabytes
-pip_wheel --find-links "$WHEELS" torch==2.13.0 .                                 # the project and the rest
+# The lock's releases and hashes (requirements/*.lock, as `make test` installs them): torch's CPU build by
+# default; with TORCH_INDEX, that index's torch and the CUDA libraries its wheel pins.
+if [ -n "$TORCH_INDEX" ]; then
+  pip_wheel --index-url "$TORCH_INDEX" torch==2.13.0
+else
+  pip_wheel --require-hashes --no-deps -r requirements/torch-cpu.lock
+fi
+pip_wheel --require-hashes --no-deps -r requirements/runtime.lock
+pip_wheel --no-deps .                                                            # the project's own wheel
+cp requirements/runtime.lock "$WHEELS/"
 
 if [ -n "$BASE" ]; then
   echo "images: base $BASE (given)"
