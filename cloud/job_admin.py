@@ -9,7 +9,7 @@ import torch
 from offsite.cloud.intake import sealed_size
 from offsite.cloud.job import Artifacts, JobConfig
 from offsite.cloud.state import JobRecord
-from offsite.emulator import methods
+from offsite.emulator import methods, support
 from offsite.emulator.build import build
 from offsite.emulator.bundle import load_bundle
 from offsite.errors import AlreadyExistsError, ConfigError
@@ -54,13 +54,7 @@ class JobAdmin:
         torch.manual_seed(cfg.seed)  # the method's fresh tensors (virtual tokens, bottlenecks) are repeatable
         initial = {**result.skeleton, **methods.fresh_extras(emulator, result.plan, method)}
         spec = spec_of(initial)
-        attached, _ = methods.attach(methods.apply(emulator, result.plan, method, initial, share=True), result.plan, method)
-        try:  # one token through the emulator: a method this model cannot run fails here, not on every client
-            with torch.no_grad():
-                attached(input_ids=torch.ones(1, 2, dtype=torch.long))
-        except Exception as e:
-            raise ConfigError(f"adapter method {method.name} does not run on model type "
-                              f"{emulator.config.model_type!r}: {type(e).__name__}: {e}") from None
+        attached = support.probe(emulator, result.plan, method, initial)  # a method the model cannot run fails here
         upload_dtype = cfg.resolved_dtype("upload_dtype", result.dtype)
         update_spec = spec_of(methods.trainable_state(attached, result.plan, method, dtype=upload_dtype))  # what clients upload
         artifacts = Artifacts(

@@ -39,6 +39,24 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_support(args) -> int:
+    from offsite.emulator import support
+
+    if args.model:
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+        models = {model.config.model_type: model}
+    else:
+        models = {family: support.tiny(family) for family in support.FAMILIES}
+    table = support.matrix(models)
+    if args.markdown:
+        print(support.markdown(table), end="")
+        return 0
+    for name, row in table.items():
+        print(f"{name}: " + ", ".join(m if why is None else f"{m} NO ({why})" for m, why in row.items()))
+    return 0
+
+
 def _reports() -> bool:
     """Under `accelerate launch` every process runs the command; only the main one prints the result."""
     from offsite import lm
@@ -73,3 +91,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("support", help="which adapter methods run on a model (default: every family's tiny stand-in), "
+                                       "found by running each one as `jobs create` does")
+    p.add_argument("--model", help="local folder or hub id of a causal LM (default: the tiny stand-in of every family)")
+    p.add_argument("--markdown", action="store_true", help="a Markdown table (the README's is made so)")
+    p.set_defaults(func=cmd_support)

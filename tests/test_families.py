@@ -1,35 +1,13 @@
 """The split works on every common decoder family, found structurally (no per-family table)."""
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from offsite.emulator.adapter import extract_adapter, load_adapter
 from offsite.emulator.blocks import find_blocks
 from offsite.emulator.build import make_emulator
 from offsite.emulator.plan import SplitPlan
-
-V, H, L = 96, 32, 6
-COMMON = dict(vocab_size=V, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-FAMILIES = {
-    "gpt2": dict(n_embd=H, n_layer=L, n_head=4, n_positions=64),
-    "opt": dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=4, ffn_dim=64, max_position_embeddings=64, word_embed_proj_dim=H),
-    "llama": dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64),
-    "mistral": dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64),
-    "qwen2": dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64),
-    "qwen3": dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, head_dim=8),
-    "gemma2": dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, head_dim=8, sliding_window=16),
-    "phi3": dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64),
-    "gpt_neox": dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=4, intermediate_size=64),
-    "bloom": dict(hidden_size=H, n_layer=L, n_head=4),
-    "falcon": dict(hidden_size=H, num_hidden_layers=L, num_attention_heads=4),
-}
-
-
-def tiny(family: str):
-    config = AutoConfig.for_model(family, **COMMON, **FAMILIES[family])
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config).eval()
-
+from offsite.emulator.support import FAMILIES, L, V, tiny  # noqa: F401 (V, tiny: imported from here by other tests)
 
 IDS = torch.randint(3, V, (2, 10), generator=torch.Generator().manual_seed(1))
 

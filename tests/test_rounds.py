@@ -164,17 +164,31 @@ def test_fedavgm_keeps_momentum_between_rounds(tiny_model, tmp_path):
     assert c.job("j").artifacts.strategy_state is not None
 
 
-def test_a_method_the_model_cannot_run_is_refused_when_the_job_is_made(tiny_model, tmp_path):
-    """peft's prefix tuning fails on Falcon's fused multi-query attention: the job is refused, naming both."""
+def test_a_method_the_model_cannot_run_is_refused_when_the_job_is_made(tiny_model, tmp_path, monkeypatch):
+    """Prefix tuning hands every attention layer keys and values it did not compute. An attention that cannot
+    take them (Falcon's, made to refuse them here, as peft's prefix tuning once failed on its fused
+    multi-query attention) fails the job at `jobs create`, naming the method, the model type and the cause;
+    the same model takes a method that leaves the attention's inputs alone."""
     import shutil
-    from tests.test_families import tiny
+    from transformers.models.falcon import modeling_falcon
+    from offsite.emulator.support import tiny
+    original = modeling_falcon.FalconAttention.forward
+
+    def no_prefix(self, hidden_states, *args, layer_past=None, **kwargs):
+        if layer_past is not None and layer_past.get_seq_length(self.layer_idx) > 0:
+            raise RuntimeError("this attention takes no keys and values from outside")
+        return original(self, hidden_states, *args, layer_past=layer_past, **kwargs)
+
+    monkeypatch.setattr(modeling_falcon.FalconAttention, "forward", no_prefix)
     folder = tmp_path / "falcon"
     tiny("falcon").save_pretrained(str(folder))
     for f in tiny_model.iterdir():
         if "token" in f.name or f.name == "special_tokens_map.json":
             shutil.copy(f, folder / f.name)
-    with pytest.raises(ConfigError, match="prefix does not run on model type 'falcon'"):
+    with pytest.raises(ConfigError, match="prefix does not run on model type 'falcon': RuntimeError: this attention takes no"):
         make_world(folder, tmp_path / "w", method="prefix")
+    c, *_ = make_world(folder, tmp_path / "w2", method="lora")
+    assert c.job("j").status == "running"
 
 
 def test_a_reported_train_loss_survives_a_restart_mid_upload(world):
