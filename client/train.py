@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from offsite import lm
+from offsite import lm, render
 from offsite.checkpoint import Checkpointer
 from offsite.emulator import methods
 from offsite.emulator.bundle import describe_bundle, load_bundle
@@ -51,7 +51,7 @@ class LocalTrainer:
         return lm.encode_examples(self.tokenizer, _as_examples(examples), max_length)
 
     def _heldout_loss(self, model) -> float | None:
-        return lm.mean_token_loss(model, self.heldout, self.tokenizer.pad_token_id) if self.heldout else None
+        return lm.mean_token_loss(model, self.heldout, render.pad_id(self.tokenizer)) if self.heldout else None
 
     def train_round(self, start: dict[str, torch.Tensor], skeleton_digest: str, cfg: lm.TrainConfig,
                     method: methods.MethodConfig = methods.MethodConfig(), desc: str = "train",
@@ -77,7 +77,7 @@ class LocalTrainer:
             if p.data_ptr() in shared:
                 p.data = p.data.clone()
         self.model = model  # the round's model, for inspection after training
-        stats = lm.train(model, self.train_set, params, self.tokenizer.pad_token_id, cfg, desc, show_progress, on_step,
+        stats = lm.train(model, self.train_set, params, render.pad_id(self.tokenizer), cfg, desc, show_progress, on_step,
                          checkpoint, optimizer=_paged_adamw_8bit if self.device.startswith("cuda") else None,
                          **methods.training_hooks(model, method))
         return RoundResult(methods.trainable_state(model, self.plan, method, dtype=upload_dtype), stats, before, self._heldout_loss(model),

@@ -6,7 +6,7 @@ import math
 import time
 from pathlib import Path
 
-from offsite import lm, precision
+from offsite import lm, precision, render
 from offsite.cloud import privacy
 from offsite.cloud.blobs import BlobStore
 from offsite.cloud.job import Artifacts, JobConfig
@@ -19,7 +19,7 @@ from offsite.emulator.realign import apply_patch
 from offsite.files import write_json
 from offsite.tensors import load_blob
 from offsite.emulator.evaluate import exact_match
-from offsite.textdata import Example, read_tasks, read_texts
+from offsite.textdata import Example, read_examples, read_tasks, read_texts
 
 
 def _evaluate(model, sets: dict[str, list[list[int]]], pad_id: int) -> dict[str, float]:
@@ -53,8 +53,8 @@ def finalize(cfg: JobConfig, artifacts: Artifacts, state: State, blobs: BlobStor
     emulator, tokenizer, _ = load_bundle(artifacts.bundle_dir, placement.device)  # the base's tokenizer, as the bundle carries it
     if artifacts.emulator_patch:  # re-aligned: the emulator the clients trained the last rounds on
         apply_patch(emulator, plan, load_blob(blobs.open_path(artifacts.emulator_patch)))
-    pad = tokenizer.pad_token_id
-    sets = {name: lm.encode(tokenizer, read_texts(path), cfg.max_length) for name, path in cfg.eval_sets.items()}
+    pad = render.pad_id(tokenizer)
+    sets = {name: lm.encode_examples(tokenizer, read_examples(path), cfg.max_length) for name, path in cfg.eval_sets.items()}
     tasks = {name: read_tasks(path) for name, path in cfg.task_sets.items()}
     general = lm.encode(tokenizer, read_texts(cfg.protection_data), cfg.max_length) if cfg.protection_data else None
     emulator_zero_shot, accuracy = _evaluate(emulator, sets, pad), {"emulator_zero_shot": _accuracy(emulator, tokenizer, tasks)}

@@ -5,9 +5,11 @@ import logging
 from typing import TYPE_CHECKING
 
 import torch
+from transformers import AutoTokenizer
 
 from offsite.cloud.intake import sealed_size
 from offsite.cloud.job import Artifacts, JobConfig
+from offsite.cloud.preflight import check_job_data
 from offsite.cloud.state import JobRecord
 from offsite.emulator import methods, support
 from offsite.emulator.build import build
@@ -47,6 +49,7 @@ class JobAdmin:
         """The job's artifacts and its first global adapter."""
         blobs = self.c.blobs
         job_dir = self.c.layout.jobs / cfg.job_id
+        check_job_data(AutoTokenizer.from_pretrained(cfg.base_model), cfg.eval_sets, cfg.task_sets, cfg.protection_data)
         result = build(cfg.base_model, cfg.emulator_config(), job_dir / "bundle", placement=cfg.placement(job_dir))
         bundle_files = {p.name: blobs.put_file(p) for p in sorted(result.bundle_dir.iterdir()) if p.is_file()}
         method = cfg.method_config()

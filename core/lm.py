@@ -17,6 +17,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from tqdm import tqdm
 
+from offsite import render
 from offsite.checkpoint import Checkpointer
 from offsite.chunked_loss import IGNORE, next_token_loss_sum, token_loss_sum  # noqa: F401 (lm is where callers find them)
 from offsite.errors import ConfigError
@@ -43,10 +44,8 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def encode(tokenizer, texts: Iterable[str], max_len: int) -> list[list[int]]:
-    """Each text becomes [bos] + tokens + [eos], truncated to max_len."""
-    texts = list(texts)
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-    return [([tokenizer.bos_token_id] + x + [tokenizer.eos_token_id])[:max_len] for x in ids]
+    """Each text as offsite.render makes it (the tokenizer's own BOS, then EOS), truncated to max_len."""
+    return [ids[:max_len] for ids in render.texts_ids(tokenizer, list(texts))]
 
 
 # An encoded example is its token ids, or (ids, learned) where learned[i] says whether token i is scored:
@@ -59,27 +58,13 @@ def _ids(row: Row) -> list[int]:
 
 
 def encode_examples(tokenizer, examples, max_len: int) -> list[Row]:
-    """[bos] + prompt + completion + [eos], truncated to max_len; only completion tokens (and eos) are
-    learned. Chat examples are rendered with the tokenizer's chat template when it has one."""
+    """Each example as offsite.render makes it, truncated to max_len: plain texts learn every token,
+    prompt + completion and chat examples only the completion (the assistant's turn)."""
     rows: list[Row] = []
     for e in examples:
-        prompt, completion = _render(tokenizer, e) if e.messages else (e.prompt, e.completion)
-        p = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
-        c = tokenizer(completion, add_special_tokens=False)["input_ids"]
-        ids = ([tokenizer.bos_token_id] + p + c + [tokenizer.eos_token_id])[:max_len]
-        rows.append(ids if not p else (ids, [i > len(p) for i in range(len(ids))]))
+        r = render.render(tokenizer, e).truncated(max_len)
+        rows.append(r.ids if all(r.learned) else (r.ids, r.learned))
     return rows
-
-
-def _render(tokenizer, example) -> tuple[str, str]:
-    """(prompt, completion) of a chat: everything up to the last assistant turn is the prompt."""
-    messages = [{"role": r, "content": c} for r, c in example.messages]
-    if getattr(tokenizer, "chat_template", None):
-        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-        whole = tokenizer.apply_chat_template(messages, tokenize=False)
-        if whole.startswith(prompt):
-            return prompt, whole[len(prompt):]
-    return "".join(f"{r}: {c}\n" for r, c in example.messages[:-1]) + "assistant: ", example.completion
 
 
 def pack(encoded: list[Row], seq_len: int) -> list[Row]:

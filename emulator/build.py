@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from offsite import lm, precision
+from offsite import lm, precision, render
 from offsite.emulator.adapter import extract_adapter
 from offsite.emulator.blocks import find_blocks, keep_blocks, num_blocks
 from offsite.emulator.bundle import write_manifest
@@ -67,7 +67,7 @@ def choose_plan(model, tokenizer, cfg: EmulatorConfig) -> tuple[SplitPlan, list[
     SplitPlan.uniform(n, cfg.bottom, cfg.top, cfg.emulator_layers)  # same validation of the numbers
     texts = read_texts(cfg.calibration_data or cfg.distill_data)
     windows = lm.pack(lm.encode(tokenizer, texts, max_len=10**9), 128)[:64]
-    sim = middle_similarity(model, cfg.bottom, cfg.top, windows, tokenizer.pad_token_id)
+    sim = middle_similarity(model, cfg.bottom, cfg.top, windows, render.pad_id(tokenizer))
     plan = dataclasses.replace(similarity_plan(n, cfg.bottom, cfg.top, cfg.emulator_layers, sim, cfg.share_blocks),
                                extras=extras)
     return plan, [[round(float(v), 4) for v in row] for row in sim]
@@ -115,7 +115,7 @@ def build(base: str, cfg: EmulatorConfig, out_dir: str | Path, show_progress: bo
         dcfg = DistillConfig(steps=cfg.distill_steps, lr=cfg.distill_lr, batch_size=cfg.distill_batch_size,
                              seed=cfg.seed, bf16=_distill_bf16(state))
         windows = lm.pack(lm.encode(tokenizer, read_texts(cfg.distill_data), max_len=10**9), dcfg.seq_len)
-        stats = distill(teacher, emulator, plan, windows, tokenizer.pad_token_id, dcfg,
+        stats = distill(teacher, emulator, plan, windows, render.pad_id(tokenizer), dcfg,
                         checkpoint_dir=out_dir.parent / f".{out_dir.name}.distill", show_progress=show_progress)
         del teacher
         distill_info = {"data_sha256": sha256_file(cfg.distill_data), **asdict(dcfg), "processes": stats.processes,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from offsite import lm
+from offsite import lm, render
 from offsite.emulator.build import load_base
 from offsite.emulator.bundle import load_bundle, read_manifest
 from offsite.textdata import Example, read_texts
@@ -25,15 +25,14 @@ def exact_match(model, tokenizer, examples: list[Example], batch_size: int = 32)
     that follows from the score. Generates as many tokens as the completion has, plus one."""
     if not examples:
         return float("nan")
-    device, pad = lm.input_device(model), tokenizer.pad_token_id
+    device, pad = lm.input_device(model), render.pad_id(tokenizer)
     was_training = model.training
     model.eval()
     right = 0
     try:
         for i in range(0, len(examples), batch_size):
             batch = examples[i:i + batch_size]
-            prompts = [[tokenizer.bos_token_id] + ids for ids in
-                       tokenizer([e.prompt for e in batch], add_special_tokens=False)["input_ids"]]
+            prompts = [render.served_prompt(tokenizer, e) for e in batch]  # as the server would be sent them
             steps = max(len(ids) for ids in tokenizer([e.completion for e in batch], add_special_tokens=False)["input_ids"]) + 1
             width = max(map(len, prompts))  # left-padded, so that every row's next token comes at the same place
             ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
@@ -67,7 +66,7 @@ def compare_full_and_emulator(model: str, emulator_dir: str | Path, data: str | 
     manifest = read_manifest(emulator_dir)
     out = {}
     for name, m in (("full", full.to(device)), ("emulator", emulator)):
-        loss = lm.mean_token_loss(m, encoded, tokenizer.pad_token_id, state=state)
+        loss = lm.mean_token_loss(m, encoded, render.pad_id(tokenizer), state=state)
         out[name] = {"loss": round(loss, 4), "ppl": round(math.exp(loss), 3), "params": count_params(m),
                      "bytes": sum(p.numel() * p.element_size() for p in m.parameters())}
     out["emulator"]["bundle_bytes"] = sum(f["size"] for f in manifest["files"].values())

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from offsite import lm, precision
+from offsite import lm, precision, render
 from offsite.emulator import methods
 from offsite.emulator.blocks import find_blocks
 from offsite.emulator.build import load_base
@@ -81,7 +81,7 @@ def realign_bundle(base: str, bundle_dir: str | Path, patch: dict[str, torch.Ten
     windows = lm.pack(lm.encode(tokenizer, texts, max_len=10**9), cfg.seq_len)
     full, _ = load_base(base)
     try:
-        return realign(full, emulator, plan, method, adapter, windows, tokenizer.pad_token_id, cfg,
+        return realign(full, emulator, plan, method, adapter, windows, render.pad_id(tokenizer), cfg,
                        precision.stored_dtype(emulator))
     finally:
         del full, emulator

@@ -84,11 +84,14 @@ def test_prompt_tokens_are_context_not_targets(tiny_model):
 
 
 def test_chat_uses_the_tokenizer_template_and_learns_the_last_turn(tiny_model):
+    """A chat trains on exactly what the template renders (offsite.render); a tokenizer without a template
+    cannot render one, and says so instead of inventing a format the server would never send."""
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_model))
     chat = Example("fine", messages=(("user", "how are you"), ("assistant", "fine")))
-    fallback_ids, fallback_learned = lm.encode_examples(tokenizer, [chat], 64)[0]
+    with pytest.raises(DataError, match="chat examples need a chat template"):
+        lm.encode_examples(tokenizer, [chat], 64)
     tokenizer.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
     ids, learned = lm.encode_examples(tokenizer, [chat], 64)[0]
     assert tokenizer.decode([t for t, keep in zip(ids, learned) if keep], skip_special_tokens=True).strip() == "fine"
-    assert "<user>how are you<assistant>fine" in tokenizer.decode(ids)
-    assert ids != fallback_ids and sum(fallback_learned) == sum(learned)
+    assert ids == tokenizer.apply_chat_template([{"role": "user", "content": "how are you"},
+                                                 {"role": "assistant", "content": "fine"}], tokenize=True, return_dict=False)

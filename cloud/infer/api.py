@@ -28,7 +28,8 @@ from offsite.cloud.infer.adapters import AdapterMemoryError
 from offsite.cloud.infer.engine import DrainingError, Event, QueueFullError, Request, Sampling
 from offsite.cloud.infer.service import ForbiddenError, InferenceService
 from offsite.cloud.infer.text import TextStream
-from offsite.errors import AuthError, ConfigError, NotFoundError, OffsiteError
+from offsite import render
+from offsite.errors import AuthError, ConfigError, DataError, NotFoundError, OffsiteError
 from offsite.files import atomic_write
 
 log = logging.getLogger("offsite.cloud.infer")
@@ -207,16 +208,18 @@ def create_app(service: InferenceService, summary_path: Path | None = None) -> F
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, http: HttpRequest, record=Depends(key)):
         job, served = await _resolve(record, body.model)
-        ids = served.tokenizer(body.prompt).input_ids
+        ids = render.prompt_ids(served.tokenizer, body.prompt)  # exactly the prefix the job trained on
         return await _generate(http, served, job, body, ids, body.max_tokens or 16, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, http: HttpRequest, record=Depends(key)):
         job, served = await _resolve(record, body.model)
-        if not getattr(served.tokenizer, "chat_template", None):
+        if not render.has_chat_template(served.tokenizer):
             raise ApiError(400, f"model {body.model!r} has no chat template: use /v1/completions", param="messages")
-        ids = served.tokenizer.apply_chat_template([{"role": m.role, "content": m.text()} for m in body.messages],
-                                                   add_generation_prompt=True, tokenize=True, return_dict=False)
+        try:  # the conversation as the job's chat examples were rendered for training, up to the assistant's turn
+            ids = render.chat_prompt_ids(served.tokenizer, [{"role": m.role, "content": m.text()} for m in body.messages])
+        except DataError as e:
+            raise ApiError(400, str(e), param="messages") from None
         limit = body.max_completion_tokens or body.max_tokens or service.config.max_tokens
         return await _generate(http, served, job, body, list(ids), limit, chat=True)
 

@@ -1,0 +1,29 @@
+"""What `jobs create` checks before any data owner's token is spent: that the base's tokenizer can end and
+pad an example, and that every `[eval]` file reads in its declared format and renders with that tokenizer
+(a chat set needs a chat template). A job that would fail at finalization, after every round, fails here."""
+from __future__ import annotations
+
+from offsite import render
+from offsite.errors import DataError
+from offsite.textdata import read_examples, read_tasks, read_texts
+
+
+def check_job_data(tokenizer, eval_sets: dict[str, str], task_sets: dict[str, str], protection_data: str | None) -> None:
+    """Raises ConfigError (the tokenizer) or DataError naming the `[eval]` entry, its file and the cause."""
+    render.eos_id(tokenizer)
+    for name, path in eval_sets.items():
+        _each(f"[eval] sets.{name} ({path})", lambda e: render.render(tokenizer, e), read_examples(path))
+    for name, path in task_sets.items():
+        _each(f"[eval] tasks.{name} ({path})", lambda e: render.served_prompt(tokenizer, e), read_tasks(path))
+    if protection_data:
+        render.texts_ids(tokenizer, read_texts(protection_data))
+
+
+def _each(where: str, encode, examples) -> None:
+    if not examples:
+        raise DataError(f"{where}: no examples")
+    for i, example in enumerate(examples, 1):
+        try:
+            encode(example)
+        except DataError as e:
+            raise DataError(f"{where}, example {i}: {e}") from None
