@@ -38,12 +38,39 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    """The client's data through the job's tokenizer, offline: what `client run` does once the bundle has
+    arrived and before it trains, without a coordinator."""
+    from offsite.client.run import EXIT_CONFIG, exit_code_for
+    from offsite.client.train import encode_checked
+    from offsite.errors import IntegrityError
+    from offsite.emulator.bundle import describe_bundle
+    from offsite.textdata import read_examples
+
+    try:
+        tokenizer, _, _ = describe_bundle(args.bundle)
+        examples = read_examples(args.data, args.text_column)
+        _, report = encode_checked(tokenizer, examples, args.max_length)
+    except (IntegrityError, OSError) as e:  # not a bundle, or one that does not verify
+        print(f"offsite client: error: {args.bundle}: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except Exception as e:
+        code = exit_code_for(e)
+        if code == 1:
+            raise
+        print(f"offsite client: error: {e}", file=sys.stderr)
+        return code
+    print(f"{args.data}: {report}")
+    return 0
+
+
 def register(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="enroll (first time), then train and upload each round it is selected for, until "
                                    "its jobs are done",
-                       description="Exit codes: 0 done, 2 bad data file, 3 authentication failed, "
-                                   "4 coordinator unreachable, 5 bad configuration.")
+                       description="Exit codes: 0 done, 2 bad data file (or data the job's tokenizer cannot render), "
+                                   "3 authentication failed, 4 coordinator unreachable, 5 bad configuration. A failure "
+                                   "after enrollment is reported to the coordinator (a short reason) before the exit.")
     p.add_argument("--server", required=True, help="coordinator host:port (mutual TLS)")
     p.add_argument("--enroll-server", help="coordinator enrollment host:port (default: --server port + 1)")
     p.add_argument("--ca", required=True, help="the coordinator's CA certificate (PEM)")
@@ -64,3 +91,12 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--retry-s", type=float, default=600.0,
                    help="keep retrying this long while the coordinator is unreachable (restarts, network blips)")
     p.set_defaults(func=cmd_run)
+    p = sub.add_parser("check", help="render a data file with a job's tokenizer, offline: counts, lengths, the share "
+                                     "cut at max_length, or the first example it cannot render",
+                       description="Exit codes: 0 fine, 2 bad data file or an example the tokenizer cannot render, "
+                                   "5 bad configuration (a bundle that does not verify).")
+    p.add_argument("--data", required=True, help="the file `client run --data` would read")
+    p.add_argument("--bundle", required=True, help="the job's emulator bundle folder (WORKDIR/jobs/JOB/bundle once `client run` has fetched it)")
+    p.add_argument("--max-length", type=int, default=256, help="the job's [training] max_length")
+    p.add_argument("--text-column", default="text", help="the text column of a CSV file")
+    p.set_defaults(func=cmd_check)

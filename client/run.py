@@ -2,6 +2,8 @@
 roster the client is (or the one `--job` names) is done."""
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import logging
 import math
@@ -98,6 +100,26 @@ class Liveness:
                 return
 
 
+@contextlib.contextmanager
+def failures_reported(stub, task):
+    """An error that stops this client in a round reaches the coordinator before the client exits: a short
+    reason (the error's type and first line, at most 240 characters; never data or keys), which `cloud
+    status` and the status page show at once, instead of a round that waits for this client forever."""
+    try:
+        yield
+    except grpc.RpcError:
+        raise  # the coordinator refused or is unreachable: nothing to tell it over this channel
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        reason = f"{type(e).__name__}: {first}"[:240]
+        try:
+            stub.Heartbeat(pb.HeartbeatRequest(job_id=task.job_id, round=task.round, activity="failed", failure=reason),
+                           timeout=10)
+        except grpc.RpcError as rpc:
+            log.warning("could not tell the coordinator why this client stops: %s", rpc.code().name)
+        raise
+
+
 def run(cfg: ClientConfig) -> dict:
     """Take part in the job until it is done. Returns a summary of what this client did."""
     texts = read_examples(cfg.data, cfg.text_column)  # a bad file fails here, before any network or training
@@ -129,7 +151,7 @@ def run(cfg: ClientConfig) -> dict:
                 continue
             privacy = task.training.privacy
             outbox = cfg.workdir / "outbox" / f"{task.job_id}-round-{task.round}.{'update' if privacy.secure_aggregation else 'sealed'}"
-            with Liveness(stub, task.job_id, task.round, task.heartbeat_s) as live:
+            with failures_reported(stub, task), Liveness(stub, task.job_id, task.round, task.heartbeat_s) as live:
                 train_loss = None  # unknown when the update was sealed before a restart
                 if not outbox.is_file():  # else: sealed before a restart; send those bytes, do not train again
                     live.report("downloading")
@@ -139,6 +161,7 @@ def run(cfg: ClientConfig) -> dict:
                                          "download bundle")
                         trainer = LocalTrainer(bundle, texts, heldout, task.training.max_length, task.training.pack, cfg.device)
                         trainer_job = task.job_id
+                        log.info("client %s: job %s's tokenizer: %s", me.client_id, task.job_id, trainer.report)
                     try:
                         result = _train(stub, task, trainer, me, cfg, live, retried)
                     except RoundClosed:

@@ -11,7 +11,7 @@ from offsite.checkpoint import Checkpointer
 from offsite.emulator import methods
 from offsite.emulator.bundle import describe_bundle, load_bundle
 from offsite.emulator.realign import apply_patch
-from offsite.errors import IntegrityError
+from offsite.errors import DataError, IntegrityError
 from offsite.tensors import spec_digest, spec_of
 from offsite.textdata import Example
 
@@ -24,6 +24,43 @@ def _paged_adamw_8bit(params, **kwargs):
 
 def _as_examples(items) -> list[Example]:
     return [x if isinstance(x, Example) else Example(x) for x in items]
+
+
+@dataclass(frozen=True)
+class EncodingReport:
+    """What the bundle's tokenizer made of a data file, before any training: logged by the client, printed by
+    `offsite client check`."""
+    examples: int
+    tokens: int          # after truncation
+    longest: int         # before truncation
+    learned: int         # tokens the loss learns (completions, assistant turns, whole texts)
+    truncated: int       # examples cut at max_length
+    max_length: int
+
+    def __str__(self) -> str:
+        return (f"{self.examples} examples, {self.tokens} tokens ({self.learned} learned), mean "
+                f"{self.tokens / max(self.examples, 1):.0f} and longest {self.longest} tokens; {self.truncated} "
+                f"({self.truncated / max(self.examples, 1):.0%}) cut at max_length {self.max_length}")
+
+
+def encode_checked(tokenizer, examples: list[Example | str], max_length: int,
+                   truncate: bool = True) -> tuple[list[lm.Row], EncodingReport]:
+    """Every example rendered with the job's tokenizer (offsite.render), truncated to max_length (unless
+    they are to be packed into windows of it), and what that did. An example the tokenizer cannot render (a chat without a template, a template that refuses
+    the conversation) is a DataError naming its position."""
+    rows, longest, truncated = [], 0, 0
+    for i, example in enumerate(_as_examples(examples), 1):
+        try:
+            (whole,) = lm.encode_examples(tokenizer, [example], 10**9)
+        except DataError as e:
+            raise DataError(f"example {i}: {e}") from None
+        n = len(lm._ids(whole))
+        longest, truncated = max(longest, n), truncated + (n > max_length)
+        rows.append(whole if n <= max_length or not truncate else
+                    whole[:max_length] if isinstance(whole, list) else (whole[0][:max_length], whole[1][:max_length]))
+    tokens = sum(len(lm._ids(r)) for r in rows)
+    learned = sum(len(r) if isinstance(r, list) else sum(r[1]) for r in rows)
+    return rows, EncodingReport(len(rows), tokens, longest, learned, truncated if truncate else 0, max_length)
 
 
 @dataclass(frozen=True)
@@ -43,12 +80,9 @@ class LocalTrainer:
                  max_length: int, pack: bool = False, device: str = "cpu"):
         self.bundle_dir, self.device = bundle_dir, device
         self.tokenizer, self.plan, self.stored_dtype = describe_bundle(bundle_dir)  # frozen weights stay in that dtype
-        rows = self._encode(examples, 10**9 if pack else max_length)
+        rows, self.report = encode_checked(self.tokenizer, examples, max_length, truncate=not pack)
         self.train_set = lm.pack(rows, max_length) if pack else rows  # packed: fewer, fuller sequences
-        self.heldout = self._encode(heldout, max_length) if heldout else None
-
-    def _encode(self, examples, max_length: int) -> list[lm.Row]:
-        return lm.encode_examples(self.tokenizer, _as_examples(examples), max_length)
+        self.heldout = encode_checked(self.tokenizer, heldout, max_length)[0] if heldout else None
 
     def _heldout_loss(self, model) -> float | None:
         return lm.mean_token_loss(model, self.heldout, render.pad_id(self.tokenizer)) if self.heldout else None

@@ -96,8 +96,9 @@ class Coordinator:
     def task(self, client: ClientRecord, job_id: str) -> Task:
         return self.tasks.task(client, job_id)
 
-    def heartbeat(self, client: ClientRecord, job_id: str, round_: int, activity: str, progress: float) -> bool:
-        return self.tasks.heartbeat(client, job_id, round_, activity, progress)
+    def heartbeat(self, client: ClientRecord, job_id: str, round_: int, activity: str, progress: float,
+                  failure: str = "") -> bool:
+        return self.tasks.heartbeat(client, job_id, round_, activity, progress, failure)
 
     # --- downloads ------------------------------------------------------------------------------
     def blob_info(self, client: ClientRecord, digest: str) -> tuple[int, int, list[str]]:

@@ -114,5 +114,5 @@ class CoordinatorService:
 
     def Heartbeat(self, request: pb.HeartbeatRequest, peer: str | None) -> pb.HeartbeatResponse:
         open_ = self.coordinator.heartbeat(self.authenticate(peer), self._job(request.job_id), request.round,
-                                           request.activity, request.progress)
+                                           request.activity, request.progress, request.failure)
         return pb.HeartbeatResponse(round_open=open_)

@@ -2,12 +2,15 @@
 closes a round (though it may fill a free seat)."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from offsite.cloud.job import JobConfig
 from offsite.cloud.state import ClientRecord
 from offsite.errors import PreconditionError
+
+log = logging.getLogger("offsite.cloud")
 
 if TYPE_CHECKING:
     from offsite.cloud.coordinator import Coordinator
@@ -80,8 +83,17 @@ class Tasks:
                      emulator_patch_sha256=art.emulator_patch or ""),
                 f"assigned round {job.round + 1}")
 
-    def heartbeat(self, client: ClientRecord, job_id: str, round_: int, activity: str, progress: float) -> bool:
-        """Record what the client is doing; tell it whether its round is still open."""
-        self.c.state.touch_client(client.client_id, f"{activity[:40]} round {round_ + 1} ({min(max(progress, 0.0), 1.0):.0%})")
+    def heartbeat(self, client: ClientRecord, job_id: str, round_: int, activity: str, progress: float,
+                  failure: str = "") -> bool:
+        """Record what the client is doing, or the failure it stopped on (written at once: the model owner
+        sees it in `cloud status` and on the status page now, not at the next flush); tell it whether its
+        round is still open."""
+        if failure:
+            reason = "".join(ch if ch.isprintable() else " " for ch in failure)[:240]
+            log.warning("client %s (%s) stopped in job %s round %d: %s", client.name, client.client_id, job_id, round_ + 1, reason)
+            self.c.state.touch_client(client.client_id, f"failed in round {round_ + 1}: {reason}")
+            self.c.state.flush_touches()
+        else:
+            self.c.state.touch_client(client.client_id, f"{activity[:40]} round {round_ + 1} ({min(max(progress, 0.0), 1.0):.0%})")
         rec = self.c.state.job(job_id)
         return rec.status == "running" and rec.round == round_

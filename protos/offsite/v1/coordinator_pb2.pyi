@@ -218,16 +218,18 @@ class UploadResult(_message.Message):
     def __init__(self, upload_id: _Optional[str] = ..., offset: _Optional[int] = ..., accepted: _Optional[bool] = ..., round: _Optional[int] = ..., updates_in_round: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("job_id", "round", "activity", "progress")
+    __slots__ = ("job_id", "round", "activity", "progress", "failure")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     ACTIVITY_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     round: int
     activity: str
     progress: float
-    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., activity: _Optional[str] = ..., progress: _Optional[float] = ...) -> None: ...
+    failure: str
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., activity: _Optional[str] = ..., progress: _Optional[float] = ..., failure: _Optional[str] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("round_open",)

@@ -5,7 +5,7 @@ import warnings
 
 from offsite.protos.offsite.v1 import coordinator_pb2 as offsite_dot_v1_dot_coordinator__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
