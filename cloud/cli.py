@@ -258,6 +258,30 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from offsite.cloud.scoring import score_file
+    from offsite.tensors import load_blob
+
+    coordinator = open_coordinator(args.state)
+    job = coordinator.job(args.job)
+    adapters = coordinator.state.global_adapters(args.job)
+    adapter = load_blob(coordinator.blobs.open_path(adapters[-1]))
+    scores = score_file(job.config, job.artifacts, adapter, coordinator.layout.jobs / args.job, args.data, args.max_length)
+    if args.json:
+        print(json.dumps({"job_id": args.job, "status": job.status, "rounds_aggregated": len(adapters) - 1,
+                          **scores.to_dict()}, indent=2))
+        return 0
+    print(f"job {args.job} ({job.status}, {len(adapters) - 1} rounds aggregated) on {args.data}: {scores.examples} examples, "
+          f"{scores.learned_tokens} learned tokens")
+    print(f"{'':<10}{'loss':>9}{'exact match':>14}")
+    for name in ("base", "plug_in"):
+        em = f"{scores.exact_match[name]:.1%}" if scores.exact_match else "n/a"
+        print(f"{name:<10}{scores.loss[name]:>9.4f}{em:>14}")
+    print(f"exact match over the {scores.answerable} examples whose completion is a short answer"
+          if scores.exact_match else "no example has a short-answer completion: no exact match")
+    return 0
+
+
 def cmd_probe(args) -> int:
     return health_probe.run(args)  # also `python -m offsite.cloud.probe`: the same check without loading torch
 
@@ -379,6 +403,14 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", type=int, help="peft: LoRA rank of the factors (default: the job's r times the updates it "
                                             "aggregated, the most the change can need, capped by the layers' widths)")
     p.set_defaults(func=cmd_export)
+    p = sub.add_parser("eval", help="score a job's model and its base on a data file (text, prompt/completion or chat): "
+                                    "loss on the learned tokens, exact match on short answers")
+    p.add_argument("--state", required=True)
+    p.add_argument("--job", required=True)
+    p.add_argument("--data", required=True, help="JSONL, CSV or .txt, as clients' data")
+    p.add_argument("--max-length", type=int, help="tokens per example (default: the job's [training] max_length)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
     p = sub.add_parser("probe", help="health check (liveness/readiness): exit 0 iff the coordinator is serving")
     health_probe.add_arguments(p)
     p.set_defaults(func=cmd_probe)

@@ -18,7 +18,7 @@ from offsite.emulator.plugin import export, shard_size
 from offsite.emulator.realign import apply_patch
 from offsite.files import write_json
 from offsite.tensors import load_blob
-from offsite.emulator.evaluate import exact_match
+from offsite.emulator.evaluate import answerable, exact_match
 from offsite.textdata import Example, read_examples, read_tasks, read_texts
 
 
@@ -56,6 +56,10 @@ def finalize(cfg: JobConfig, artifacts: Artifacts, state: State, blobs: BlobStor
     pad = render.pad_id(tokenizer)
     sets = {name: lm.encode_examples(tokenizer, read_examples(path), cfg.max_length) for name, path in cfg.eval_sets.items()}
     tasks = {name: read_tasks(path) for name, path in cfg.task_sets.items()}
+    for name, path in cfg.eval_sets.items():  # an eval set of short answers is scored by exact match too
+        short = answerable(tokenizer, read_examples(path))
+        if short and name not in tasks:
+            tasks[name] = short
     general = lm.encode(tokenizer, read_texts(cfg.protection_data), cfg.max_length) if cfg.protection_data else None
     emulator_zero_shot, accuracy = _evaluate(emulator, sets, pad), {"emulator_zero_shot": _accuracy(emulator, tokenizer, tasks)}
     emulator_general = round(lm.mean_token_loss(emulator, general, pad), 4) if general else None

@@ -18,6 +18,16 @@ def losses(models: dict, encoded: list[list[int]], pad_id: int) -> dict[str, flo
     return {name: round(lm.mean_token_loss(m, encoded, pad_id), 4) for name, m in models.items()}
 
 
+SHORT_ANSWER_TOKENS = 16  # a completion this short is taken as the single answer its prompt determines
+
+
+def answerable(tokenizer, examples: list[Example]) -> list[Example]:
+    """The examples exact match can score: a prompt (or a chat before its last assistant turn) whose
+    completion is a short answer (at most SHORT_ANSWER_TOKENS tokens), not a text to continue."""
+    return [e for e in examples if (e.prompt or e.messages)
+            and len(tokenizer(e.completion, add_special_tokens=False)["input_ids"]) <= SHORT_ANSWER_TOKENS]
+
+
 @torch.no_grad()
 def exact_match(model, tokenizer, examples: list[Example], batch_size: int = 32) -> float:
     """Share of `examples` whose completion greedy decoding after the prompt reproduces exactly (the decoded

@@ -80,6 +80,15 @@ def test_a_qwen2_style_chat_job_trains_evaluates_and_serves_what_it_trained(qwen
     report = json.loads((state / "jobs" / "chat" / "report.json").read_text())
     scores = report["eval"]["chat"]  # loss on the assistant's tokens of held-out chats
     assert scores["plug_in"] < scores["full_zero_shot"] - 0.5, scores
+    assert set(report["task_accuracy"]["chat"]) >= {"full_zero_shot", "plug_in"}  # short answers: exact match too
+
+    scored = json.loads(subprocess.run(offsite("cloud", "eval", "--state", str(state), "--job", "chat", "--data",
+                                               str(tmp_path / "heldout.jsonl"), "--json"),
+                                       check=True, capture_output=True, text=True).stdout)
+    assert scored["examples"] == scored["answerable"] == 20 and scored["rounds_aggregated"] == 1
+    assert scored["loss"]["plug_in"] == pytest.approx(scores["plug_in"], abs=1e-3)        # finalization's figure
+    assert scored["loss"]["base"] == pytest.approx(scores["full_zero_shot"], abs=1e-3)
+    assert scored["exact_match"]["plug_in"] == pytest.approx(report["task_accuracy"]["chat"]["plug_in"], abs=1e-4)
 
     secret = subprocess.run(offsite("cloud", "keys", "create", "--state", str(state), "--job", "chat"), check=True,
                             capture_output=True, text=True).stdout.splitlines()[1]
