@@ -43,7 +43,20 @@ class JobAdmin:
             raise
         self.c.state.start_job(cfg.job_id, artifacts.to_json(), self.c.blobs.put_tensors(initial), self.c.now())
         log.info("job %s created", cfg.job_id)
+        roster = self.roster(cfg)
+        if cfg.clients_per_round > len(roster):
+            log.warning("job %s needs %d updates to close a round at once (clients_per_round) but %d client(s) can take "
+                        "part (%s): %s", cfg.job_id, cfg.clients_per_round, len(roster), ", ".join(sorted(roster)) or "none",
+                        f"rounds close only at round_timeout_s ({cfg.round_timeout_s:g} s) with min_clients"
+                        if cfg.round_timeout_s else "no round will close; add clients or lower clients_per_round")
         return self.c.state.job(cfg.job_id)
+
+    def roster(self, cfg: JobConfig) -> set[str]:
+        """The client names that can train the job: its roster's, or every client enrolled or with a token."""
+        clients = self.c.state.clients()
+        revoked = {c.name for c in clients if c.revoked_at is not None}
+        known = {c.name for c in clients if c.revoked_at is None} | (self.c.state.token_names() - revoked)
+        return {n for n in known if cfg.on_roster(n)} | (set(cfg.clients) if cfg.clients else set())
 
     def _build(self, cfg: JobConfig) -> tuple[Artifacts, dict[str, torch.Tensor]]:
         """The job's artifacts and its first global adapter."""

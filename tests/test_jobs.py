@@ -26,6 +26,23 @@ def two_jobs(tiny_model, tmp_path):
     return c, {cl.name: cl for cl, _ in clients}
 
 
+def test_a_job_that_cannot_fill_a_round_is_warned_about(two_jobs, tiny_model, caplog):
+    """The roster counts enrolled clients and issued tokens; a job needing more updates per round than that
+    many clients says so when it is made, and what will happen."""
+    c, _ = two_jobs
+    assert c.admin.roster(c.job("k").config) == {"c2", "c3"}
+    with caplog.at_level("WARNING", logger="offsite.cloud"):
+        c.create_job(JobConfig(job_id="big", base_model=str(tiny_model), emulator_layers=1, clients_per_round=4))
+        c.create_job(JobConfig(job_id="few", base_model=str(tiny_model), emulator_layers=1, clients_per_round=2,
+                               clients=("c1",), round_timeout_s=60, min_clients=1))
+        c.create_job(JobConfig(job_id="fits", base_model=str(tiny_model), emulator_layers=1, clients_per_round=3))
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 2
+    assert "job big needs 4 updates" in warned[0] and "3 client(s) can take part (c1, c2, c3)" in warned[0]
+    assert "no round will close" in warned[0]
+    assert "job few needs 2 updates" in warned[1] and "close only at round_timeout_s (60 s)" in warned[1]
+
+
 def test_artifacts_read_the_json_that_state_databases_hold():
     """A job's artifacts as an older state database stored them (no upload_dtype, none of the keys a job
     gains later) read with their defaults; what a round close writes back reads the same."""

@@ -55,6 +55,7 @@ def test_tokens_are_single_use_and_expire(state):
     assert state.consume_token("h1", now) is None
     assert state.consume_token("h2", now) is None
     assert state.consume_token("nope", now) is None
+    assert state.token_names() == {"client-1", "client-2"}   # issued, used or not
 
 
 def test_clients_and_revocation(state):
