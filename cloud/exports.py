@@ -44,7 +44,7 @@ def export_job(cfg: JobConfig, artifacts: Artifacts, adapters: list[str], blobs:
     adapter = load_blob(blobs.open_path(adapters[-1]))
     block_path = read_manifest(artifacts.bundle_dir)["block_path"]
     full, tokenizer = load_base(cfg.base_model, cfg.placement(job_dir),
-                                tuple(f"{block_path}.{i}" for i in plan.adapter_blocks))
+                                tuple(f"{block_path}.{i}" for i in plan.adapter_blocks), cfg.chat_template or None)
     dtype = cfg.resolved_dtype("export_dtype", precision.stored_dtype(full))
     out_dir = Path(out_dir)
     if fmt == "merged":

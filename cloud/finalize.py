@@ -70,7 +70,7 @@ def finalize(cfg: JobConfig, artifacts: Artifacts, state: State, blobs: BlobStor
     gc.collect()  # a model's modules refer to each other: only the collector frees it, and with it its mapped pages
     manifest = read_manifest(artifacts.bundle_dir)  # the adapter blocks are written into: never offloaded
     written = (*(f"{manifest['block_path']}.{i}" for i in plan.adapter_blocks), *(n.rpartition(".")[0] for n in plan.extras))
-    full, tokenizer = load_base(cfg.base_model, placement, written)
+    full, tokenizer = load_base(cfg.base_model, placement, written, cfg.chat_template or None)
     columns = {"full_zero_shot": _evaluate(full, sets, pad), "emulator_zero_shot": emulator_zero_shot}
     accuracy = {"full_zero_shot": _accuracy(full, tokenizer, tasks), **accuracy}
     protection = {"full": round(lm.mean_token_loss(full, general, pad), 4), "emulator": emulator_general} if general else None

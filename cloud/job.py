@@ -30,6 +30,7 @@ MAX_REALIGN_STEPS = 100_000    # distillation steps of one re-alignment: hours a
 MAX_PROX_MU = 100.0            # FedProx's mu: the paper tries 0.001..1; beyond 100 the proximal term is all there is
 LR_SCHEDULES = ("round", "job")
 WEIGHTINGS = ("examples", "equal")
+SECTIONS = {"job", "split", "training", "adapter", "aggregation", "privacy", "eval"}  # a job file's TOML tables
 _AGGREGATION_KEYS = {"weighting", "max_examples_per_client", "max_weight_share"}  # [aggregation] keys that are job fields
 
 
@@ -43,6 +44,7 @@ class JobConfig:
     round_timeout_s: float = 0.0          # deadline after a round's first update; 0: wait for clients_per_round
     over_select: float = 1.0              # clients selected per round: ceil(clients_per_round * over_select) of the roster
     clients: tuple[str, ...] = ()         # the roster: names of the clients that may train this job (empty: every client)
+    chat_template: str = ""               # a Jinja chat template for a base whose tokenizer has none (bundle, export, server)
     bottom: int = 2
     top: int = 2
     emulator_layers: int = 2
@@ -221,6 +223,10 @@ class JobConfig:
             raw = tomllib.loads(path.read_text())
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise ConfigError(f"{path}: {e}") from e
+        unknown_sections = sorted(set(raw) - SECTIONS)
+        if unknown_sections:
+            raise ConfigError(f"{path}: unknown section(s) {', '.join(f'[{s}]' for s in unknown_sections)}; "
+                              f"a job file has {', '.join(f'[{s}]' for s in sorted(SECTIONS))}")
         flat = {**raw.get("job", {}), **raw.get("split", {}), **raw.get("training", {}), **raw.get("eval", {})}
         if "aggregation" in raw:  # [aggregation] strategy = "fedadam", combine = "median", then their parameters
             params = dict(raw["aggregation"])

@@ -62,8 +62,11 @@ class JobAdmin:
         """The job's artifacts and its first global adapter."""
         blobs = self.c.blobs
         job_dir = self.c.layout.jobs / cfg.job_id
-        check_job_data(AutoTokenizer.from_pretrained(cfg.base_model), cfg.eval_sets, cfg.task_sets, cfg.protection_data)
-        result = build(cfg.base_model, cfg.emulator_config(), job_dir / "bundle", placement=cfg.placement(job_dir))
+        tokenizer = AutoTokenizer.from_pretrained(cfg.base_model)
+        tokenizer.chat_template = cfg.chat_template or tokenizer.chat_template
+        check_job_data(tokenizer, cfg.eval_sets, cfg.task_sets, cfg.protection_data, cfg.chat_template)
+        result = build(cfg.base_model, cfg.emulator_config(), job_dir / "bundle", placement=cfg.placement(job_dir),
+                       chat_template=cfg.chat_template or None)
         bundle_files = {p.name: blobs.put_file(p) for p in sorted(result.bundle_dir.iterdir()) if p.is_file()}
         method = cfg.method_config()
         emulator, _, _ = load_bundle(result.bundle_dir)

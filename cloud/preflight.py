@@ -4,13 +4,23 @@ pad an example, and that every `[eval]` file reads in its declared format and re
 from __future__ import annotations
 
 from offsite import render
-from offsite.errors import DataError
-from offsite.textdata import read_examples, read_tasks, read_texts
+from offsite.errors import ConfigError, DataError
+from offsite.textdata import Example, read_examples, read_tasks, read_texts
 
 
-def check_job_data(tokenizer, eval_sets: dict[str, str], task_sets: dict[str, str], protection_data: str | None) -> None:
-    """Raises ConfigError (the tokenizer) or DataError naming the `[eval]` entry, its file and the cause."""
+PROBE_CHAT = Example("fine", messages=(("user", "how are you?"), ("assistant", "fine")))
+
+
+def check_job_data(tokenizer, eval_sets: dict[str, str], task_sets: dict[str, str], protection_data: str | None,
+                   chat_template: str = "") -> None:
+    """Raises ConfigError (the tokenizer, the job's chat template) or DataError naming the `[eval]` entry,
+    its file and the cause. `tokenizer` carries the job's chat_template where it names one."""
     render.eos_id(tokenizer)
+    if chat_template:
+        try:
+            render.render(tokenizer, PROBE_CHAT)
+        except DataError as e:
+            raise ConfigError(f"[job] chat_template cannot render a user and an assistant turn: {e}") from None
     for name, path in eval_sets.items():
         _each(f"[eval] sets.{name} ({path})", lambda e: render.render(tokenizer, e), read_examples(path))
     for name, path in task_sets.items():

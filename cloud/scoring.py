@@ -38,7 +38,7 @@ def score_file(cfg: JobConfig, artifacts: Artifacts, adapter: dict, job_dir: Pat
     plan = artifacts.plan
     block_path = read_manifest(artifacts.bundle_dir)["block_path"]
     written = (*(f"{block_path}.{i}" for i in plan.adapter_blocks), *(n.rpartition(".")[0] for n in plan.extras))
-    full, tokenizer = load_base(cfg.base_model, cfg.placement(job_dir), written)
+    full, tokenizer = load_base(cfg.base_model, cfg.placement(job_dir), written, cfg.chat_template or None)
     rows = lm.encode_examples(tokenizer, examples, max_length or cfg.max_length)
     pad, short = render.pad_id(tokenizer), answerable(tokenizer, examples)
     learned = sum(len(r) if isinstance(r, list) else sum(r[1]) for r in rows)

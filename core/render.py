@@ -80,27 +80,28 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
     return _own(tokenizer, prompt)
 
 
-def has_chat_template(tokenizer) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
+def has_chat_template(tokenizer, template: str | None = None) -> bool:
+    return bool(template or getattr(tokenizer, "chat_template", None))
 
 
 def _messages(messages) -> list[dict]:
     return [m if isinstance(m, dict) else {"role": m[0], "content": m[1]} for m in messages]
 
 
-def _template(tokenizer, messages: list[dict], **kwargs):
-    if not has_chat_template(tokenizer):
+def _template(tokenizer, messages: list[dict], template: str | None = None, **kwargs):
+    if not has_chat_template(tokenizer, template):
         raise DataError("chat examples need a chat template, and this model's tokenizer has none: use "
                         "'prompt'/'completion' or 'text' examples, or a base whose tokenizer carries one")
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=True, **kwargs)
+        return tokenizer.apply_chat_template(messages, tokenize=True, chat_template=template or None, **kwargs)
     except Exception as e:  # jinja2's TemplateError, raise_exception() in templates that refuse a turn
         raise DataError(f"the chat template refuses this conversation: {type(e).__name__}: {e}") from None
 
 
-def chat_prompt_ids(tokenizer, messages) -> list[int]:
-    """A chat request's prompt: the conversation so far and the template's opening of the assistant turn."""
-    return list(_template(tokenizer, _messages(messages), add_generation_prompt=True, return_dict=False))
+def chat_prompt_ids(tokenizer, messages, template: str | None = None) -> list[int]:
+    """A chat request's prompt: the conversation so far and the template's opening of the assistant turn
+    (`template`: a job's own, where the tokenizer has none)."""
+    return list(_template(tokenizer, _messages(messages), template, add_generation_prompt=True, return_dict=False))
 
 
 def _chat(tokenizer, messages: list[dict]) -> Rendered:

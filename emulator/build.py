@@ -27,14 +27,17 @@ from offsite.files import sha256_file
 from offsite.textdata import read_texts
 
 
-def load_base(path_or_id: str, placement: Placement | None = None, resident: tuple[str, ...] = ()):
+def load_base(path_or_id: str, placement: Placement | None = None, resident: tuple[str, ...] = (),
+              chat_template: str | None = None):
     """Load a causal LM and its tokenizer from a local folder or a hub id, in the dtype its weights are
     stored in (transformers reads them straight into place: no fp32 copy of the model), where `placement`
     says (default: the CPU; `resident` modules are never offloaded to disk), ready to run
-    (offsite.precision.prepare)."""
+    (offsite.precision.prepare). `chat_template`: a job's own, for a base whose tokenizer has none."""
     placed = (placement or Placement()).load_kwargs(path_or_id, resident)
     model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype="auto", **placed)
     tokenizer = AutoTokenizer.from_pretrained(path_or_id)
+    if chat_template:
+        tokenizer.chat_template = chat_template
     model.eval()
     return precision.prepare(model), tokenizer
 
@@ -86,7 +89,7 @@ def _distill_bf16(state) -> bool:
 
 
 def build(base: str, cfg: EmulatorConfig, out_dir: str | Path, show_progress: bool = True,
-          placement: Placement | None = None) -> BuildResult:
+          placement: Placement | None = None, chat_template: str | None = None) -> BuildResult:
     """Write the emulator bundle to `out_dir` and return the adapter skeleton (the base's adapter blocks).
 
     Without distillation the base is loaded once and cut in place: one copy of the model in memory.
@@ -94,12 +97,14 @@ def build(base: str, cfg: EmulatorConfig, out_dir: str | Path, show_progress: bo
     Order: choose blocks, cut, low-rank attention, then distill (which can make up for the SVD).
     Under `accelerate launch` every process builds and distills its share; only the main one writes.
     `placement` says where the base is loaded (a device_map spreads it over devices, CPU and disk).
+    `chat_template` (a job's own) is written into the bundle's tokenizer, so clients render chats with it.
     """
     out_dir = Path(out_dir)
     if placement and placement.device_map and cfg.distilled:
         raise ConfigError("distillation moves the teacher to one device: set device, not device_map, to distill")
     state = lm.launched_state()
-    full, tokenizer = load_base(base, placement)  # offloaded blocks stay on disk; saving reads them back one by one
+    # offloaded blocks stay on disk; saving reads them back one by one. The bundle's tokenizer carries the job's template.
+    full, tokenizer = load_base(base, placement, chat_template=chat_template)
     plan, similarity = choose_plan(full, tokenizer, cfg)
     full_params = sum(p.numel() for p in full.parameters())
     stored = precision.stored_dtype(full)

@@ -118,3 +118,29 @@ def test_a_qwen2_style_chat_job_trains_evaluates_and_serves_what_it_trained(qwen
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_a_jobs_own_chat_template_gives_a_base_without_one_chat(tiny_model, tmp_path):
+    """The demo's base has no chat template: the job names one; the bundle's tokenizer carries it (so clients
+    render chats with it), and so does the export. A template that cannot render a turn is refused at
+    jobs create."""
+    from offsite.cloud.exports import export_job
+    from offsite.emulator.bundle import describe_bundle
+    from offsite.errors import ConfigError
+    from offsite.textdata import Example
+    from tests.test_rounds import make_world
+
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ eos_token }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    assert not AutoTokenizer.from_pretrained(str(tiny_model)).chat_template
+    c, *_ = make_world(tiny_model, tmp_path / "ok", chat_template=template)
+    job = c.job("j")
+    tokenizer, _, _ = describe_bundle(job.artifacts.bundle_dir)
+    assert tokenizer.chat_template == template
+    chat = Example("home win", messages=(("user", "2-1?"), ("assistant", "home win")))
+    r = render.render(tokenizer, chat)
+    assert tokenizer.decode([i for i, keep in zip(r.ids, r.learned) if keep]) == "home win</s>"
+    out = export_job(job.config, job.artifacts, c.state.global_adapters("j"), c.blobs, c.layout.jobs / "j",
+                     tmp_path / "export", "merged", 0)
+    assert AutoTokenizer.from_pretrained(str(out.folder)).chat_template == template
+    with pytest.raises(ConfigError, match="chat_template cannot render a user and an assistant turn.*no chats here"):
+        make_world(tiny_model, tmp_path / "bad", chat_template="{{ raise_exception('no chats here') }}")

@@ -88,3 +88,10 @@ def test_extras_train_in_full_or_through_lora(tiny_model, method, ok):
     else:
         with pytest.raises(ConfigError, match=f"needs method full or lora, not {method}"):
             make()
+
+
+def test_a_misspelled_section_is_refused_by_name(tmp_path):
+    """`[adaptor]` used to be ignored, and the job trained whole blocks instead of the LoRA it asked for."""
+    (tmp_path / "job.toml").write_text('[job]\nid = "x"\nbase_model = "m"\n[adaptor]\nmethod = "lora"\n')
+    with pytest.raises(ConfigError, match=r"unknown section\(s\) \[adaptor\]; a job file has \[adapter\], \[aggregation\]"):
+        JobConfig.from_toml(tmp_path / "job.toml")

@@ -214,10 +214,12 @@ def create_app(service: InferenceService, summary_path: Path | None = None) -> F
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, http: HttpRequest, record=Depends(key)):
         job, served = await _resolve(record, body.model)
-        if not render.has_chat_template(served.tokenizer):
+        template = job.chat_template if job is not None else None
+        if not render.has_chat_template(served.tokenizer, template):
             raise ApiError(400, f"model {body.model!r} has no chat template: use /v1/completions", param="messages")
         try:  # the conversation as the job's chat examples were rendered for training, up to the assistant's turn
-            ids = render.chat_prompt_ids(served.tokenizer, [{"role": m.role, "content": m.text()} for m in body.messages])
+            ids = render.chat_prompt_ids(served.tokenizer, [{"role": m.role, "content": m.text()} for m in body.messages],
+                                         template)
         except DataError as e:
             raise ApiError(400, str(e), param="messages") from None
         limit = body.max_completion_tokens or body.max_tokens or service.config.max_tokens

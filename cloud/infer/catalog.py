@@ -26,6 +26,7 @@ class ServedJob:
     method: MethodConfig
     adapter_digest: str        # the job's last global adapter
     created: int
+    chat_template: str = ""    # the job's own template, for a base whose tokenizer has none
 
 
 def base_name(base: str) -> str:
@@ -43,7 +44,8 @@ class Catalog:
             raise PreconditionError(f"job {job_id} is {record.status}, not finished: only finished jobs are served")
         job = Job.from_record(record)
         return ServedJob(job_id, job.config.base_model, job.artifacts.plan, job.config.method_config(),
-                         self.state.global_adapters(job_id)[-1], 0)  # no job's artifacts ever held a created_at
+                         self.state.global_adapters(job_id)[-1], 0,  # no job's artifacts ever held a created_at
+                         job.config.chat_template)
 
     def jobs(self) -> list[ServedJob]:
         return [self.job(r.job_id) for r in self.state.jobs() if r.status == SERVED_STATUS]
