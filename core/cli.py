@@ -7,12 +7,13 @@ import os
 import sys
 
 from offsite.errors import OffsiteError
-from offsite.logs import log_handler
+from offsite.logs import log_handler, quiet_third_parties
 
 
 def main(argv: list[str] | None = None) -> int:
     # per-file load/save bars drown the useful output; set before transformers is imported, which reads it
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    quiet_third_parties()  # before anything imports them
     from offsite.client import cli as client_cli
     from offsite.cloud import cli as cloud_cli
     from offsite.emulator import cli as emulator_cli

@@ -23,6 +23,21 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False)
 
 
+# Third-party messages the user can do nothing about, each quieted for a stated reason.
+QUIETED = {
+    # bitsandbytes (0.49+), at import on CPUs with avx512_bf16, tries to fetch a faster 4-bit kernel from the
+    # Hugging Face hub (code downloaded at run time); the hub's trust check refuses it, and bitsandbytes runs
+    # its own kernel instead, which is what offsite tests. The warning it logs on every command says nothing
+    # a user can act on.
+    "bitsandbytes.backends.cpu.ops": logging.ERROR,
+}
+
+
+def quiet_third_parties() -> None:
+    for name, level in QUIETED.items():
+        logging.getLogger(name).setLevel(level)
+
+
 def log_handler(log_format: str, stream: TextIO | None = None) -> logging.Handler:
     """A stderr (or `stream`) handler writing `log_format` "text" or "json"."""
     handler = logging.StreamHandler(stream)

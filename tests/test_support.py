@@ -42,3 +42,14 @@ def test_the_check_leaves_the_model_as_it_was():
     assert support.check(model, "lora") is None
     assert model.config.num_hidden_layers == support.L
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_the_command_checks_a_model_folder_and_prints_no_third_party_noise(tiny_model):
+    """`offsite emulator support --model PATH` on the project's tiny LLaMA; bitsandbytes' warning about a kernel
+    it could not fetch from the hub (printed on CPUs with avx512_bf16) is quieted (offsite.logs.QUIETED)."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-m", "offsite.cli", "emulator", "support", "--model", str(tiny_model), "--markdown"],
+                          capture_output=True, text=True, check=True)
+    assert done.stdout.splitlines()[2] == "| llama | yes | yes | yes | yes | yes | yes | yes | yes |"
+    assert "kernels-community" not in done.stderr and "Traceback" not in done.stderr
