@@ -14,6 +14,7 @@ from pathlib import Path
 
 import grpc
 import torch
+from cryptography import x509
 
 from offsite import failpoints, lm, precision
 from offsite.checkpoint import Checkpointer
@@ -53,8 +54,17 @@ class ClientConfig:
     job: str | None = None             # take part in this job only (default: every job whose roster holds the client)
 
     def __post_init__(self) -> None:
-        if not Path(self.ca_file).is_file():
-            raise ConfigError(f"{self.ca_file}: CA certificate file not found")
+        ca = Path(self.ca_file).resolve()
+        if not ca.is_file():
+            raise ConfigError(f"--ca {ca}: CA certificate file not found")
+        try:
+            x509.load_pem_x509_certificates(ca.read_bytes())
+        except ValueError:
+            raise ConfigError(f"--ca {ca}: not a PEM certificate (the coordinator's STATE/tls/ca.pem is; an enrollment "
+                              "token goes to --token-file)") from None
+        if self.token_file is not None and not Path(self.token_file).is_file():
+            raise ConfigError(f"--token-file {Path(self.token_file).resolve()}: no such file (the model owner's "
+                              "STATE/tokens/<name>.token, given to you once)")
 
 
 def _token(cfg: ClientConfig) -> str:
