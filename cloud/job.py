@@ -34,6 +34,26 @@ SECTIONS = {"job", "split", "training", "adapter", "aggregation", "privacy", "ev
 _AGGREGATION_KEYS = {"weighting", "max_examples_per_client", "max_weight_share"}  # [aggregation] keys that are job fields
 
 
+def _looks_like_a_path(value: str) -> bool:
+    """A hub id is `name` or `owner/name`; anything else that names a place on disk is a path."""
+    return value.startswith((".", "/", "~")) or value.count("/") > 1 or "\\" in value
+
+
+def _check_base_path(value: str, folder: Path) -> None:
+    """A base_model meant as a folder is never tried as a hub id (minutes of retries, then a hub error that
+    does not mention the folder): a missing one is named with the path it resolved to."""
+    here = (folder / Path(value).expanduser()).resolve()
+    if here.exists():
+        return
+    cwd = Path(value).expanduser().resolve()
+    if cwd.exists():
+        raise ConfigError(f"base_model {value!r}: {here} does not exist; {cwd} does, but a job file's relative paths are "
+                          f"relative to its own folder ({folder.resolve()}): write base_model = \"{cwd}\"")
+    if _looks_like_a_path(value):
+        raise ConfigError(f"base_model {value!r}: no such folder {here} (relative paths are relative to the job file's "
+                          f"folder, {folder.resolve()})")
+
+
 @dataclass(frozen=True)
 class JobConfig:
     job_id: str
@@ -248,6 +268,8 @@ class JobConfig:
         if "id" in flat:
             flat["job_id"] = flat.pop("id")
         base = path.parent
+        if isinstance(flat.get("base_model"), str):
+            _check_base_path(flat["base_model"], base)
         for key in ("base_model", "protection_data", "export_dir", "distill_data", "calibration_data", "realign_data"):  # paths are relative to the file
             value = flat.get(key)
             if isinstance(value, str) and not Path(value).is_absolute():

@@ -95,3 +95,23 @@ def test_a_misspelled_section_is_refused_by_name(tmp_path):
     (tmp_path / "job.toml").write_text('[job]\nid = "x"\nbase_model = "m"\n[adaptor]\nmethod = "lora"\n')
     with pytest.raises(ConfigError, match=r"unknown section\(s\) \[adaptor\]; a job file has \[adapter\], \[aggregation\]"):
         JobConfig.from_toml(tmp_path / "job.toml")
+
+
+@pytest.mark.parametrize("value, message", [
+    ("../models/shopbot-bse", "no such folder {tmp}/models/shopbot-bse (relative paths are relative to the job file's"),
+    ("./bases/none", "no such folder {tmp}/jobs/bases/none"),
+    ("shop/base", "{tmp}/jobs/shop/base does not exist; {cwd}/shop/base does, but a job file's relative paths"),
+])
+def test_a_base_model_meant_as_a_folder_is_never_tried_as_a_hub_id(tmp_path, monkeypatch, value, message):
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "cwd" / "shop" / "base").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "cwd")
+    (tmp_path / "jobs" / "job.toml").write_text(f'[job]\nid = "x"\nbase_model = "{value}"\n')
+    with pytest.raises(ConfigError) as e:
+        JobConfig.from_toml(tmp_path / "jobs" / "job.toml")
+    assert message.format(tmp=tmp_path.resolve(), cwd=(tmp_path / "cwd").resolve()) in str(e.value)
+
+
+def test_a_hub_id_stays_a_hub_id(tmp_path):
+    (tmp_path / "job.toml").write_text('[job]\nid = "x"\nbase_model = "Qwen/Qwen2.5-0.5B"\n')
+    assert JobConfig.from_toml(tmp_path / "job.toml").base_model == "Qwen/Qwen2.5-0.5B"
