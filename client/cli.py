@@ -27,6 +27,10 @@ def cmd_run(args) -> int:
                            retry_s=args.retry_s, text_column=args.text_column, checkpoint_every=args.checkpoint_every,
                            device=_device(args.device), job=args.job)
         summary = run(cfg)
+    except KeyboardInterrupt:
+        print("offsite client: stopped (Ctrl-C). Run the same command to go on: the enrollment, the downloaded bundle, "
+              "training checkpoints and any sealed update waiting in the outbox are kept.", file=sys.stderr)
+        return 130
     except Exception as e:  # every failure leaves with a message and a distinct exit code
         code = exit_code_for(e)
         if code == 1:
@@ -69,7 +73,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("run", help="enroll (first time), then train and upload each round it is selected for, until "
                                    "its jobs are done",
                        description="Exit codes: 0 done, 2 bad data file (or data the job's tokenizer cannot render), "
-                                   "3 authentication failed, 4 coordinator unreachable, 5 bad configuration. A failure "
+                                   "3 authentication failed, 4 coordinator unreachable, 5 bad configuration, 130 stopped by Ctrl-C "
+                                   "(the same command resumes). A failure "
                                    "after enrollment is reported to the coordinator (a short reason) before the exit.")
     p.add_argument("--server", required=True, help="coordinator host:port (mutual TLS)")
     p.add_argument("--enroll-server", help="coordinator enrollment host:port (default: --server port + 1)")

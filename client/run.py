@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import logging
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -65,6 +66,25 @@ class ClientConfig:
         if self.token_file is not None and not Path(self.token_file).is_file():
             raise ConfigError(f"--token-file {Path(self.token_file).resolve()}: no such file (the model owner's "
                               "STATE/tokens/<name>.token, given to you once)")
+
+
+def default_threads(cores: int, clients: int) -> int:
+    """Torch threads for one client: the cores it may use, shared among the clients running on this machine.
+    Two clients each taking every core of a 2-core machine ran 10x slower per step than with one thread each."""
+    return max(1, cores // max(clients, 1))
+
+
+def running_clients(proc: Path = Path("/proc")) -> int:
+    """How many `offsite client run` processes this machine runs, this one included (Linux; 1 elsewhere)."""
+    count = 0
+    for cmdline in proc.glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+        if b"client" in args and b"run" in args and any(a.endswith((b"offsite", b"offsite.cli")) for a in args):
+            count += 1
+    return max(count, 1)
 
 
 def _token(cfg: ClientConfig) -> str:
@@ -134,8 +154,10 @@ def run(cfg: ClientConfig) -> dict:
     """Take part in the job until it is done. Returns a summary of what this client did."""
     texts = read_examples(cfg.data, cfg.text_column)  # a bad file fails here, before any network or training
     heldout = read_examples(cfg.heldout, cfg.text_column) if cfg.heldout else None
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    threads = cfg.threads or default_threads(len(os.sched_getaffinity(0)), running_clients())
+    torch.set_num_threads(threads)
+    log.info("training on %d CPU thread(s)%s", threads, "" if cfg.threads else
+             " (this process's cores shared among the offsite clients running here; --threads sets it)")
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     me = load_identity(cfg.workdir)
     if me is None:

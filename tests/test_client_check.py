@@ -66,3 +66,41 @@ def test_a_client_that_cannot_render_its_data_tells_the_coordinator_and_exits_2(
     assert row["name"] == "client-1"
     assert row["activity"].startswith("failed in round 1: DataError: example 1: chat examples need a chat template")
     assert status["jobs"][0]["status"] == "running"
+
+
+def test_ctrl_c_stops_a_training_client_at_once_and_says_how_to_resume(tiny_model, client_data, tmp_path):
+    import signal
+    import time
+    state = tmp_path / "state"
+    subprocess.run(offsite("cloud", "init", "--state", str(state), "--clients", "client-1"), check=True)
+    (tmp_path / "job.toml").write_text(f'[job]\nid = "j"\nbase_model = "{tiny_model}"\n[split]\nemulator_layers = 1\n'
+                                       f'[training]\nepochs = 200.0\nbatch_size = 2\n')
+    subprocess.run(offsite("cloud", "jobs", "create", "--state", str(state), "--config", str(tmp_path / "job.toml")), check=True)
+    server, ports = serve_until_done(state, tmp_path / "port")
+    try:
+        (client,) = run_clients(state, ports, client_data[:1], tmp_path / "work")
+        deadline = time.monotonic() + 120
+        while not list((tmp_path / "work" / "client-1").glob("jobs/j/bundle/*.safetensors")):  # training starts next
+            assert client.poll() is None and time.monotonic() < deadline, client.stderr.read()
+            time.sleep(0.2)
+        time.sleep(3.0)
+        sent = time.monotonic()
+        client.send_signal(signal.SIGINT)
+        _, err = client.communicate(timeout=60)
+        waited = time.monotonic() - sent
+    finally:
+        server.kill()
+    assert client.returncode == 130, err
+    assert "stopped (Ctrl-C). Run the same command to go on" in err and "Traceback" not in err
+    assert waited < 5.0, f"{waited:.1f} s to stop"
+
+
+def test_client_threads_share_the_cores_among_the_clients_running_here(tmp_path):
+    from offsite.client.run import default_threads, running_clients
+    assert [default_threads(2, n) for n in (1, 2, 3)] == [2, 1, 1] and default_threads(16, 3) == 5
+    for pid, args in {"10": ["python", "-m", "offsite.cli", "client", "run", "--data", "a"], "11": ["/v/bin/offsite", "client", "run"],
+                      "12": ["/v/bin/offsite", "cloud", "serve"], "13": ["vim", "client", "run"]}.items():
+        (tmp_path / pid).mkdir()
+        (tmp_path / pid / "cmdline").write_bytes(b"\0".join(a.encode() for a in args) + b"\0")
+    assert running_clients(tmp_path) == 2
+    assert running_clients(tmp_path / "none") == 1
