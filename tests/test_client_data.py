@@ -28,19 +28,10 @@ def test_missing_file(tmp_path):
 
 
 def _ca(tmp_path):
-    """A real CA certificate file, as `cloud init` writes one."""
-    import datetime
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
-    (tmp_path / "ca.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return tmp_path / "ca.pem"
+    """The CA certificate `cloud init` writes."""
+    from offsite.cloud.identity import StateLayout, init_state
+    init_state(tmp_path / "state", ["alice"], ["localhost"], 3600)
+    return StateLayout(tmp_path / "state").ca_cert
 
 
 def test_client_cli_exits_2_before_contacting_anyone(tmp_path, capsys):
@@ -61,7 +52,7 @@ def test_client_cli_exits_2_before_contacting_anyone(tmp_path, capsys):
     ("absent.pem", "alice.token", "--ca {tmp}/absent.pem: CA certificate file not found"),
 ])
 def test_a_wrong_ca_or_token_file_is_named_before_any_network_call(tmp_path, capsys, ca, token, message):
-    _ca(tmp_path)
+    (tmp_path / "ca.pem").write_bytes(_ca(tmp_path).read_bytes())
     (tmp_path / "alice.token").write_text("0123456789abcdef")
     (tmp_path / "train.jsonl").write_text('{"text": "fine"}\n')
     code = main(["client", "run", "--server", "127.0.0.1:9", "--ca", str(tmp_path / ca), "--workdir", str(tmp_path / "w"),
