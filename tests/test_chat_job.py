@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from offsite import render
 from tests.procs import offsite, run_clients, serve_until_done
+from tests.test_client_check import cli
 
 CHATML = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
           "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -62,13 +63,13 @@ def test_a_qwen2_style_chat_job_trains_evaluates_and_serves_what_it_trained(qwen
         write_chats(tmp_path / name / "train.jsonl", 60, seed=10 + i)
         data.append(tmp_path / name)
     write_chats(tmp_path / "heldout.jsonl", 20, seed=99)
-    subprocess.run(offsite("cloud", "init", "--state", str(state), "--clients", "alice,bob"), check=True)
+    cli("cloud", "init", "--state", state, "--clients", "alice,bob")
     (tmp_path / "job.toml").write_text(
         f'[job]\nid = "chat"\nbase_model = "{qwen2_base}"\nrounds = 1\nclients_per_round = 2\n'
         f'[split]\nemulator_layers = 1\ntrain_extra = ["norm", "head"]\n'
         f'[training]\nbatch_size = 8\nepochs = 4.0\nlr = 0.01\n[adapter]\nmethod = "lora"\nr = 4\n'
         f'[eval]\nsets = {{ chat = "{tmp_path / "heldout.jsonl"}" }}\n')
-    subprocess.run(offsite("cloud", "jobs", "create", "--state", str(state), "--config", str(tmp_path / "job.toml")), check=True)
+    cli("cloud", "jobs", "create", "--state", state, "--config", tmp_path / "job.toml")
     server, ports = serve_until_done(state, tmp_path / "port")
     try:
         for c in run_clients(state, ports, data, tmp_path / "work"):
@@ -82,16 +83,13 @@ def test_a_qwen2_style_chat_job_trains_evaluates_and_serves_what_it_trained(qwen
     assert scores["plug_in"] < scores["full_zero_shot"] - 0.5, scores
     assert set(report["task_accuracy"]["chat"]) >= {"full_zero_shot", "plug_in"}  # short answers: exact match too
 
-    scored = json.loads(subprocess.run(offsite("cloud", "eval", "--state", str(state), "--job", "chat", "--data",
-                                               str(tmp_path / "heldout.jsonl"), "--json"),
-                                       check=True, capture_output=True, text=True).stdout)
+    scored = json.loads(cli("cloud", "eval", "--state", state, "--job", "chat", "--data", tmp_path / "heldout.jsonl", "--json"))
     assert scored["examples"] == scored["answerable"] == 20 and scored["rounds_aggregated"] == 1
     assert scored["loss"]["plug_in"] == pytest.approx(scores["plug_in"], abs=1e-3)        # finalization's figure
     assert scored["loss"]["base"] == pytest.approx(scores["full_zero_shot"], abs=1e-3)
     assert scored["exact_match"]["plug_in"] == pytest.approx(report["task_accuracy"]["chat"]["plug_in"], abs=1e-4)
 
-    secret = subprocess.run(offsite("cloud", "keys", "create", "--state", str(state), "--job", "chat"), check=True,
-                            capture_output=True, text=True).stdout.splitlines()[1]
+    secret = cli("cloud", "keys", "create", "--state", state, "--job", "chat").splitlines()[1]
     port_file = tmp_path / "infer.json"
     proc = subprocess.Popen(offsite("cloud", "infer", "--state", str(state), "--address", "127.0.0.1:0", "--port-file",
                                     str(port_file), "--max-tokens", "16"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -1,28 +1,34 @@
 """Data checked against the job's tokenizer before anyone's time is spent: `offsite client check` offline, and a
 client that cannot use its data after enrolling tells the coordinator why before it exits."""
+import contextlib
+import io
 import json
-import subprocess
 
 import pytest
 
+from offsite.cli import main
 from tests.procs import offsite, run_clients, serve_until_done
 
 CHAT = {"messages": [{"role": "user", "content": "score: 2-1 result?"}, {"role": "assistant", "content": "home win"}]}
 
 
+def cli(*args) -> str:
+    """An `offsite` command in this process (no interpreter start-up); its output."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main([str(a) for a in args]) == 0
+    return out.getvalue()
+
+
 @pytest.fixture(scope="module")
 def bundle(tiny_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("bundle")
-    subprocess.run(offsite("emulator", "build", "--model", str(tiny_model), "--emulator-layers", "1", "--out", str(out)),
-                   check=True, capture_output=True)
+    cli("emulator", "build", "--model", tiny_model, "--emulator-layers", "1", "--out", out)
     return out
 
 
 def test_check_reports_counts_lengths_and_truncation(bundle, client_data):
-    done = subprocess.run(offsite("client", "check", "--data", str(client_data[0] / "train.jsonl"), "--bundle", str(bundle),
-                                  "--max-length", "16"), capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    line = done.stdout.strip()
+    line = cli("client", "check", "--data", client_data[0] / "train.jsonl", "--bundle", bundle, "--max-length", "16").strip()
     assert line.startswith(f"{client_data[0] / 'train.jsonl'}: 40 examples, ") and "cut at max_length 16" in line
     truncated = int(line.split("; ")[1].split(" ")[0])
     assert 0 < truncated <= 40   # the demo's records are longer than 16 tokens
@@ -33,13 +39,11 @@ def test_check_reports_counts_lengths_and_truncation(bundle, client_data):
     ({"text": 3}, None, 2, "d.jsonl:1: expected a non-empty string field 'text'"),
     ({"text": "fine"}, "missing", 5, "missing"),
 ])
-def test_check_names_what_is_wrong(bundle, tmp_path, data, bundle_arg, code, message):
+def test_check_names_what_is_wrong(bundle, tmp_path, capsys, data, bundle_arg, code, message):
     (tmp_path / "d.jsonl").write_text(json.dumps(data) + "\n")
     folder = str(tmp_path / bundle_arg) if bundle_arg else str(bundle)
-    done = subprocess.run(offsite("client", "check", "--data", str(tmp_path / "d.jsonl"), "--bundle", folder),
-                          capture_output=True, text=True)
-    assert done.returncode == code and message in done.stderr, done.stderr
-    assert "Traceback" not in done.stderr
+    assert main(["client", "check", "--data", str(tmp_path / "d.jsonl"), "--bundle", folder]) == code
+    assert message in capsys.readouterr().err
 
 
 def test_a_client_that_cannot_render_its_data_tells_the_coordinator_and_exits_2(tiny_model, tmp_path):
@@ -49,17 +53,16 @@ def test_a_client_that_cannot_render_its_data_tells_the_coordinator_and_exits_2(
     state = tmp_path / "state"
     (tmp_path / "client-1").mkdir()
     (tmp_path / "client-1" / "train.jsonl").write_text(json.dumps(CHAT) + "\n")
-    subprocess.run(offsite("cloud", "init", "--state", str(state), "--clients", "client-1"), check=True)
+    cli("cloud", "init", "--state", state, "--clients", "client-1")
     (tmp_path / "job.toml").write_text(f'[job]\nid = "j"\nbase_model = "{tiny_model}"\n[split]\nemulator_layers = 1\n')
-    subprocess.run(offsite("cloud", "jobs", "create", "--state", str(state), "--config", str(tmp_path / "job.toml")), check=True)
+    cli("cloud", "jobs", "create", "--state", state, "--config", tmp_path / "job.toml")
     server, ports = serve_until_done(state, tmp_path / "port")
     try:
         (client,) = run_clients(state, ports, [tmp_path / "client-1"], tmp_path / "work")
         _, err = client.communicate(timeout=120)
         assert client.returncode == 2, err
         assert "chat examples need a chat template" in err and "Traceback" not in err
-        status = json.loads(subprocess.run(offsite("cloud", "status", "--state", str(state), "--json"), check=True,
-                                           capture_output=True, text=True).stdout)
+        status = json.loads(cli("cloud", "status", "--state", state, "--json"))
     finally:
         server.kill()
     (row,) = status["clients"]
@@ -72,10 +75,10 @@ def test_ctrl_c_stops_a_training_client_at_once_and_says_how_to_resume(tiny_mode
     import signal
     import time
     state = tmp_path / "state"
-    subprocess.run(offsite("cloud", "init", "--state", str(state), "--clients", "client-1"), check=True)
+    cli("cloud", "init", "--state", state, "--clients", "client-1")
     (tmp_path / "job.toml").write_text(f'[job]\nid = "j"\nbase_model = "{tiny_model}"\n[split]\nemulator_layers = 1\n'
                                        f'[training]\nepochs = 200.0\nbatch_size = 2\n')
-    subprocess.run(offsite("cloud", "jobs", "create", "--state", str(state), "--config", str(tmp_path / "job.toml")), check=True)
+    cli("cloud", "jobs", "create", "--state", state, "--config", tmp_path / "job.toml")
     server, ports = serve_until_done(state, tmp_path / "port")
     try:
         (client,) = run_clients(state, ports, client_data[:1], tmp_path / "work")
