@@ -16,8 +16,21 @@ def _device(choice: str) -> str:
     return choice
 
 
+def _failed(error: Exception) -> int:
+    """The error's message on stderr and its documented exit code; an unexpected one is re-raised (exit 1,
+    with its traceback)."""
+    from offsite.client.run import exit_code_for
+
+    code = exit_code_for(error)
+    if code == 1:
+        raise error
+    detail = error.details() if hasattr(error, "details") else str(error)
+    print(f"offsite client: error: {detail}", file=sys.stderr)
+    return code
+
+
 def cmd_run(args) -> int:
-    from offsite.client.run import ClientConfig, exit_code_for, run  # torch and peft: only when running
+    from offsite.client.run import ClientConfig, run  # torch and peft: only when running
 
     try:
         cfg = ClientConfig(server=args.server, ca_file=Path(args.ca), workdir=Path(args.workdir), data=Path(args.data),
@@ -32,12 +45,7 @@ def cmd_run(args) -> int:
               "training checkpoints and any sealed update waiting in the outbox are kept.", file=sys.stderr)
         return 130
     except Exception as e:  # every failure leaves with a message and a distinct exit code
-        code = exit_code_for(e)
-        if code == 1:
-            raise
-        detail = e.details() if hasattr(e, "details") else str(e)
-        print(f"offsite client: error: {detail}", file=sys.stderr)
-        return code
+        return _failed(e)
     log.info("client done: rounds %s, %d bytes uploaded", summary["jobs"], summary["upload_bytes"])
     return 0
 
@@ -45,7 +53,7 @@ def cmd_run(args) -> int:
 def cmd_check(args) -> int:
     """The client's data through the job's tokenizer, offline: what `client run` does once the bundle has
     arrived and before it trains, without a coordinator."""
-    from offsite.client.run import EXIT_CONFIG, exit_code_for
+    from offsite.client.run import EXIT_CONFIG
     from offsite.client.train import encode_checked
     from offsite.errors import IntegrityError
     from offsite.emulator.bundle import describe_bundle
@@ -59,11 +67,7 @@ def cmd_check(args) -> int:
         print(f"offsite client: error: {args.bundle}: {e}", file=sys.stderr)
         return EXIT_CONFIG
     except Exception as e:
-        code = exit_code_for(e)
-        if code == 1:
-            raise
-        print(f"offsite client: error: {e}", file=sys.stderr)
-        return code
+        return _failed(e)
     print(f"{args.data}: {report}")
     return 0
 

@@ -48,19 +48,17 @@ def encode_checked(tokenizer, examples: list[Example | str], max_length: int,
     """Every example rendered with the job's tokenizer (offsite.render), truncated to max_length (unless
     they are to be packed into windows of it), and what that did. An example the tokenizer cannot render (a chat without a template, a template that refuses
     the conversation) is a DataError naming its position."""
-    rows, longest, truncated = [], 0, 0
+    rows, longest, truncated, tokens, learned = [], 0, 0, 0, 0
     for i, example in enumerate(_as_examples(examples), 1):
         try:
-            (whole,) = lm.encode_examples(tokenizer, [example], 10**9)
+            whole = render.render(tokenizer, example)
         except DataError as e:
             raise DataError(f"example {i}: {e}") from None
-        n = len(lm._ids(whole))
-        longest, truncated = max(longest, n), truncated + (n > max_length)
-        rows.append(whole if n <= max_length or not truncate else
-                    whole[:max_length] if isinstance(whole, list) else (whole[0][:max_length], whole[1][:max_length]))
-    tokens = sum(len(lm._ids(r)) for r in rows)
-    learned = sum(len(r) if isinstance(r, list) else sum(r[1]) for r in rows)
-    return rows, EncodingReport(len(rows), tokens, longest, learned, truncated if truncate else 0, max_length)
+        kept = whole.truncated(max_length) if truncate else whole
+        longest, truncated = max(longest, len(whole.ids)), truncated + (len(kept.ids) < len(whole.ids))
+        tokens, learned = tokens + len(kept.ids), learned + sum(kept.learned)
+        rows.append(lm.as_row(kept))
+    return rows, EncodingReport(len(rows), tokens, longest, learned, truncated, max_length)
 
 
 @dataclass(frozen=True)

@@ -54,10 +54,11 @@ def finalize(cfg: JobConfig, artifacts: Artifacts, state: State, blobs: BlobStor
     if artifacts.emulator_patch:  # re-aligned: the emulator the clients trained the last rounds on
         apply_patch(emulator, plan, load_blob(blobs.open_path(artifacts.emulator_patch)))
     pad = render.pad_id(tokenizer)
-    sets = {name: lm.encode_examples(tokenizer, read_examples(path), cfg.max_length) for name, path in cfg.eval_sets.items()}
+    eval_examples = {name: read_examples(path) for name, path in cfg.eval_sets.items()}
+    sets = {name: lm.encode_examples(tokenizer, examples, cfg.max_length) for name, examples in eval_examples.items()}
     tasks = {name: read_tasks(path) for name, path in cfg.task_sets.items()}
-    for name, path in cfg.eval_sets.items():  # an eval set of short answers is scored by exact match too
-        short = answerable(tokenizer, read_examples(path))
+    for name, examples in eval_examples.items():  # an eval set of short answers is scored by exact match too
+        short = answerable(tokenizer, examples)
         if short and name not in tasks:
             tasks[name] = short
     general = lm.encode(tokenizer, read_texts(cfg.protection_data), cfg.max_length) if cfg.protection_data else None

@@ -5,14 +5,13 @@ import logging
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import AutoTokenizer
 
 from offsite.cloud.intake import sealed_size
 from offsite.cloud.job import Artifacts, JobConfig
 from offsite.cloud.preflight import check_job_data
 from offsite.cloud.state import JobRecord
 from offsite.emulator import methods, support
-from offsite.emulator.build import build
+from offsite.emulator.build import build, load_tokenizer
 from offsite.emulator.bundle import load_bundle
 from offsite.errors import AlreadyExistsError, ConfigError
 from offsite.precision import dtype_name
@@ -62,8 +61,7 @@ class JobAdmin:
         """The job's artifacts and its first global adapter."""
         blobs = self.c.blobs
         job_dir = self.c.layout.jobs / cfg.job_id
-        tokenizer = AutoTokenizer.from_pretrained(cfg.base_model)
-        tokenizer.chat_template = cfg.chat_template or tokenizer.chat_template
+        tokenizer = load_tokenizer(cfg.base_model, cfg.chat_template or None)
         check_job_data(tokenizer, cfg.eval_sets, cfg.task_sets, cfg.protection_data, cfg.chat_template)
         result = build(cfg.base_model, cfg.emulator_config(), job_dir / "bundle", placement=cfg.placement(job_dir),
                        chat_template=cfg.chat_template or None)

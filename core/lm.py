@@ -57,14 +57,15 @@ def _ids(row: Row) -> list[int]:
     return row if isinstance(row, list) else row[0]
 
 
+def as_row(r: render.Rendered) -> Row:
+    """A rendered example as a Row: its ids alone where every token is learned."""
+    return r.ids if all(r.learned) else (r.ids, r.learned)
+
+
 def encode_examples(tokenizer, examples, max_len: int) -> list[Row]:
     """Each example as offsite.render makes it, truncated to max_len: plain texts learn every token,
     prompt + completion and chat examples only the completion (the assistant's turn)."""
-    rows: list[Row] = []
-    for e in examples:
-        r = render.render(tokenizer, e).truncated(max_len)
-        rows.append(r.ids if all(r.learned) else (r.ids, r.learned))
-    return rows
+    return [as_row(render.render(tokenizer, e).truncated(max_len)) for e in examples]
 
 
 def pack(encoded: list[Row], seq_len: int) -> list[Row]:

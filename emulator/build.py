@@ -27,6 +27,14 @@ from offsite.files import sha256_file
 from offsite.textdata import read_texts
 
 
+def load_tokenizer(path_or_id: str, chat_template: str | None = None):
+    """The base's tokenizer; `chat_template`, a job's own, replaces the one it carries (or gives it one)."""
+    tokenizer = AutoTokenizer.from_pretrained(path_or_id)
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
 def load_base(path_or_id: str, placement: Placement | None = None, resident: tuple[str, ...] = (),
               chat_template: str | None = None):
     """Load a causal LM and its tokenizer from a local folder or a hub id, in the dtype its weights are
@@ -35,9 +43,7 @@ def load_base(path_or_id: str, placement: Placement | None = None, resident: tup
     (offsite.precision.prepare). `chat_template`: a job's own, for a base whose tokenizer has none."""
     placed = (placement or Placement()).load_kwargs(path_or_id, resident)
     model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype="auto", **placed)
-    tokenizer = AutoTokenizer.from_pretrained(path_or_id)
-    if chat_template:
-        tokenizer.chat_template = chat_template
+    tokenizer = load_tokenizer(path_or_id, chat_template)
     model.eval()
     return precision.prepare(model), tokenizer
 

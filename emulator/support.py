@@ -45,6 +45,14 @@ def tiny(family: str) -> PreTrainedModel:
     return AutoModelForCausalLM.from_config(config).eval()
 
 
+class MethodUnsupportedError(ConfigError):
+    """The method's forward pass failed on this model; `cause` is what failed."""
+
+    def __init__(self, method: str, model_type: str, cause: str):
+        super().__init__(f"adapter method {method} does not run on model type {model_type!r}: {cause}")
+        self.cause = cause
+
+
 def probe(emulator: nn.Module, plan: SplitPlan, method: methods.MethodConfig,
           adapter: dict[str, torch.Tensor]) -> nn.Module:
     """`emulator` with the global `adapter` applied and the method attached, after one forward pass of two
@@ -55,8 +63,7 @@ def probe(emulator: nn.Module, plan: SplitPlan, method: methods.MethodConfig,
         with torch.no_grad():
             attached(input_ids=torch.ones(1, 2, dtype=torch.long))
     except Exception as e:
-        raise ConfigError(f"adapter method {method.name} does not run on model type "
-                          f"{emulator.config.model_type!r}: {type(e).__name__}: {e}") from None
+        raise MethodUnsupportedError(method.name, emulator.config.model_type, f"{type(e).__name__}: {e}") from None
     return attached
 
 
@@ -71,8 +78,10 @@ def check(model: PreTrainedModel, method: str) -> str | None:
     adapter = {**extract_adapter(emulator, plan, on_emulator=True), **methods.fresh_extras(emulator, plan, cfg)}
     try:
         probe(emulator, plan, cfg, adapter)
-    except ConfigError as e:
-        return str(e).removeprefix(f"adapter method {method} does not run on model type {model.config.model_type!r}: ")
+    except MethodUnsupportedError as e:
+        return e.cause
+    except ConfigError as e:  # refused before running: the method's settings do not fit the model
+        return str(e)
     return None
 
 
