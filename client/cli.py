@@ -38,6 +38,7 @@ def cmd_run(args) -> int:
                            token_file=Path(args.token_file) if args.token_file else None, threads=args.threads,
                            show_progress=not args.no_progress, enroll_server=args.enroll_server,
                            retry_s=args.retry_s, text_column=args.text_column, checkpoint_every=args.checkpoint_every,
+                           checkpoint_every_s=args.checkpoint_every_s,
                            device=_device(args.device), job=args.job)
         summary = run(cfg)
     except KeyboardInterrupt:
@@ -46,7 +47,7 @@ def cmd_run(args) -> int:
         return 130
     except Exception as e:  # every failure leaves with a message and a distinct exit code
         return _failed(e)
-    log.info("client done: rounds %s, %d bytes uploaded", summary["jobs"], summary["upload_bytes"])
+    log.info("%s", summary)
     return 0
 
 
@@ -90,8 +91,11 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--text-column", default="text", help="the text column of a CSV file")
     p.add_argument("--device", default="auto", help="auto (a GPU if torch sees one), cpu, cuda or cuda:N")
     p.add_argument("--checkpoint-every", type=int, default=50,
-                   help="save training state every N steps; the same command resumes after a crash")
-    p.add_argument("--heldout", help="optional held-out JSONL for local before/after evaluation")
+                   help="save training state every N steps or --checkpoint-every-s seconds, whichever comes first; the "
+                        "same command resumes after a crash")
+    p.add_argument("--checkpoint-every-s", type=float, default=60.0, help="seconds between training checkpoints")
+    p.add_argument("--heldout", help="held-out examples (any --data format): their loss before and after each round "
+                                     "is logged, and sent to the coordinator for jobs that ask (report_heldout)")
     p.add_argument("--job", help="take part in this job only (default: every job whose roster names this client, "
                                  "oldest first, until all are over)")
     p.add_argument("--token-file", help="single-use enrollment token (needed the first time)")

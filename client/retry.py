@@ -8,6 +8,8 @@ from typing import Callable, TypeVar
 
 import grpc
 
+from offsite.errors import ConfigError
+
 log = logging.getLogger("offsite.client")
 T = TypeVar("T")
 # RESOURCE_EXHAUSTED is the coordinator's limits saying "not now" (its upload spool is full, this client has
@@ -16,14 +18,26 @@ TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXC
                        grpc.StatusCode.RESOURCE_EXHAUSTED})
 
 
+class HandshakeFailed(ConfigError):
+    """The TLS handshake with the coordinator failed: a wrong CA, a workdir enrolled with another coordinator, or
+    an address that is not the coordinator's gRPC port. Retrying cannot help; the caller names the files."""
+
+
+def handshake_failed(e: grpc.RpcError) -> bool:
+    return e.code() == grpc.StatusCode.UNAVAILABLE and "handshake failed" in (e.details() or "").lower()
+
+
 def with_retry(fn: Callable[[], T], what: str, budget_s: float, first_delay_s: float = 0.5, max_delay_s: float = 30.0,
                sleep: Callable[[float], None] = time.sleep, transient: frozenset = TRANSIENT) -> T:
-    """Call `fn` until it succeeds, a non-transient error comes, or `budget_s` of retrying has passed."""
+    """Call `fn` until it succeeds, a non-transient error comes, or `budget_s` of retrying has passed. A failed TLS
+    handshake is HandshakeFailed at once: a configuration problem, not a network blip."""
     deadline, delay = time.monotonic() + budget_s, first_delay_s
     while True:
         try:
             return fn()
         except grpc.RpcError as e:
+            if handshake_failed(e):
+                raise HandshakeFailed(f"{what}: {e.details()}") from None
             if e.code() not in transient or time.monotonic() + delay > deadline:
                 raise
             log.warning("%s: %s (%s); retrying in %.1f s", what, e.code().name, e.details(), delay)

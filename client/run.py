@@ -22,7 +22,7 @@ from offsite.checkpoint import Checkpointer
 from offsite.client.identity import enroll, load_identity
 from offsite.client.train import LocalTrainer, RoundResult
 from offsite.emulator.methods import MethodConfig
-from offsite.client.retry import with_retry
+from offsite.client.retry import HandshakeFailed, with_retry
 from offsite.client.secure import SecAggLost, masked_input, secure_submit
 from offsite.client.transfer import coordinator_stub, download_blob, download_bundle, upload
 from offsite.errors import ConfigError, DataError
@@ -50,7 +50,8 @@ class ClientConfig:
     enroll_server: str | None = None   # default: the server's port + 1
     retry_s: float = 600.0             # how long to keep retrying while the coordinator is unreachable
     text_column: str = "text"          # the column of a CSV file that holds the text
-    checkpoint_every: int = 50         # optimizer steps between training checkpoints
+    checkpoint_every: int = 50         # optimizer steps between training checkpoints...
+    checkpoint_every_s: float = 60.0   # ...or seconds, whichever comes first
     device: str = "cpu"                # "cuda" trains on the GPU (bf16, paged 8-bit AdamW)
     job: str | None = None             # take part in this job only (default: every job whose roster holds the client)
 
@@ -66,6 +67,9 @@ class ClientConfig:
         if self.token_file is not None and not Path(self.token_file).is_file():
             raise ConfigError(f"--token-file {Path(self.token_file).resolve()}: no such file (the model owner's "
                               "STATE/tokens/<name>.token, given to you once)")
+        if self.checkpoint_every < 1 or not self.checkpoint_every_s > 0:
+            raise ConfigError(f"--checkpoint-every must be >= 1 and --checkpoint-every-s > 0, got {self.checkpoint_every} "
+                              f"and {self.checkpoint_every_s}")
 
 
 def default_threads(cores: int, clients: int) -> int:
@@ -150,7 +154,37 @@ def failures_reported(stub, task):
         raise
 
 
-def run(cfg: ClientConfig) -> dict:
+@dataclass(frozen=True)
+class ClientSummary:
+    """What a client did, for its last log line: the rounds it sent an update for (from 1, as in every log
+    line), by job, and the bytes it uploaded."""
+    client_id: str
+    rounds: dict[str, list[int]]
+    upload_bytes: int
+
+    def __str__(self) -> str:
+        took = "; ".join(f"job {job} rounds {', '.join(map(str, rounds))}" for job, rounds in self.rounds.items())
+        return f"client {self.client_id} done: {took or 'no round'}; {self.upload_bytes:,} bytes uploaded"
+
+
+@contextlib.contextmanager
+def _explained(cfg: ClientConfig, address: str, enrolled: bool):
+    """A failed TLS handshake as a configuration error that names the files to check (never retried)."""
+    try:
+        yield
+    except HandshakeFailed as e:
+        ca = Path(cfg.ca_file).resolve()
+        if "signature" in str(e).lower() or "verify" in str(e).lower():
+            why = (f"the coordinator's certificate is not signed by --ca {ca}: that file is another coordinator's CA "
+                   "(from another `offsite cloud init`?); ask the model owner for their STATE/tls/ca.pem")
+        else:
+            why = (f"check that {address} is the coordinator's {'gRPC' if enrolled else 'enrollment'} port and --ca {ca} "
+                   "its STATE/tls/ca.pem" + (f"; this workdir's identity ({cfg.workdir.resolve()}) may be enrolled with "
+                                             "another coordinator: use a new --workdir and a new token" if enrolled else ""))
+        raise ConfigError(f"TLS handshake with {address} failed ({e}): {why}") from None
+
+
+def run(cfg: ClientConfig) -> ClientSummary:
     """Take part in the job until it is done. Returns a summary of what this client did."""
     texts = read_examples(cfg.data, cfg.text_column)  # a bad file fails here, before any network or training
     heldout = read_examples(cfg.heldout, cfg.text_column) if cfg.heldout else None
@@ -162,13 +196,14 @@ def run(cfg: ClientConfig) -> dict:
     me = load_identity(cfg.workdir)
     if me is None:
         enroll_at = cfg.enroll_server or enroll_target(cfg.server)
-        with secure_channel(enroll_at, cfg.ca_file) as channel:  # the one call made without a client certificate
-            stub = pb_grpc.CoordinatorStub(channel)
+        with secure_channel(enroll_at, cfg.ca_file) as channel, _explained(cfg, enroll_at, enrolled=False):
+            stub = pb_grpc.CoordinatorStub(channel)  # the one call made without a client certificate
             me = with_retry(lambda: enroll(stub, _token(cfg), cfg.workdir), "enroll", cfg.retry_s)
-    with secure_channel(cfg.server, cfg.ca_file, me.tls_key_pem, me.certificate_pem) as channel:
+    with (secure_channel(cfg.server, cfg.ca_file, me.tls_key_pem, me.certificate_pem) as channel,
+          _explained(cfg, cfg.server, enrolled=True)):
         stub = coordinator_stub(channel)
         log.info("client %s: %d training examples from %s", me.client_id, len(texts), cfg.data)
-        trainer, trainer_job, rounds_done, jobs_done, upload_bytes = None, "", [], {}, 0
+        trainer, trainer_job, jobs_done, upload_bytes = None, "", {}, 0
 
         def retried(fn, what):
             return with_retry(fn, what, cfg.retry_s)
@@ -184,7 +219,7 @@ def run(cfg: ClientConfig) -> dict:
             privacy = task.training.privacy
             outbox = cfg.workdir / "outbox" / f"{task.job_id}-round-{task.round}.{'update' if privacy.secure_aggregation else 'sealed'}"
             with failures_reported(stub, task), Liveness(stub, task.job_id, task.round, task.heartbeat_s) as live:
-                train_loss = None  # unknown when the update was sealed before a restart
+                train_loss = heldout_loss = None  # unknown when the update was sealed before a restart
                 if not outbox.is_file():  # else: sealed before a restart; send those bytes, do not train again
                     live.report("downloading")
                     if trainer is None or trainer_job != task.job_id:  # one job's model in memory at a time
@@ -194,12 +229,17 @@ def run(cfg: ClientConfig) -> dict:
                         trainer = LocalTrainer(bundle, texts, heldout, task.training.max_length, task.training.pack, cfg.device)
                         trainer_job = task.job_id
                         log.info("client %s: job %s's tokenizer: %s", me.client_id, task.job_id, trainer.report)
+                        if task.training.report_heldout and heldout is None:
+                            log.info("client %s: job %s asks for the held-out loss of each global adapter; this client "
+                                     "reports none (no --heldout file)", me.client_id, task.job_id)
                     try:
                         result = _train(stub, task, trainer, me, cfg, live, retried)
                     except RoundClosed:
                         log.warning("client %s: round %d closed while training; asking for a new task", me.client_id, task.round + 1)
                         continue
                     train_loss = _reportable_loss(result.stats.mean_loss, privacy)
+                    if task.training.report_heldout:
+                        heldout_loss = _reportable_loss(result.heldout_before, privacy)
                     ctx = SealContext(task.job_id, task.round, me.client_id, task.skeleton_digest)
                     payload = (to_bytes(result.update) if privacy.secure_aggregation  # masked later; kept on this machine only
                                else seal(to_bytes(result.update), ctx, me.coordinator_key, me.signing_key))
@@ -220,7 +260,8 @@ def run(cfg: ClientConfig) -> dict:
                     live.report("uploading")
                     envelope = outbox.read_bytes()
                     try:
-                        accepted, sent = _upload_once(stub, task, len(texts), envelope, retried, train_loss), len(envelope)
+                        accepted, sent = _upload_once(stub, task, len(texts), envelope, retried, train_loss,
+                                                  heldout_loss), len(envelope)
                     except RoundClosed as e:  # it trained for a round that closed without it: on to the next one
                         log.warning("client %s: round %d closed before its update was in (%s); asking for a new task",
                                     me.client_id, task.round + 1, e)
@@ -228,13 +269,12 @@ def run(cfg: ClientConfig) -> dict:
                         continue
             outbox.unlink()
             upload_bytes += sent
-            rounds_done.append(task.round)
-            jobs_done.setdefault(task.job_id, []).append(task.round)
+            jobs_done.setdefault(task.job_id, []).append(task.round + 1)
             log.info("client %s: round %d: sent %d bytes, %s", me.client_id, task.round + 1, sent, accepted)
             if cfg.job and task.round + 1 >= task.total_rounds:  # its one job's last round: nothing more to ask
                 log.info("client %s: took part in the last round of job %s", me.client_id, task.job_id)
                 break
-    return {"client_id": me.client_id, "rounds": rounds_done, "jobs": jobs_done, "upload_bytes": upload_bytes}
+    return ClientSummary(me.client_id, jobs_done, upload_bytes)
 
 
 def _bundle(cfg: ClientConfig, task) -> Path:
@@ -256,7 +296,7 @@ def schedule_part(kind: str, round_: int, rounds: int) -> tuple[float, float]:
     if kind in ("", "round"):
         return 0.0, 1.0
     if kind != "job" or not 0 <= round_ < rounds:
-        raise ConfigError(f"the coordinator sent lr_schedule {kind!r:.40} for round {round_} of {rounds}")
+        raise ConfigError(f"the coordinator sent lr_schedule {kind!r:.40} for round {round_ + 1} of {rounds}")
     return round_ / rounds, (round_ + 1) / rounds
 
 
@@ -282,7 +322,8 @@ def _train(stub, task, trainer: LocalTrainer, me, cfg: ClientConfig, live: Liven
 
     method = _method(task)
     key = f"{task.job_id}/{task.round}/{task.adapter_sha256}/{patch}/{method}/{train_cfg}/{sha256_file(cfg.data)}"
-    checkpoint = Checkpointer(cfg.workdir / "checkpoints", hashlib.sha256(key.encode()).hexdigest(), cfg.checkpoint_every)
+    checkpoint = Checkpointer(cfg.workdir / "checkpoints", hashlib.sha256(key.encode()).hexdigest(), cfg.checkpoint_every,
+                              cfg.checkpoint_every_s)
     result = trainer.train_round(load_blob(adapter_path), task.skeleton_digest, train_cfg, method,
                                  desc=f"{me.client_id} round {task.round + 1}/{task.total_rounds}",
                                  show_progress=cfg.show_progress, on_step=on_step, checkpoint=checkpoint,
@@ -295,20 +336,22 @@ def _train(stub, task, trainer: LocalTrainer, me, cfg: ClientConfig, live: Liven
     return result
 
 
-def _reportable_loss(mean_loss: float, privacy: pb.Privacy) -> float | None:
-    """The training loss to show the coordinator, or None. Never under secure aggregation or DP: a client's own
-    loss is a statistic of its data that neither the masks nor the privacy accountant covers."""
-    if privacy.secure_aggregation or privacy.equal_weights or not math.isfinite(mean_loss):
+def _reportable_loss(mean_loss: float | None, privacy: pb.Privacy) -> float | None:
+    """A loss (training, or held-out) to show the coordinator, or None. Never under secure aggregation or DP: a
+    client's own loss is a statistic of its data that neither the masks nor the privacy accountant covers."""
+    if mean_loss is None or privacy.secure_aggregation or privacy.equal_weights or not math.isfinite(mean_loss):
         return None
     return mean_loss
 
 
-def _upload_once(stub, task, num_examples: int, envelope: bytes, retried, train_loss: float | None) -> str:
+def _upload_once(stub, task, num_examples: int, envelope: bytes, retried, train_loss: float | None,
+                 heldout_loss: float | None) -> str:
     """Upload until accepted. ALREADY_EXISTS means the coordinator counted this client's update for the round
     before a crash or a lost reply (only this client's certificate can have sent it): that is success.
     FAILED_PRECONDITION means the round is over without it: RoundClosed."""
     try:
-        receipt = retried(lambda: upload(stub, task.job_id, task.round, num_examples, envelope, train_loss), "upload")
+        receipt = retried(lambda: upload(stub, task.job_id, task.round, num_examples, envelope, train_loss, heldout_loss),
+                          "upload")
         return f"accepted as update {receipt.updates_in_round} of the round"
     except grpc.RpcError as e:
         if e.code() == grpc.StatusCode.FAILED_PRECONDITION:  # the round closed (or the job ended) before it was in

@@ -156,10 +156,10 @@ def download_bundle(stub, manifest_digest: str, folder: Path) -> Path:
 
 
 def upload(stub, job_id: str, round_: int, num_examples: int, envelope: bytes | bytearray,
-           train_loss: float | None = None) -> pb.UploadResult:
+           train_loss: float | None = None, heldout_loss: float | None = None) -> pb.UploadResult:
     """Send a sealed update from wherever the coordinator's copy ends; return once it is accepted."""
     header = pb.UploadHeader(job_id=job_id, round=round_, num_examples=num_examples, size=len(envelope),
-                             sha256=hashlib.sha256(envelope).hexdigest(), train_loss=train_loss)
+                             sha256=hashlib.sha256(envelope).hexdigest(), train_loss=train_loss, heldout_loss=heldout_loss)
     session = stub.BeginUpload(header)
     if session.offset:
         log.info("resuming upload at byte %d of %d", session.offset, len(envelope))

@@ -77,6 +77,16 @@ class BlobStore:
             raise NotFoundError(f"no blob {digest}")
         return path
 
+    def remove(self, digest: str) -> int:
+        """Delete the blob if it is here; the bytes freed. Only for a blob no job names (see JobAdmin.delete_job)."""
+        path = self.path(digest)
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            return 0
+        return size
+
     def chunk_digests(self, digest: str, chunk_size: int) -> list[str]:
         """The SHA-256 of each `chunk_size` piece of the blob, in order."""
         key = (digest, chunk_size)

@@ -71,7 +71,7 @@ def cmd_jobs_list(args) -> int:
         print(json.dumps([{k: j[k] for k in JOB_SUMMARY} for j in jobs], indent=2))
         return 0
     for j in jobs:
-        print(f"{j['job_id']}: {j['status']}, round {min(j['round'] + 1, j['rounds'])}/{j['rounds']}, {j['method']} on "
+        print(f"{j['job_id']}: {j['status']}, round {j['round']}/{j['rounds']}, {j['method']} on "
               f"{j['base_model']}, {j['clients_per_round']} updates a round from {j['seats']} selected clients")
     if not jobs:
         print("no jobs yet: offsite cloud jobs create --state S --config job.toml")
@@ -88,15 +88,15 @@ def cmd_jobs_show(args) -> int:
     if args.json:
         print(json.dumps(j, indent=2, allow_nan=False))
         return 0
-    print(f"job {j['job_id']}: {j['status']}, round {min(j['round'] + 1, j['rounds'])}/{j['rounds']}, {j['method']} on "
+    print(f"job {j['job_id']}: {j['status']}, round {j['round']}/{j['rounds']}, {j['method']} on "
           f"{j['base_model']}, {j['clients_per_round']} updates a round from {j['seats']} selected clients")
     for r in j["round_log"]:
         how = f"closed: {r['reason']}" if r["status"] == "closed" else "open"
-        print(f"  round {r['round'] + 1}: {len(r['selected'])} selected, {r['updates']} updates in; {how}")
+        print(f"  round {r['round']}: {len(r['selected'])} selected, {r['updates']} updates in; {how}")
         if r["selected"]:
             print(f"    selected: {', '.join(r['selected'])}")
     for rej in j["rejected"]:
-        print(f"  rejected in round {rej['round'] + 1} from {rej['client_id']}: {rej['reason']}")
+        print(f"  rejected in round {rej['round']} from {rej['client_id']}: {rej['reason']}")
     return 0
 
 
@@ -106,8 +106,23 @@ def cmd_jobs_cancel(args) -> int:
     return 0
 
 
+def cmd_jobs_finalize(args) -> int:
+    open_coordinator(args.state).retry_finalization(args.job)
+    print(f"job {args.job} is finalizing again: a running `offsite cloud serve --state {args.state}` starts it within "
+          "seconds, else the next one does as it starts; `offsite cloud jobs show` then says done or failed")
+    return 0
+
+
+def cmd_jobs_delete(args) -> int:
+    deleted = open_coordinator(args.state).delete_job(args.job)
+    print(f"job {args.job} deleted: its state, its folder and {deleted.blobs} blobs ({deleted.bytes:,} B) no other job "
+          f"uses are gone, and its id can be used again"
+          + (f"; its export in {deleted.export_kept} is left as it is" if deleted.export_kept else ""))
+    return 0
+
+
 def cmd_serve(args) -> int:
-    from offsite.cloud.finalize import finalize_job
+    from offsite.cloud.finalize import Finalizer
     from offsite.cloud.server import start_server
     from offsite.cloud.web import start_web
 
@@ -116,24 +131,13 @@ def cmd_serve(args) -> int:
         raise ConfigError(f"--chunk-kib must be in 4..{MAX_MESSAGE_BYTES // 2048}, got {args.chunk_kib}")
     limits = Limits.parse(args.limit)
     coordinator = open_coordinator(args.state, args.chunk_kib * 1024, limits)
-    finalizers: list[threading.Thread] = []
-
-    one_at_a_time = threading.Lock()  # a finalization holds a full model: two at once would need twice the memory,
-                                      # and transformers' loading is not safe across threads
-
-    def finish(job_id: str) -> None:
-        def work() -> None:
-            with one_at_a_time:
-                finalize_job(coordinator, job_id, log)
-        finalizers.append(threading.Thread(target=work, name=f"finalize-{job_id}", daemon=True))
-        finalizers[-1].start()
+    finalizer = Finalizer(coordinator, log)
 
     def all_over() -> bool:  # --exit-when-done: jobs exist, none trains or finalizes (done, failed or cancelled)
         jobs = coordinator.state.jobs()
-        return bool(jobs) and not any(j.status in ("created", "running", "finalizing") for j in jobs) and not any(
-            t.is_alive() for t in finalizers)
+        return bool(jobs) and not any(j.status in ("created", "running", "finalizing") for j in jobs) and not finalizer.busy()
 
-    coordinator.on_training_done = finish
+    coordinator.on_training_done = finalizer.start
     enroll_address = args.enroll_address or (args.address if args.address.endswith(":0") else enroll_target(args.address))
     for sig in (signal.SIGTERM, signal.SIGINT):  # before serving: a SIGTERM must always mean a drain
         signal.signal(sig, lambda *_: stop.set())
@@ -147,9 +151,10 @@ def cmd_serve(args) -> int:
         log.info("status page, /metrics and /api/status on HTTP port %d (read-only, unauthenticated)", web.port)
     for job in coordinator.state.jobs():
         if job.status == "finalizing":  # a crash interrupted finalization: do it again
-            finish(job.job_id)
+            finalizer.start(job.job_id, take_over=True)
     over_since = None
     while not stop.wait(1.0):  # rounds close on the server's round worker (offsite.cloud.worker)
+        finalizer.poll()  # a failed finalization that `jobs finalize` sent back
         if args.exit_when_done and all_over():
             # linger until every client was told it is done (a client learns it at its next GetTask), or
             # DONE_LINGER_S: a coordinator gone at once would leave clients retrying an address that is gone
@@ -163,9 +168,9 @@ def cmd_serve(args) -> int:
     running.stop(grace=args.grace)
     if web:
         web.stop()
-    for t in finalizers:  # a drained upload may have closed the last round: let its finalization end
+    for t in finalizer.threads:  # a drained upload may have closed the last round: let its finalization end
         t.join(timeout=max(0.0, deadline - time.monotonic()))
-    if any(t.is_alive() for t in finalizers):
+    if finalizer.busy():
         log.warning("finalization still running after the grace period; it starts again with the next `serve`")
         logging.shutdown()
         os._exit(0)  # safe at any moment by design, and no interpreter teardown under a running torch thread
@@ -174,17 +179,22 @@ def cmd_serve(args) -> int:
 
 def cmd_status(args) -> int:
     from offsite.cloud import privacy
-    from offsite.cloud.status import read_status
+    from offsite.cloud.status import describe_eta, read_status
 
     out = read_status(open_coordinator(args.state))
     if args.json:
         print(json.dumps(out, indent=2, allow_nan=False))  # strict JSON: read_status holds finite numbers only
         return 0
     for j in out["jobs"]:
-        print(f"job {j['job_id']}: {j['status']}, round {min(j['round'] + 1, j['rounds'])}/{j['rounds']}, "
+        print(f"job {j['job_id']}: {j['status']}, round {j['round']}/{j['rounds']}, "
               f"{len(j['updates'])} updates accepted, {len(j['rejected'])} rejected")
+        for key, what in (("train_loss", "clients' training loss"), ("heldout_loss", "clients' held-out loss")):
+            if j[key]:
+                print(f"  {what}: " + ", ".join(f"round {p['round']} {p['loss']:.4f}" for p in j[key][-5:]))
         if j["privacy"]:
             print(f"  {privacy.describe(j['privacy'])}")
+        if eta := describe_eta(j):
+            print(f"  {eta}")
     now = time.time()
     for c in out["clients"]:
         print(f"  client {c['id']}: {c['activity'] or 'enrolled'}, last seen {now - c['last_seen']:.0f} s ago, "
@@ -329,6 +339,16 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--state", required=True)
     p.add_argument("job")
     p.set_defaults(func=cmd_jobs_cancel)
+    p = jobs.add_parser("finalize", help="finalize again a job whose finalization failed (its training finished); "
+                                         "a running serve takes it up within seconds")
+    p.add_argument("--state", required=True)
+    p.add_argument("job")
+    p.set_defaults(func=cmd_jobs_finalize)
+    p = jobs.add_parser("delete", help="remove a failed, cancelled or done job: its state, folder and the blobs no "
+                                       "other job uses; its id can be used again")
+    p.add_argument("--state", required=True)
+    p.add_argument("job")
+    p.set_defaults(func=cmd_jobs_delete)
     clients = sub.add_parser("clients", help="manage enrolled clients").add_subparsers(dest="clients_command", required=True)
     p = clients.add_parser("add", help="issue enrollment tokens for new clients (a job's roster names them)")
     p.add_argument("--state", required=True)

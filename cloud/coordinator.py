@@ -1,6 +1,6 @@
 """Jobs and rounds as plain objects: the coordinator's one face over its parts, each a module of its own:
 
-- offsite.cloud.job_admin: making and cancelling jobs
+- offsite.cloud.job_admin: making, cancelling, re-finalizing and deleting jobs
 - offsite.cloud.enrollment: enrollment and the client behind each call
 - offsite.cloud.tasks: what a client does next (train, wait, done)
 - offsite.cloud.blob_serving: the bundle files and global adapters a client may download
@@ -8,6 +8,7 @@
 - offsite.cloud.secure_runs: secure aggregation's runs, in memory
 - offsite.cloud.round_control: the round worker's tick: seats, round closing, aggregation
 - offsite.cloud.proposals: the global adapter an update proposes (peft merges on a scratch emulator)
+- offsite.cloud.tracking: a tracked job's settings, rounds and evaluation as TensorBoard event files
 
 The gRPC servicer only translates messages to these calls; tests drive this class directly.
 """
@@ -26,7 +27,7 @@ from offsite.cloud.enrollment import Enrollment, Enrollments
 from offsite.cloud.identity import CertificateAuthority, StateLayout, load_sealing_key
 from offsite.cloud.intake import Intake, UploadHeader, UploadSession
 from offsite.cloud.job import Job, JobConfig
-from offsite.cloud.job_admin import JobAdmin
+from offsite.cloud.job_admin import Deleted, JobAdmin
 from offsite.cloud.limits import Limits
 from offsite.cloud.metrics import Metrics
 from offsite.cloud.proposals import Proposals
@@ -34,6 +35,7 @@ from offsite.cloud.round_control import RoundControl
 from offsite.cloud.secure_runs import SecureRuns
 from offsite.cloud.state import ClientRecord, JobRecord, State
 from offsite.cloud.tasks import Task, Tasks
+from offsite.cloud.tracking import Tracking
 from offsite.secagg.protocol import Reveal, SealedShares
 from offsite.transport import CHUNK_BYTES
 
@@ -54,6 +56,7 @@ class Coordinator:
         self.on_training_done = on_training_done  # called with the job id when its last round closes
         self.wake = threading.Event()      # set when a round may be due: an update accepted, a seat free; the worker ticks
         self.proposals = Proposals()
+        self.tracking = Tracking()
         self.secure = SecureRuns(self)
         self.intake = Intake(self)
         self.rounds = RoundControl(self)
@@ -82,6 +85,12 @@ class Coordinator:
 
     def cancel_job(self, job_id: str) -> None:
         self.admin.cancel_job(job_id)
+
+    def retry_finalization(self, job_id: str) -> None:
+        self.admin.retry_finalization(job_id)
+
+    def delete_job(self, job_id: str) -> Deleted:
+        return self.admin.delete_job(job_id)
 
     # --- clients --------------------------------------------------------------------------------
     def enroll(self, token: str, signing_key: bytes, csr_pem: bytes) -> Enrollment:

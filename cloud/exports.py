@@ -55,5 +55,21 @@ def export_job(cfg: JobConfig, artifacts: Artifacts, adapters: list[str], blobs:
     chosen = rank or max(1, min(method.r * max(updates, 1), widest))
     result = export_peft(full, plan, adapter, out_dir, chosen, cfg.base_model, dtype)
     tokenizer.save_pretrained(str(out_dir))
-    return ExportResult(out_dir, fmt, rounds, f"LoRA rank {result.rank} on {result.layers} layers; largest relative "
-                                              f"error of the factors {result.max_relative_error:.2e}")
+    return ExportResult(out_dir, fmt, rounds, f"LoRA rank {result.rank} on {result.layers} layers; "
+                                              + factor_verdict(result.max_relative_error, result.rank, widest))
+
+
+EXACT_ERROR = 1e-3   # a change rebuilt this closely from its factors gives the merged model's outputs to rounding
+CLOSE_ERROR = 5e-2   # within this, answers rarely change; above it the factors leave out a real part of the change
+
+
+def factor_verdict(error: float, rank: int, widest: int) -> str:
+    """The largest relative error of the LoRA factors, said with what it means and what to do about it."""
+    said = f"largest relative error of the factors {error:.2e} (||BA - change|| / ||change||, worst layer): "
+    if error <= EXACT_ERROR:
+        return said + "exact to rounding; loaded with peft, the base gives the merged export's outputs"
+    fix = (f"--rank {min(widest, rank * 2)} (up to {widest}) makes it closer, or export --format merged (exact)"
+           if rank < widest else "export --format merged is exact")
+    if error <= CLOSE_ERROR:
+        return said + f"close: the rank-{rank} factors hold almost all of the change; outputs differ slightly from the merged export ({fix})"
+    return said + f"approximate: rank {rank} leaves out part of the change, and outputs may differ from the merged export; {fix}"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gc
 import math
+import threading
 import time
 from pathlib import Path
 
@@ -124,8 +125,44 @@ def finalize_job(coordinator, job_id: str, log) -> None:
     """Finalize and record the outcome; a failure marks the job failed instead of killing the server."""
     job = coordinator.job(job_id)
     try:
-        finalize(job.config, job.artifacts, coordinator.state, coordinator.blobs, coordinator.layout.jobs / job_id, log=log.info)
+        report = finalize(job.config, job.artifacts, coordinator.state, coordinator.blobs, coordinator.layout.jobs / job_id,
+                          log=log.info)
         coordinator.state.set_job_status(job_id, "done")
     except Exception:
         log.exception("job %s: finalization failed", job_id)
         coordinator.state.set_job_status(job_id, "failed")
+    else:
+        coordinator.tracking.finished(job.config, report)
+
+
+class Finalizer:
+    """`serve`'s finalizations: each on a thread of its own, one at a time (each holds a full model, and
+    transformers' loading is not safe across threads), and each claimed in the state first, so that
+    coordinators sharing a database finalize a job once."""
+
+    def __init__(self, coordinator, log):
+        self.c, self.log = coordinator, log
+        self.threads: list[threading.Thread] = []
+        self._one_at_a_time = threading.Lock()
+
+    def start(self, job_id: str, take_over: bool = False) -> bool:
+        """Finalize the job if this process wins its claim (`take_over`: whatever was claimed before)."""
+        if not self.c.state.claim_finalization(job_id, self.c.now(), take_over):
+            return False
+
+        def work() -> None:
+            with self._one_at_a_time:
+                finalize_job(self.c, job_id, self.log)
+        self.threads.append(threading.Thread(target=work, name=f"finalize-{job_id}", daemon=True))
+        self.threads[-1].start()
+        return True
+
+    def poll(self) -> None:
+        """Start every finalizing job that no coordinator has claimed: one whose failed finalization is to run
+        again (`offsite cloud jobs finalize`). `serve` calls this each second."""
+        for job in self.c.state.jobs():
+            if job.status == "finalizing":
+                self.start(job.job_id)
+
+    def busy(self) -> bool:
+        return any(t.is_alive() for t in self.threads)

@@ -43,6 +43,7 @@ class UploadHeader:
     size: int
     sha256: str
     train_loss: float | None = None   # the client's report of its mean training loss (monitoring only)
+    heldout_loss: float | None = None  # its global adapter's loss on its held-out data (jobs with report_heldout)
 
 
 @dataclass(frozen=True)
@@ -71,12 +72,12 @@ class Intake:
             if state.has_update(header.job_id, header.round, client.client_id):
                 # first: a client retrying after a crash ate its receipt learns its update counted, even if the
                 # round has closed since
-                raise AlreadyExistsError(f"an update from {client.client_id} for round {header.round} was already accepted")
+                raise AlreadyExistsError(f"an update from {client.client_id} for round {header.round + 1} was already accepted")
             if job.status != "running" or header.round != job.round:
-                raise PreconditionError(f"job {header.job_id} is not accepting updates for round {header.round} "
-                                        f"(status {job.status}, open round {job.round})")
+                raise PreconditionError(f"job {header.job_id} is not accepting updates for round {header.round + 1} "
+                                        f"(status {job.status}, open round {job.round + 1})")
             if client.client_id not in state.round(header.job_id, header.round).selected:
-                raise PreconditionError(f"client {client.client_id} is not selected for round {header.round} of job {header.job_id}")
+                raise PreconditionError(f"client {client.client_id} is not selected for round {header.round + 1} of job {header.job_id}")
             if header.size > cfg.max_update_bytes:
                 raise TooLargeError(f"update of {header.size} bytes exceeds the job's limit of {cfg.max_update_bytes}")
             lo, hi = sealed_size(cfg, job.artifacts)
@@ -87,8 +88,10 @@ class Intake:
                                          f"max_examples_per_client), got {header.num_examples}")
             if not _SHA256.match(header.sha256):
                 raise InvalidUpdateError("the header's sha256 must be 64 lowercase hex digits")
-            if header.train_loss is not None and not (math.isfinite(header.train_loss) and header.train_loss >= 0):
-                raise InvalidUpdateError("train_loss must be a finite number >= 0")
+            for name in ("train_loss", "heldout_loss"):
+                loss = getattr(header, name)
+                if loss is not None and not (math.isfinite(loss) and loss >= 0):
+                    raise InvalidUpdateError(f"{name} must be a finite number >= 0")
         except (AlreadyExistsError, PreconditionError, TooLargeError, InvalidUpdateError) as e:
             self.c.metrics.rejected(header.job_id, _HEADER_REFUSALS[type(e)])
             raise
@@ -113,7 +116,8 @@ class Intake:
                 self._check_quotas(client, header)
             self.spool.create(upload_id)  # before the record: the sweep never sees a record without its file's age
             self.c.state.open_upload(UploadRecord(upload_id, header.job_id, header.round, client.client_id,
-                                                  header.num_examples, header.size, header.sha256, header.train_loss))
+                                                  header.num_examples, header.size, header.sha256, header.train_loss,
+                                                  header.heldout_loss))
         return UploadSession(upload_id, self.spool.offset(upload_id), self.c.chunk_bytes)
 
     def _check_quotas(self, client: ClientRecord, header: UploadHeader) -> None:
@@ -158,7 +162,7 @@ class Intake:
         up = self._open_upload(client, upload_id)
         if self.spool.offset(upload_id) < up.size:
             return None
-        header = UploadHeader(up.job_id, up.round, up.num_examples, up.size, up.sha256, up.train_loss)
+        header = UploadHeader(up.job_id, up.round, up.num_examples, up.size, up.sha256, up.train_loss, up.heldout_loss)
         try:
             return self.submit(client, header, self.spool.read(upload_id))
         finally:
@@ -228,7 +232,8 @@ class Intake:
             self.reject(header.job_id, header.round, client.client_id, str(e), reason)
             raise
         record = UpdateRecord(header.job_id, header.round, client.client_id, header.num_examples, self.c.blobs.put(plaintext),
-                              len(envelope), self.c.now(), header.train_loss)
+                              len(envelope), self.c.now(), header.train_loss,
+                              header.heldout_loss if cfg.report_heldout else None)
         if cfg.secure_aggregation:
             with self.c.secure.lock:  # the masked input and its record together, in the run of the round it is for
                 current = self.check_header(client, header)  # the round may have moved while we decrypted

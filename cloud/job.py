@@ -30,7 +30,7 @@ MAX_REALIGN_STEPS = 100_000    # distillation steps of one re-alignment: hours a
 MAX_PROX_MU = 100.0            # FedProx's mu: the paper tries 0.001..1; beyond 100 the proximal term is all there is
 LR_SCHEDULES = ("round", "job")
 WEIGHTINGS = ("examples", "equal")
-SECTIONS = {"job", "split", "training", "adapter", "aggregation", "privacy", "eval"}  # a job file's TOML tables
+SECTIONS = {"job", "split", "training", "adapter", "aggregation", "privacy", "eval", "tracking"}  # a job file's TOML tables
 _AGGREGATION_KEYS = {"weighting", "max_examples_per_client", "max_weight_share"}  # [aggregation] keys that are job fields
 
 
@@ -78,6 +78,7 @@ class JobConfig:
     gradient_checkpointing: bool = False  # clients recompute activations in backward (QLoRA-style, for small memory)
     prox_mu: float = 0.0                  # [training] FedProx's proximal weight mu on the client; 0: plain local steps
     lr_schedule: str = "round"            # [training] round: warmup and cosine decay each round | job: one over all rounds
+    report_heldout: bool = False          # [training] clients send the received adapter's loss on their held-out data
     seed: int = 0
     strategy: str = "uniform"
     quantize: str | None = None
@@ -117,6 +118,7 @@ class JobConfig:
     max_memory: dict[str, str] = field(default_factory=dict)  # with device_map: e.g. {"cuda:0" = "70GiB", "cpu" = "200GiB"}
     upload_dtype: str = "auto"            # [training] dtype of clients' updates; auto: the base's
     export_dtype: str = "auto"            # [job] dtype of the exported model; auto: the base's
+    tracking_logdir: str | None = None    # [tracking] logdir: TensorBoard event files in <logdir>/<job id>; None: off
 
     def __post_init__(self) -> None:
         if not (self.job_id and len(self.job_id) <= 64 and self.job_id.isascii()
@@ -145,6 +147,8 @@ class JobConfig:
             raise ConfigError(f"job epochs and lr must be positive, got {self.epochs} and {self.lr}")
         if not 0.0 <= self.prox_mu <= MAX_PROX_MU:
             raise ConfigError(f"prox_mu must be in 0..{MAX_PROX_MU:g}, got {self.prox_mu}")
+        if not isinstance(self.report_heldout, bool):
+            raise ConfigError(f"report_heldout must be true or false, got {self.report_heldout!r}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if self.max_update_norm < 0 or self.heartbeat_s <= 0:
@@ -160,6 +164,8 @@ class JobConfig:
                     parse_dtype(getattr(self, name))
                 except ConfigError as e:
                     raise ConfigError(f"job {name}: {e}") from None
+        if self.tracking_logdir is not None and not (isinstance(self.tracking_logdir, str) and self.tracking_logdir.strip()):
+            raise ConfigError(f"[tracking] logdir must be a folder's path, got {self.tracking_logdir!r:.80}")
         self.placement(Path("."))  # validates device, device_map and max_memory
         make_strategy(self.aggregator, **self.aggregator_params)  # validates the strategy and its parameters
         self._check_weights_and_rule()
@@ -265,15 +271,22 @@ class JobConfig:
                  "stage_timeout_s": "secagg_timeout_s", "secure_aggregation": "secure_aggregation"}
         for key, value in raw.get("privacy", {}).items():
             flat[names.get(key, f"privacy.{key}")] = value
+        if "tracking" in raw:  # [tracking] logdir = "runs/tensorboard"
+            tracking = raw["tracking"]
+            if not isinstance(tracking, dict) or not tracking.get("logdir"):
+                raise ConfigError(f"{path}: [tracking] needs logdir, the folder TensorBoard's event files go to")
+            for key, value in tracking.items():
+                flat["tracking_logdir" if key == "logdir" else f"tracking.{key}"] = value
         if "id" in flat:
             flat["job_id"] = flat.pop("id")
         base = path.parent
         if isinstance(flat.get("base_model"), str):
             _check_base_path(flat["base_model"], base)
-        for key in ("base_model", "protection_data", "export_dir", "distill_data", "calibration_data", "realign_data"):  # paths are relative to the file
+        for key in ("base_model", "protection_data", "export_dir", "distill_data", "calibration_data", "realign_data",
+                    "tracking_logdir"):  # paths are relative to the file
             value = flat.get(key)
             if isinstance(value, str) and not Path(value).is_absolute():
-                if key == "export_dir" or (base / value).exists():  # else base_model may be a hub id
+                if key in ("export_dir", "tracking_logdir") or (base / value).exists():  # else base_model may be a hub id
                     flat[key] = str((base / value).resolve())
         for key, field_name in (("sets", "eval_sets"), ("tasks", "task_sets")):
             if key in flat:
@@ -311,6 +324,10 @@ class Artifacts:
     strategy_state: str | None = None  # the server strategy's state's blob digest, once it has one
     dp_norms: list[list[float]] | None = None  # DP only: each round's update norms before clipping
     emulator_patch: str | None = None  # re-alignment only: the newest patch of the emulator's kept middle (a blob digest)
+
+    def blobs(self) -> set[str]:
+        """The digests of every blob these artifacts name (what deleting a job must keep if another job names it)."""
+        return {self.manifest, *self.bundle_files.values(), *filter(None, (self.strategy_state, self.emulator_patch))}
 
     def to_json(self) -> str:
         out = {"manifest": self.manifest, "bundle_files": self.bundle_files, "bundle_dir": self.bundle_dir,

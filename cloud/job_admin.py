@@ -1,7 +1,11 @@
-"""Making a job (its emulator bundle, skeleton and specs, stored as blobs, and round 0) and cancelling one."""
+"""Making a job (its emulator bundle, skeleton and specs, stored as blobs, and round 0), cancelling one, retrying
+its failed finalization, and deleting one with the files and blobs only it uses."""
 from __future__ import annotations
 
 import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -10,10 +14,11 @@ from offsite.cloud.intake import sealed_size
 from offsite.cloud.job import Artifacts, JobConfig
 from offsite.cloud.preflight import check_job_data
 from offsite.cloud.state import JobRecord
+from offsite.cloud.tracking import check_available
 from offsite.emulator import methods, support
 from offsite.emulator.build import build, load_tokenizer
 from offsite.emulator.bundle import load_bundle
-from offsite.errors import AlreadyExistsError, ConfigError
+from offsite.errors import AlreadyExistsError, ConfigError, PreconditionError
 from offsite.precision import dtype_name
 from offsite.tensors import spec_digest, spec_of
 
@@ -21,6 +26,21 @@ if TYPE_CHECKING:
     from offsite.cloud.coordinator import Coordinator
 
 log = logging.getLogger("offsite.cloud")
+
+# why a job with this status cannot be deleted yet, and what to do; every other status can be
+NOT_DELETABLE = {
+    "created": "its emulator is being built, or its creation was killed: `offsite cloud jobs cancel {job}` first",
+    "running": "`offsite cloud jobs cancel {job}` first",
+    "finalizing": "delete it once it is done or failed",
+}
+
+
+@dataclass(frozen=True)
+class Deleted:
+    """What deleting a job removed, and what it left."""
+    blobs: int                 # blobs no other job names
+    bytes: int                 # their size
+    export_kept: Path | None   # the job's export, outside the state folder ([job] export_dir): the owner's to remove
 
 
 class JobAdmin:
@@ -31,6 +51,7 @@ class JobAdmin:
         """Take the job's id (the job is `created` meanwhile: listed, its clients told to wait), build the
         emulator bundle and skeleton, store them as blobs, and start the job with round 0 open. A creation
         that fails leaves no job behind; one killed midway leaves it created, for `jobs cancel`."""
+        check_available(cfg)
         try:
             self.c.state.add_job(cfg.job_id, cfg.to_json(), self.c.now())
         except AlreadyExistsError:
@@ -42,6 +63,7 @@ class JobAdmin:
             raise
         self.c.state.start_job(cfg.job_id, artifacts.to_json(), self.c.blobs.put_tensors(initial), self.c.now())
         log.info("job %s created", cfg.job_id)
+        self.c.tracking.job_started(cfg)
         roster = self.roster(cfg)
         if cfg.clients_per_round > len(roster):
             log.warning("job %s needs %d updates to close a round at once (clients_per_round) but %d client(s) can take "
@@ -61,6 +83,9 @@ class JobAdmin:
         """The job's artifacts and its first global adapter."""
         blobs = self.c.blobs
         job_dir = self.c.layout.jobs / cfg.job_id
+        # what a deleted or failed job of this id left: its files are hard links to blobs, which the build would
+        # write through (another job may share those blobs)
+        shutil.rmtree(job_dir / "bundle", ignore_errors=True)
         tokenizer = load_tokenizer(cfg.base_model, cfg.chat_template or None)
         check_job_data(tokenizer, cfg.eval_sets, cfg.task_sets, cfg.protection_data, cfg.chat_template)
         result = build(cfg.base_model, cfg.emulator_config(), job_dir / "bundle", placement=cfg.placement(job_dir),
@@ -103,3 +128,38 @@ class JobAdmin:
         self.c.proposals.drop(job_id)
         self.c.intake.drop_job(job_id)
         log.info("job %s cancelled", job_id)
+
+    def retry_finalization(self, job_id: str) -> None:
+        """Finalize again a job that failed in finalization (see State.retry_finalization); a running `serve`
+        takes it up within a second (offsite.cloud.finalize.Finalizer.poll), or the next one as it starts."""
+        self.c.state.retry_finalization(job_id)
+        log.info("job %s: finalization to run again", job_id)
+
+    def delete_job(self, job_id: str) -> Deleted:
+        """Remove a job nothing writes to any more: its state rows first, in one transaction (the id is free
+        from then on; a crash after it leaves only files that no job names, harmless), then its folder, the
+        spool files of its unfinished uploads and the blobs no other job names: blobs are content-addressed,
+        and jobs on one base share their bundle files and first adapter."""
+        state, job = self.c.state, self.c.state.job(job_id)
+        if job.status in NOT_DELETABLE:
+            raise PreconditionError(f"job {job_id} is {job.status}: {NOT_DELETABLE[job.status].format(job=job_id)}")
+        mine = self.named_blobs(job)
+        uploads = [u.upload_id for u in state.open_uploads() if u.job_id == job_id]
+        export_dir = JobConfig.from_json(job.config_json).export_dir
+        state.delete_job(job_id)
+        shutil.rmtree(self.c.layout.jobs / job_id, ignore_errors=True)
+        for upload_id in uploads:
+            self.c.intake.spool.discard(upload_id)
+        others = set().union(*map(self.named_blobs, state.jobs()))  # read after the commit: a job started meanwhile counts
+        freed = [self.c.blobs.remove(digest) for digest in sorted(mine - others)]
+        log.info("job %s deleted with %d blobs (%d bytes) only it named", job_id, len(freed), sum(freed))
+        return Deleted(len(freed), sum(freed), Path(export_dir) if export_dir else None)
+
+    def named_blobs(self, job: JobRecord) -> set[str]:
+        """Every blob the job's rows name: its artifacts' (none before it started), its rounds' global adapters,
+        its updates."""
+        state = self.c.state
+        named = set() if job.artifacts_json == "{}" else Artifacts.from_json(job.artifacts_json).blobs()  # add_job's '{}'
+        for r in state.rounds(job.job_id):
+            named |= {r.adapter_sha256, *filter(None, [r.result_sha256])}
+        return named | {u.blob_sha256 for u in state.updates(job.job_id)}

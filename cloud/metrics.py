@@ -52,7 +52,8 @@ class _StateGauges(Collector):
         return (GaugeMetricFamily("offsite_clients_connected",
                                   f"Clients, not revoked, that called within the last {self._within:g} s"),
                 GaugeMetricFamily("offsite_job_status", "1 for the job's status, 0 for the others", labels=["job", "status"]),
-                GaugeMetricFamily("offsite_job_round", "The job's open round, from 0: rounds closed so far", labels=["job"]),
+                GaugeMetricFamily("offsite_job_round", "Rounds the job has closed so far (its open round, counted "
+                                  "from 1 as everywhere, is this plus 1)", labels=["job"]),
                 GaugeMetricFamily("offsite_round_selected", "Clients selected for the running job's open round", labels=["job"]),
                 GaugeMetricFamily("offsite_round_updates", "Updates counted in the running job's open round", labels=["job"]),
                 GaugeMetricFamily("offsite_uploads_in_progress", "Uploads begun for the open round and not finished",

@@ -218,6 +218,7 @@ class RoundControl:
         if done:  # the scratch emulator's memory goes back before finalization loads the base
             self.c.proposals.drop(job_id, collect=True)
         self.c.metrics.rounds_completed.labels(job_id).inc()
+        self.c.tracking.round_closed(cfg, self.c.state, job.round)  # before finalization can record the job's end
         for up in self.c.state.uploads(job_id, job.round):  # uploads that never completed are moot now
             self.c.intake.drop(up.upload_id)
         if done and self.c.on_training_done:

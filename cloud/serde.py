@@ -106,7 +106,8 @@ RULES: dict[str, dict[str, Rule]] = {
     "BlobInfoRequest": {"sha256": Text(64, _SHA256)},
     "DownloadRequest": {"sha256": Text(64, _SHA256), "first_chunk": Count(0, 2**31)},
     "UploadHeader": {"job_id": Text(64, _JOB_ID), "round": _ROUND, "num_examples": Count(1, MAX_EXAMPLES),
-                     "size": Count(1, MAX_BLOB_BYTES), "sha256": Text(64, _SHA256), "train_loss": Real(0.0, 1e6)},
+                     "size": Count(1, MAX_BLOB_BYTES), "sha256": Text(64, _SHA256), "train_loss": Real(0.0, 1e6),
+                     "heldout_loss": Real(0.0, 1e6)},
     "UploadPart": {"upload_id": Text(32, r"[0-9a-f]{32}"), "offset": Count(0, MAX_BLOB_BYTES),
                    "data": Blob(MAX_MESSAGE_BYTES)},
     "HeartbeatRequest": {"job_id": Text(64, _JOB_ID), "round": _ROUND, "activity": Text(64), "progress": Real(0.0, 1.0),
@@ -182,7 +183,8 @@ def _fail(where: str, problem: str | None) -> None:
 
 def upload_header(request: pb.UploadHeader) -> UploadHeader:
     return UploadHeader(request.job_id, request.round, request.num_examples, request.size, request.sha256,
-                        request.train_loss if request.HasField("train_loss") else None)
+                        request.train_loss if request.HasField("train_loss") else None,
+                        request.heldout_loss if request.HasField("heldout_loss") else None)
 
 
 _KINDS = {"wait": pb.Task.WAIT, "train": pb.Task.TRAIN, "done": pb.Task.DONE}
@@ -201,7 +203,8 @@ def task_message(task: Task) -> pb.Task:
                                                   max_length=c.max_length, seed=c.seed, method=method, pack=c.pack,
                                                   grad_accum=c.grad_accum, gradient_checkpointing=c.gradient_checkpointing,
                                                   privacy=privacy_message(c), upload_dtype=task.upload_dtype,
-                                                  prox_mu=c.prox_mu, lr_schedule=c.lr_schedule))
+                                                  prox_mu=c.prox_mu, lr_schedule=c.lr_schedule,
+                                                  report_heldout=c.report_heldout))
     return msg
 
 

@@ -41,7 +41,7 @@ JOB_TRANSITIONS: dict[str, tuple[str, ...]] = {
     "running": ("finalizing", "cancelled", "failed"),
     "finalizing": ("done", "failed"),
     "done": (),
-    "failed": (),
+    "failed": (),        # retry_finalization moves one whose training finished back to finalizing
     "cancelled": (),
 }
 
@@ -89,6 +89,7 @@ class UpdateRecord:
     upload_bytes: int
     accepted_at: float = 0.0
     train_loss: float | None = None   # the client's own report of its mean training loss this round
+    heldout_loss: float | None = None  # its report of the received global adapter's loss on its held-out data
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ class UploadRecord:
     size: int
     sha256: str
     train_loss: float | None = None   # what the client reported in its header, kept until the update is counted
+    heldout_loss: float | None = None
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,9 @@ class State(Protocol):
     def add_job(self, job_id: str, config_json: str, now: float) -> None: ...
     def start_job(self, job_id: str, artifacts_json: str, adapter_sha256: str, now: float) -> None: ...
     def forget_job(self, job_id: str) -> bool: ...
+    def delete_job(self, job_id: str) -> None: ...
+    def retry_finalization(self, job_id: str) -> None: ...
+    def claim_finalization(self, job_id: str, now: float, take_over: bool = False) -> bool: ...
     def job(self, job_id: str) -> JobRecord: ...
     def jobs(self) -> list[JobRecord]: ...
     def set_job_status(self, job_id: str, status: str) -> None: ...
@@ -173,12 +178,13 @@ CREATE TABLE IF NOT EXISTS jobs (job_id TEXT PRIMARY KEY, config_json TEXT NOT N
     round INTEGER NOT NULL, artifacts_json TEXT NOT NULL, created_at DOUBLE PRECISION NOT NULL);
 CREATE TABLE IF NOT EXISTS updates (job_id TEXT NOT NULL, round INTEGER NOT NULL, client_id TEXT NOT NULL,
     num_examples INTEGER NOT NULL, blob_sha256 TEXT NOT NULL, upload_bytes BIGINT NOT NULL,
-    accepted_at DOUBLE PRECISION NOT NULL, train_loss DOUBLE PRECISION, PRIMARY KEY (job_id, round, client_id));
+    accepted_at DOUBLE PRECISION NOT NULL, train_loss DOUBLE PRECISION, heldout_loss DOUBLE PRECISION,
+    PRIMARY KEY (job_id, round, client_id));
 CREATE TABLE IF NOT EXISTS rejections (job_id TEXT NOT NULL, round INTEGER NOT NULL, client_id TEXT NOT NULL,
     reason TEXT NOT NULL, at DOUBLE PRECISION NOT NULL);
 CREATE TABLE IF NOT EXISTS uploads (upload_id TEXT PRIMARY KEY, job_id TEXT NOT NULL, round INTEGER NOT NULL,
     client_id TEXT NOT NULL, num_examples INTEGER NOT NULL, size BIGINT NOT NULL, sha256 TEXT NOT NULL,
-    train_loss DOUBLE PRECISION);
+    train_loss DOUBLE PRECISION, heldout_loss DOUBLE PRECISION);
 CREATE TABLE IF NOT EXISTS api_keys (key_id TEXT PRIMARY KEY, key_hash TEXT NOT NULL UNIQUE, jobs TEXT NOT NULL,
     label TEXT NOT NULL DEFAULT '', created_at DOUBLE PRECISION NOT NULL, expires_at DOUBLE PRECISION,
     revoked_at DOUBLE PRECISION, last_used DOUBLE PRECISION);
@@ -186,7 +192,8 @@ CREATE TABLE IF NOT EXISTS rounds (job_id TEXT NOT NULL, round INTEGER NOT NULL,
     adapter_sha256 TEXT NOT NULL, opened_at DOUBLE PRECISION NOT NULL, deadline DOUBLE PRECISION,
     closed_at DOUBLE PRECISION, result_sha256 TEXT, reason TEXT NOT NULL DEFAULT '', PRIMARY KEY (job_id, round));
 CREATE TABLE IF NOT EXISTS selections (job_id TEXT NOT NULL, round INTEGER NOT NULL, client_id TEXT NOT NULL,
-    seat INTEGER NOT NULL, selected_at DOUBLE PRECISION NOT NULL, PRIMARY KEY (job_id, round, client_id))
+    seat INTEGER NOT NULL, selected_at DOUBLE PRECISION NOT NULL, PRIMARY KEY (job_id, round, client_id));
+CREATE TABLE IF NOT EXISTS finalizations (job_id TEXT PRIMARY KEY, claimed_at DOUBLE PRECISION NOT NULL)
 """
 # api_keys.jobs is a JSON list of job ids; expires_at NULL means the key never expires.
 
@@ -242,8 +249,12 @@ class SqlState:
         return db
 
     def _migrate(self) -> None:
-        """Jobs made before the rounds table kept their global adapters as a list in artifacts_json: one
-        rounds row per round from it (the job's open round stays open), and the list dropped."""
+        """Databases made before the clients' held-out reports get the column (NULL: not reported). Jobs made
+        before the rounds table kept their global adapters as a list in artifacts_json: one rounds row per
+        round from it (the job's open round stays open), and the list dropped."""
+        for table in ("updates", "uploads"):
+            if "heldout_loss" not in self._columns(table):
+                self._run(f"ALTER TABLE {table} ADD COLUMN heldout_loss DOUBLE PRECISION")
         for job in self.jobs():
             art = json.loads(job.artifacts_json)
             if "adapters" not in art:
@@ -258,6 +269,10 @@ class SqlState:
                                   (job.job_id, r, "open" if result is None else "closed", digest,
                                    None if result is None else 0.0, result, "" if result is None else "before the rounds table"))
                 self._execute("UPDATE jobs SET artifacts_json = ? WHERE job_id = ?", (json.dumps(art), job.job_id))
+
+    def _columns(self, table: str) -> list[str]:
+        with self._lock:
+            return [d[0] for d in self._db.execute(f"SELECT * FROM {table} LIMIT 0").description]
 
     @contextlib.contextmanager
     def _transaction(self):
@@ -387,6 +402,58 @@ class SqlState:
         """Remove a job whose creation failed (still created: nothing ran), so that its id can be used again."""
         return bool(self._run("DELETE FROM jobs WHERE job_id = ? AND status = 'created' RETURNING job_id", (job_id,)))
 
+    def delete_job(self, job_id: str) -> None:
+        """Remove a job that nothing writes to any more (failed, cancelled or done) with every row that names
+        it, in one transaction, so that its id can be used again. An API key loses its grant to the job, and
+        one left with none is revoked: a key must not open the model of a later job that takes the id. The
+        job's files and blobs are the caller's to remove (offsite.cloud.job_admin), after this commits."""
+        try:
+            with self._transaction():
+                if not self._execute("DELETE FROM jobs WHERE job_id = ? AND status IN ('failed', 'cancelled', 'done') "
+                                     "RETURNING job_id", (job_id,)).fetchall():
+                    raise _Unchanged
+                for table in ("rounds", "selections", "updates", "rejections", "uploads", "finalizations"):
+                    self._execute(f"DELETE FROM {table} WHERE job_id = ?", (job_id,))
+                for key_id, jobs in self._execute("SELECT key_id, jobs FROM api_keys").fetchall():
+                    granted = json.loads(jobs)
+                    if job_id in granted:
+                        self._execute("UPDATE api_keys SET jobs = ? WHERE key_id = ?",
+                                      (json.dumps([j for j in granted if j != job_id]), key_id))
+                        if granted == [job_id]:
+                            self._execute("UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE key_id = ?",
+                                          (time.time(), key_id))
+        except _Unchanged:
+            raise PreconditionError(f"job {job_id} cannot be deleted: it is {self.job(job_id).status}") from None
+
+    def retry_finalization(self, job_id: str) -> None:
+        """Move a failed job whose training finished (it has closed rounds and no open one, so it failed in
+        finalization) back to finalizing and drop the claim on its finalization, in one compare-and-set
+        transaction: the next coordinator that claims it (claim_finalization) finalizes it again."""
+        try:
+            with self._transaction():
+                if not self._execute("UPDATE jobs SET status = 'finalizing' WHERE job_id = ? AND status = 'failed' "
+                                     "AND EXISTS (SELECT 1 FROM rounds WHERE job_id = ? AND status = 'closed') "
+                                     "AND NOT EXISTS (SELECT 1 FROM rounds WHERE job_id = ? AND status = 'open') "
+                                     "RETURNING job_id", (job_id, job_id, job_id)).fetchall():
+                    raise _Unchanged
+                self._execute("DELETE FROM finalizations WHERE job_id = ?", (job_id,))
+        except _Unchanged:
+            status = self.job(job_id).status
+            if status != "failed":
+                raise PreconditionError(f"job {job_id} is {status}: only a failed job's finalization can run again") from None
+            open_ = [r.round for r in self.rounds(job_id) if r.status == "open"]
+            raise PreconditionError(f"job {job_id} failed during training" +
+                                    (f" (its round {open_[0] + 1} never closed)" if open_ else " (before its first round)") +
+                                    ": there is no trained adapter to finalize") from None
+
+    def claim_finalization(self, job_id: str, now: float, take_over: bool = False) -> bool:
+        """Whether the caller is the one to finalize the job: the first claim wins, so coordinators sharing the
+        database finalize a job once. `take_over` wins whatever was claimed before: a coordinator starting
+        up redoes the finalizations that a crash cut short."""
+        conflict = "DO UPDATE SET claimed_at = excluded.claimed_at" if take_over else "DO NOTHING"
+        return bool(self._run(f"INSERT INTO finalizations VALUES (?, ?) ON CONFLICT (job_id) {conflict} RETURNING job_id",
+                              (job_id, now)))
+
     _JOB = "SELECT job_id, config_json, status, round, artifacts_json FROM jobs"
 
     def job(self, job_id: str) -> JobRecord:
@@ -428,7 +495,7 @@ class SqlState:
     def round(self, job_id: str, round: int) -> RoundRecord:
         rows = self._run(self._ROUND + " AND round = ?", (job_id, round))
         if not rows:
-            raise NotFoundError(f"job {job_id!r} has no round {round}")
+            raise NotFoundError(f"job {job_id!r} has no round {round + 1}")
         return RoundRecord(*rows[0], selected=self._selected(job_id, round).get(round, ()))
 
     def rounds(self, job_id: str) -> list[RoundRecord]:
@@ -476,7 +543,7 @@ class SqlState:
             raise _Unchanged  # another coordinator closed it first
         counted = self._execute("SELECT COUNT(*) FROM updates WHERE job_id = ? AND round = ?", (job_id, round)).fetchone()[0]
         if counted != updates:
-            raise UpdatesArrivedError(f"round {round} of job {job_id} has {counted} updates; its result aggregates {updates}")
+            raise UpdatesArrivedError(f"round {round + 1} of job {job_id} has {counted} updates; its result aggregates {updates}")
         if not self._execute("UPDATE jobs SET round = ?, artifacts_json = ?, status = ? "
                              "WHERE job_id = ? AND round = ? AND status = 'running' RETURNING job_id",
                              (round + 1, artifacts_json, "finalizing" if last else "running", job_id, round)).fetchall():
@@ -494,15 +561,16 @@ class SqlState:
                 row = self._execute("SELECT status FROM rounds WHERE job_id = ? AND round = ?" + self._dialect.share_lock,
                                     (update.job_id, update.round)).fetchone()
                 if row is None or row[0] != "open":
-                    raise PreconditionError(f"round {update.round} of job {update.job_id} is not open: it closed before "
+                    raise PreconditionError(f"round {update.round + 1} of job {update.job_id} is not open: it closed before "
                                             "this update was in")
-                self._execute("INSERT INTO updates VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                self._execute("INSERT INTO updates VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                               (update.job_id, update.round, update.client_id, update.num_examples,
-                               update.blob_sha256, update.upload_bytes, update.accepted_at, update.train_loss))
+                               update.blob_sha256, update.upload_bytes, update.accepted_at, update.train_loss,
+                               update.heldout_loss))
                 return self._execute("SELECT COUNT(*) FROM updates WHERE job_id = ? AND round = ?",
                                      (update.job_id, update.round)).fetchone()[0]
         except self._dialect.integrity_error:
-            raise AlreadyExistsError(f"client {update.client_id} already has an accepted update for round {update.round}") from None
+            raise AlreadyExistsError(f"client {update.client_id} already has an accepted update for round {update.round + 1}") from None
 
     def has_update(self, job_id: str, round: int, client_id: str) -> bool:
         return bool(self._run("SELECT 1 FROM updates WHERE job_id = ? AND round = ? AND client_id = ?", (job_id, round, client_id)))
@@ -522,9 +590,9 @@ class SqlState:
 
     def open_upload(self, upload: UploadRecord) -> None:
         """Record an upload once; opening the same upload id again keeps the first record."""
-        self._run("INSERT INTO uploads VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+        self._run("INSERT INTO uploads VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                   (upload.upload_id, upload.job_id, upload.round, upload.client_id, upload.num_examples, upload.size,
-                   upload.sha256, upload.train_loss))
+                   upload.sha256, upload.train_loss, upload.heldout_loss))
 
     def upload(self, upload_id: str) -> UploadRecord:
         rows = self._run("SELECT * FROM uploads WHERE upload_id = ?", (upload_id,))

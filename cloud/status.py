@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from offsite.cloud import privacy
 from offsite.cloud.job import JobConfig
-from offsite.cloud.state import UpdateRecord
+from offsite.cloud.state import RoundRecord, UpdateRecord
 
 if TYPE_CHECKING:
     from offsite.cloud.coordinator import Coordinator
@@ -22,8 +22,9 @@ SERVING_FRESH_S = 60.0  # an inference server's summary older than this is from 
 
 
 def read_status(coordinator: Coordinator) -> dict:
-    """Jobs (rounds, updates, rejections, client-reported training loss, final evaluation once done) and
-    clients (activity, last seen, traffic). Rounds are counted from 0, as in the state database."""
+    """Jobs (rounds, updates, rejections, client-reported training and held-out loss, final evaluation once
+    done) and clients (activity, last seen, traffic). Rounds are counted from 1, as in every log line and
+    command (the state database counts from 0); a job's `round` is the one in progress, or its last."""
     state = coordinator.state
     out = {"jobs": [], "clients": [{"id": c.client_id, "name": c.name, "last_seen": c.last_seen, "revoked": c.revoked_at is not None,
                                     "activity": c.activity, "bytes_in": c.bytes_in, "bytes_out": c.bytes_out}
@@ -35,18 +36,21 @@ def read_status(coordinator: Coordinator) -> dict:
         counts: dict[int, int] = {}
         for u in updates:
             counts[u.round] = counts.get(u.round, 0) + 1
-        out["jobs"].append({"job_id": job.job_id, "status": job.status, "round": job.round, "rounds": cfg.rounds,
+        out["jobs"].append({"job_id": job.job_id, "status": job.status, "round": min(job.round + 1, cfg.rounds),
+                            "rounds": cfg.rounds, "rounds_closed": job.round,
                             "base_model": cfg.base_model, "method": cfg.method, "clients_per_round": cfg.clients_per_round,
                             "seats": cfg.seats(),
-                            "round_log": [{"round": r.round, "status": r.status, "selected": list(r.selected),
+                            "round_log": [{"round": r.round + 1, "status": r.status, "selected": list(r.selected),
                                            "updates": counts.get(r.round, 0), "opened_at": r.opened_at,
                                            "closed_at": r.closed_at, "reason": r.reason} for r in state.rounds(job.job_id)],
                             "aggregator": cfg.aggregator, "uploads_in_progress": len(state.uploads(job.job_id, job.round)),
                             "privacy": privacy.summary(cfg.dp_config(), job.round),
-                            "updates": [u.__dict__ for u in updates],
-                            "rejected": [{"round": r, "client_id": c, "reason": why} for r, c, why in state.rejections(job.job_id)],
-                            "train_loss": train_loss_by_round(updates),
-                            "eval": json.loads(report.read_text())["eval"] if job.status == "done" and report.is_file() else None})
+                            "updates": [{**u.__dict__, "round": u.round + 1} for u in updates],
+                            "rejected": [{"round": r + 1, "client_id": c, "reason": why} for r, c, why in state.rejections(job.job_id)],
+                            "train_loss": loss_by_round(updates, "train_loss"),
+                            "heldout_loss": loss_by_round(updates, "heldout_loss"),
+                            "eval": json.loads(report.read_text())["eval"] if job.status == "done" and report.is_file() else None,
+                            **round_eta(state.rounds(job.job_id), cfg.rounds, job.status, coordinator.now())})
     out["serving"] = serving_summaries(coordinator.layout.serving)
     return finite(out)
 
@@ -76,14 +80,46 @@ def finite(value):
     return value
 
 
-def train_loss_by_round(updates: list[UpdateRecord]) -> list[dict]:
-    """Per round, the example-weighted mean of the training losses clients reported with their updates,
-    each clamped to [0, LOSS_SHOWN_MAX] (finite whatever the counts); rounds where none did are left out."""
+def loss_by_round(updates: list[UpdateRecord], which: str) -> list[dict]:
+    """Per round (from 1), the example-weighted mean of the losses clients reported with their updates (`which`:
+    train_loss, or heldout_loss: the received adapter's on their held-out data), each clamped to
+    [0, LOSS_SHOWN_MAX] (finite whatever the counts); rounds where none did are left out."""
     by_round: dict[int, list[tuple[float, float]]] = {}
     for u in updates:
-        if u.train_loss is not None:
-            loss = min(max(u.train_loss, 0.0), LOSS_SHOWN_MAX) if math.isfinite(u.train_loss) else LOSS_SHOWN_MAX
-            by_round.setdefault(u.round, []).append((loss, float(u.num_examples)))
+        reported = getattr(u, which)
+        if reported is not None:
+            loss = min(max(reported, 0.0), LOSS_SHOWN_MAX) if math.isfinite(reported) else LOSS_SHOWN_MAX
+            by_round.setdefault(u.round + 1, []).append((loss, float(u.num_examples)))
     # clamped losses times counts below 2^64 stay far inside float range; the mean is clamped again for rounding
     return [{"round": r, "loss": min(math.fsum(loss * w for loss, w in pairs) / math.fsum(w for _, w in pairs), LOSS_SHOWN_MAX),
              "clients": len(pairs)} for r, pairs in sorted(by_round.items())]
+
+
+def round_eta(rounds: list[RoundRecord], total: int, status: str, now: float) -> dict[str, float | None]:
+    """"round_s": the mean time from opening to closing of the job's closed rounds; "eta_s": the seconds left
+    until its last round closes, from that mean (the open round's time so far counted off; 0 once training is
+    over). None where no round closed yet, or the job no longer trains; never negative."""
+    spans = [max(r.closed_at - r.opened_at, 0.0) for r in rounds
+             if r.closed_at is not None and r.opened_at > 0]  # a round made before the rounds table has no times
+    round_s = math.fsum(spans) / len(spans) if spans else None
+    open_ = [r for r in rounds if r.status == "open"]
+    if rounds and not open_ and len(rounds) >= total:
+        eta_s = 0.0
+    elif status == "running" and open_ and round_s is not None:
+        eta_s = max(round_s - (now - open_[0].opened_at), 0.0) + round_s * (total - open_[0].round - 1)
+    else:
+        eta_s = None
+    return {"round_s": round_s, "eta_s": eta_s}
+
+
+def describe_eta(job: dict) -> str | None:
+    """A running job's round time and time left as `offsite cloud status` prints them (from round_eta)."""
+    if job["status"] != "running" or job["eta_s"] is None:
+        return None
+    return f"rounds take {_duration(job['round_s'])} on average; training ends in about {_duration(job['eta_s'])}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 90 * 60 else f"{seconds / 3600:.1f} h"

@@ -80,7 +80,7 @@ def loss_plot(points: list[tuple[int, float]], width: int = 640, height: int = 2
 
 def _job(j: dict) -> str:
     e = escape
-    shown_round = min(j["round"] + 1, j["rounds"])
+    shown_round = j["round"]
     out = [f"<h2>Job {e(j['job_id'])}</h2>",
            _table(["status", "round", "method", "base", "aggregator", "updates a round (selected)", "updates accepted",
                    "updates rejected", "uploads in progress"],
@@ -90,25 +90,32 @@ def _job(j: dict) -> str:
     recent = j["round_log"][-ROUNDS_SHOWN:]
     out.append(f"<h3>Rounds{f' (the last {ROUNDS_SHOWN})' if len(j['round_log']) > ROUNDS_SHOWN else ''}</h3>")
     out.append(_table(["round", "status", "selected", "updates in", "closed because"],
-                      [[str(r["round"] + 1), e(r["status"]), str(len(r["selected"])), str(r["updates"]), e(r["reason"])]
+                      [[str(r["round"]), e(r["status"]), str(len(r["selected"])), str(r["updates"]), e(r["reason"])]
                        for r in recent], numeric=(0, 2, 3)))
     if j["privacy"]:
         out.append(f"<p>{e(privacy.describe(j['privacy']))}</p>")
     out.append("<h3>Training loss per round</h3>")
     if j["train_loss"]:
-        out.append(loss_plot([(p["round"] + 1, p["loss"]) for p in j["train_loss"]]))
+        out.append(loss_plot([(p["round"], p["loss"]) for p in j["train_loss"]]))
         out.append('<p class="muted">Reported by the clients with their updates (not verified by the coordinator); '
                    "per round, the mean weighted by each client's training examples. Jobs with secure aggregation "
                    "or DP get no per-client losses.</p>")
     else:
         out.append('<p class="muted">No client has reported a training loss for this job.</p>')
+    if j["heldout_loss"]:
+        out.append("<h3>Clients' held-out loss per round</h3>")
+        out.append(_table(["round", "held-out loss", "clients"], [[str(p["round"]), _number(p["loss"]), str(p["clients"])]
+                                                                for p in j["heldout_loss"]], numeric=(0, 1, 2)))
+        out.append('<p class="muted">The loss of the global adapter each client received, on examples it holds out '
+                   "(on its emulator, before training); the mean weighted by training examples. Reported by the "
+                   "clients (the job's report_heldout), not verified by the coordinator.</p>")
     if j["eval"]:
         out.append("<h3>Final evaluation (mean token loss on the held-out sets)</h3>")
         out.append(_table(["set", *_EVAL_COLUMNS], [[e(name), *(_number(row.get(c)) for c in _EVAL_COLUMNS)]
                                                     for name, row in j["eval"].items()], numeric=(1, 2, 3, 4)))
     out.append(f"<h3>Rejected updates ({len(j['rejected'])})</h3>")
     if j["rejected"]:
-        out.append(_table(["round", "client", "reason"], [[str(r["round"] + 1), e(r["client_id"]), f'<span class="bad">{e(r["reason"])}</span>']
+        out.append(_table(["round", "client", "reason"], [[str(r["round"]), e(r["client_id"]), f'<span class="bad">{e(r["reason"])}</span>']
                                                           for r in j["rejected"]], numeric=(0,)))
     return "".join(out)
 

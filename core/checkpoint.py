@@ -5,7 +5,8 @@ resumes from it."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -15,11 +16,18 @@ from safetensors.torch import save
 from offsite.files import atomic_write
 
 
-@dataclass(frozen=True)
+@dataclass
 class Checkpointer:
     folder: Path
-    key: str         # what is being trained (round, start adapter, settings): another key's checkpoint is ignored
-    every: int = 50  # optimizer steps between checkpoints
+    key: str               # what is being trained (round, start adapter, settings): another key's checkpoint is ignored
+    every: int = 50        # a checkpoint after this many optimizer steps...
+    every_s: float = 60.0  # ...or once this many seconds passed since the last one (or the start), whichever is first
+    _last: float = field(default_factory=time.monotonic, init=False, repr=False)
+
+    def due(self, step: int) -> bool:
+        """Whether to save after optimizer step `step`: slow steps (a big model on a small machine) still get a
+        checkpoint every every_s seconds, fast ones every `every` steps."""
+        return step % self.every == 0 or time.monotonic() - self._last >= self.every_s
 
     @property
     def path(self) -> Path:
@@ -34,6 +42,7 @@ class Checkpointer:
         tensors["rng"] = torch.get_rng_state()
         meta = {"key": self.key, "position": position, "param_groups": state["param_groups"]}
         atomic_write(self.path, save(tensors, metadata={"offsite": json.dumps(meta)}), mode=0o600)
+        self._last = time.monotonic()
 
     def restore(self, params: list[torch.nn.Parameter], opt: torch.optim.Optimizer) -> dict | None:
         """Load this key's last checkpoint into params and opt; return its position, or None."""

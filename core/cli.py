@@ -13,6 +13,9 @@ from offsite.logs import log_handler, quiet_third_parties
 def main(argv: list[str] | None = None) -> int:
     # per-file load/save bars drown the useful output; set before transformers is imported, which reads it
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # gRPC's C core logs each failed TLS handshake at INFO on stderr, beside the error offsite explains (a wrong
+    # --ca, say); its errors still show. Read once, when grpc is first imported
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     quiet_third_parties()  # before anything imports them
     from offsite.client import cli as client_cli
     from offsite.cloud import cli as cloud_cli

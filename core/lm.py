@@ -241,7 +241,7 @@ def train(model, encoded: list[Row], params: list[torch.nn.Parameter], pad_id: i
     """AdamW with linear warmup and cosine decay over `cfg.epochs` passes of `encoded`.
 
     `on_step(step, total)` runs after every optimizer step (the client reports progress with it). With a
-    `checkpoint`, training saves every `checkpoint.every` steps and resumes from the last save: the data
+    `checkpoint`, training saves every `checkpoint.every` steps (or `every_s` seconds) and resumes from the last save: the data
     order depends only on the seed and epoch, so a resumed run takes the same steps as an unbroken one.
     `optimizer(params, lr, betas, weight_decay)` replaces torch's AdamW (e.g. bitsandbytes' paged 8-bit).
     `regularizer()` is added to each micro-batch's loss; `after_optimizer_step(step)` runs after the
@@ -287,7 +287,7 @@ def train(model, encoded: list[Row], params: list[torch.nn.Parameter], pad_id: i
             elapsed = time.perf_counter() - start
             bar.set_postfix(loss=f"{last:.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}", refresh=False)
             bar.update(1)
-            if checkpoint and step % checkpoint.every == 0 and step < total:
+            if checkpoint and step < total and checkpoint.due(step):
                 checkpoint.save(params, opt, {"step": step, "epoch": epoch, "batch": index + 1})
             if on_step is not None:
                 on_step(step, total)

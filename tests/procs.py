@@ -35,10 +35,12 @@ def serve_until_done(state: Path, port_file: Path) -> tuple[subprocess.Popen, di
 
 
 def run_clients(state: Path, ports: dict, client_data: list[Path], workdirs: Path) -> list[subprocess.Popen]:
-    """`offsite client run` for each data folder (named like its client), stderr captured."""
+    """`offsite client run` for each data folder (named like its client: train.jsonl, and heldout.jsonl if
+    there is one), stderr captured."""
     return [subprocess.Popen(offsite("client", "run", "--server", f"localhost:{ports['port']}",
                                      "--enroll-server", f"localhost:{ports['enroll_port']}", "--ca", str(state / "tls" / "ca.pem"),
                                      "--workdir", str(workdirs / f.name), "--data", str(f / "train.jsonl"),
+                                     *(["--heldout", str(f / "heldout.jsonl")] if (f / "heldout.jsonl").is_file() else []),
                                      "--token-file", str(state / "tokens" / f"{f.name}.token"), "--threads", "1",
                                      "--no-progress"), stderr=subprocess.PIPE, text=True)
             for f in client_data]

@@ -63,11 +63,12 @@ def test_a_qwen2_style_chat_job_trains_evaluates_and_serves_what_it_trained(qwen
         write_chats(tmp_path / name / "train.jsonl", 60, seed=10 + i)
         data.append(tmp_path / name)
     write_chats(tmp_path / "heldout.jsonl", 20, seed=99)
+    write_chats(tmp_path / "alice" / "heldout.jsonl", 10, seed=98)  # alice holds some out: she reports its loss
     cli("cloud", "init", "--state", state, "--clients", "alice,bob")
     (tmp_path / "job.toml").write_text(
         f'[job]\nid = "chat"\nbase_model = "{qwen2_base}"\nrounds = 1\nclients_per_round = 2\n'
         f'[split]\nemulator_layers = 1\ntrain_extra = ["norm", "head"]\n'
-        f'[training]\nbatch_size = 8\nepochs = 4.0\nlr = 0.01\n[adapter]\nmethod = "lora"\nr = 4\n'
+        f'[training]\nbatch_size = 8\nepochs = 4.0\nlr = 0.01\nreport_heldout = true\n[adapter]\nmethod = "lora"\nr = 4\n'
         f'[eval]\nsets = {{ chat = "{tmp_path / "heldout.jsonl"}" }}\n')
     cli("cloud", "jobs", "create", "--state", state, "--config", tmp_path / "job.toml")
     server, ports = serve_until_done(state, tmp_path / "port")
@@ -79,6 +80,8 @@ def test_a_qwen2_style_chat_job_trains_evaluates_and_serves_what_it_trained(qwen
     finally:
         server.kill()
     report = json.loads((state / "jobs" / "chat" / "report.json").read_text())
+    reported = json.loads(cli("cloud", "status", "--state", state, "--json"))["jobs"][0]["heldout_loss"]
+    assert [(r["round"], r["clients"]) for r in reported] == [(1, 1)] and 0 < reported[0]["loss"] < 1e6
     scores = report["eval"]["chat"]  # loss on the assistant's tokens of held-out chats
     assert scores["plug_in"] < scores["full_zero_shot"] - 0.5, scores
     assert set(report["task_accuracy"]["chat"]) >= {"full_zero_shot", "plug_in"}  # short answers: exact match too

@@ -62,6 +62,33 @@ def test_a_wrong_ca_or_token_file_is_named_before_any_network_call(tmp_path, cap
     assert not (tmp_path / "w").exists()
 
 
+def test_a_ca_from_another_cloud_init_is_a_config_error_at_once(tmp_path, capsys):
+    """Not a network blip: no retries, exit 5 in seconds, naming the CA file and what is wrong with it."""
+    import time
+
+    from offsite.cloud.coordinator import Coordinator
+    from offsite.cloud.identity import init_state
+    from offsite.cloud.server import start_server
+
+    tokens = init_state(tmp_path / "real", ["alice"], ["localhost"], 3600)
+    other_ca = _ca(tmp_path)  # a second `cloud init`'s CA
+    (tmp_path / "train.jsonl").write_text('{"text": "fine"}\n')
+    coordinator = Coordinator.open(tmp_path / "real")
+    running = start_server(coordinator, coordinator.layout, "127.0.0.1:0", "127.0.0.1:0")
+    try:
+        started = time.monotonic()
+        code = main(["client", "run", "--server", f"localhost:{running.port}", "--enroll-server",
+                     f"localhost:{running.enroll_port}", "--ca", str(other_ca), "--workdir", str(tmp_path / "w"),
+                     "--data", str(tmp_path / "train.jsonl"), "--token-file", str(tokens["alice"])])
+        took = time.monotonic() - started
+    finally:
+        running.stop(grace=0)
+    err = capsys.readouterr().err
+    assert code == 5 and took < 20, (code, took, err)
+    assert f"is not signed by --ca {other_ca.resolve()}" in err and "another `offsite cloud init`" in err
+    assert "retrying" not in err
+
+
 FORMATS = [  # (file name, body, expected examples as (prompt, completion))
     ("a.jsonl", '{"text": "plain words"}\n', [("", "plain words")]),
     ("b.jsonl", '{"prompt": "Q: 2+2?", "completion": " 4"}\n', [("Q: 2+2?", " 4")]),

@@ -82,7 +82,7 @@ def test_kill_9_of_coordinator_and_clients_mid_transfer(tiny_model, client_data,
     job = status(state)["jobs"][0]
     assert job["status"] == "done"
     assert sorted((u["round"], u["client_id"].rsplit("-", 1)[0]) for u in job["updates"]) == \
-        [(0, "client-1"), (0, "client-2"), (1, "client-1"), (1, "client-2")]  # every update once, none lost
+        [(1, "client-1"), (1, "client-2"), (2, "client-1"), (2, "client-2")]  # every update once, none lost
     assert (state / "jobs" / "faults" / "report.json").is_file()
     for c in status(state)["clients"]:  # the operator's view: bytes moved each way, last activity
         assert c["bytes_out"] > 0 and c["bytes_in"] > 0 and c["activity"]

@@ -37,7 +37,10 @@ def test_the_documented_example_job_parses():
     from pathlib import Path
     cfg = JobConfig.from_toml(Path(__file__).resolve().parents[1] / "docs" / "job.example.toml")
     assert (cfg.job_id, cfg.rounds, cfg.emulator_layers, cfg.strategy) == ("support-bot", 5, 8, "uniform")
-    assert (cfg.min_clients, cfg.round_timeout_s) == (2, 1800)
+    assert (cfg.min_clients, cfg.round_timeout_s) == (1, 1800)
+    # a good first job for the README's two data owners: LoRA with the final norm and LM head, both in every round
+    assert (cfg.method, cfg.train_extra, cfg.clients_per_round, cfg.report_heldout) == ("lora", ("norm", "head"), 2, False)
+    assert cfg.method_params["r"] == 16 and set(cfg.eval_sets) == {"validation"}
 
 
 def test_the_aggregation_section_splits_into_weights_rule_and_strategy(tmp_path):

@@ -131,7 +131,8 @@ def test_status_page_api_and_health_over_http(observed):
     api = json.loads(body)
     assert api == json.loads(json.dumps(read_status(c)))  # one source for `cloud status --json` and this
     job = api["jobs"][0]
-    assert job["train_loss"] == [{"round": 0, "loss": 2.5, "clients": 2}, {"round": 1, "loss": 2.0, "clients": 3}]  # (30*2+10*4)/40
+    assert job["train_loss"] == [{"round": 1, "loss": 2.5, "clients": 2}, {"round": 2, "loss": 2.0, "clients": 3}]  # (30*2+10*4)/40
+    assert job["heldout_loss"] == [] and job["round"] == job["rounds"] == job["rounds_closed"] == 2  # rounds from 1
     assert job["eval"] == EVAL and job["status"] == "done"
     assert sum(EVIL in r["reason"] for r in job["rejected"]) == 1
 
@@ -144,7 +145,7 @@ def test_status_page_api_and_health_over_http(observed):
     assert "Reported by the clients" in html and "2.5591" in html and "revoked" in html
     assert all(name in html for name in ("c1", "c2", "c3")) and "2 of 2" in html
     assert [(r["round"], r["status"], len(r["selected"]), r["updates"]) for r in job["round_log"]] == [
-        (0, "closed", 3, 3), (1, "closed", 3, 3)]
+        (1, "closed", 3, 3), (2, "closed", 3, 3)]
     assert "<h3>Rounds</h3>" in html and "all expected updates are in" in html and "3 (3)" in html
 
     status, _, body = _get(url + "/healthz")
@@ -242,7 +243,8 @@ def test_extreme_client_numbers_never_break_the_operators_views(tiny_model, tmp_
     c, _, clients, _ = make_world(tiny_model, tmp_path)
     _upload(c, *clients[0], 0, train_loss=1e6, examples=10**8)
     c.state.add_update(UpdateRecord("j", 0, clients[1][0].client_id, 2**62, "0" * 64, 1, 0.0, 1e17))
-    c.state._run("INSERT INTO updates VALUES (?, ?, ?, ?, ?, ?, ?, ?)",  # as an older coordinator wrote it: any round
+    c.state._run("INSERT INTO updates (job_id, round, client_id, num_examples, blob_sha256, upload_bytes, accepted_at, "
+                 "train_loss) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",  # as an older coordinator wrote it: any round
                  ("j", 1, clients[2][0].client_id, 2**62, "0" * 64, 1, 0.0, 1e300))
 
     def strict(text):

@@ -64,3 +64,15 @@ def test_what_lora_cannot_say_is_refused(tmp_path):
     extras = dataclasses.replace(PLAN, extras=("model.norm.weight",))
     with pytest.raises(ConfigError, match=r"trains \['model.norm.weight'\] beyond its blocks .* export it merged"):
         export_peft(tiny("llama"), extras, adapter, tmp_path / "d", rank=4, base_name="tiny")
+
+
+@pytest.mark.parametrize("error, rank, widest, says", [
+    (2e-7, 8, 64, "exact to rounding; loaded with peft, the base gives the merged export's outputs"),
+    (4.64e-2, 8, 64, "close: the rank-8 factors hold almost all of the change; outputs differ slightly from the merged "
+                     "export (--rank 16 (up to 64) makes it closer, or export --format merged (exact))"),
+    (0.3, 64, 64, "approximate: rank 64 leaves out part of the change, and outputs may differ from the merged export; "
+                  "export --format merged is exact"),
+])
+def test_the_factor_error_is_said_with_what_it_means(error, rank, widest, says):
+    from offsite.cloud.exports import factor_verdict
+    assert factor_verdict(error, rank, widest).endswith(says)

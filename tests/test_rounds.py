@@ -16,6 +16,7 @@ from offsite.cloud.coordinator import Coordinator
 from offsite.cloud.intake import UploadHeader
 from offsite.cloud.identity import StateLayout, init_state, load_sealing_key
 from offsite.cloud.job import JobConfig
+from offsite.cloud.status import read_status
 from offsite.errors import ConfigError, InvalidUpdateError, PreconditionError
 from offsite.sealing import SealContext, raw_public, seal
 from offsite.tensors import from_bytes, to_bytes
@@ -90,7 +91,7 @@ def test_round_closes_at_its_deadline_with_min_clients_and_late_update_is_refuse
     c.tick()
     assert c.job("j").round == 1 and len(c.state.global_adapters("j")) == 2  # closed with 2 of 3, aggregated
     assert c.state.round("j", 0).reason.startswith("deadline of 60 s passed with 2 updates")
-    with pytest.raises(PreconditionError, match="round 0"):
+    with pytest.raises(PreconditionError, match="for round 1 "):
         _upload(c, *clients[2], 0)  # the client that was too slow
     assert [u.client_id for u in c.state.updates("j", 0)] == [clients[0][0].client_id, clients[1][0].client_id]
 
@@ -191,17 +192,31 @@ def test_a_method_the_model_cannot_run_is_refused_when_the_job_is_made(tiny_mode
     assert c.job("j").status == "running"
 
 
-def test_a_reported_train_loss_survives_a_restart_mid_upload(world):
-    c, _, clients, _ = world
+@pytest.mark.parametrize("report_heldout, kept", [(True, 3.25), (False, None)])
+def test_reported_losses_survive_a_restart_mid_upload(tiny_model, tmp_path, report_heldout, kept):
+    """A held-out loss is kept (and shown per round, from 1) only for a job that asks for it."""
+    c, _, clients, _ = make_world(tiny_model, tmp_path, report_heldout=report_heldout)
     client, signer = clients[0]
     envelope = _sealed(c, client, signer, 0, c.blobs.get(c.state.global_adapters("j")[0]))
-    session = c.begin_upload(client, UploadHeader("j", 0, 10, len(envelope), hashlib.sha256(envelope).hexdigest(), 1.75))
+    session = c.begin_upload(client, UploadHeader("j", 0, 10, len(envelope), hashlib.sha256(envelope).hexdigest(), 1.75, 3.25))
     half = len(envelope) // 2
     c.append_upload(client, session.upload_id, 0, envelope[:half])
     restarted = Coordinator.open(c.layout.root, clock=c.now)
     restarted.append_upload(client, session.upload_id, half, envelope[half:])
     assert restarted.finish_upload(client, session.upload_id) == (0, 1)
-    assert [u.train_loss for u in restarted.state.updates("j")] == [1.75]
+    assert [(u.train_loss, u.heldout_loss) for u in restarted.state.updates("j")] == [(1.75, kept)]
+    job = read_status(restarted)["jobs"][0]
+    assert job["heldout_loss"] == ([{"round": 1, "loss": 3.25, "clients": 1}] if kept else [])
+    assert job["updates"][0]["round"] == 1 and job["round"] == 1 and job["rounds_closed"] == 0
+
+
+def test_a_hostile_heldout_loss_is_refused(world):
+    c, _, clients, _ = world
+    client, signer = clients[0]
+    envelope = _sealed(c, client, signer, 0, c.blobs.get(c.state.global_adapters("j")[0]))
+    header = UploadHeader("j", 0, 10, len(envelope), hashlib.sha256(envelope).hexdigest(), None, float("inf"))
+    with pytest.raises(InvalidUpdateError, match="heldout_loss must be a finite number"):
+        c.submit_update(client, header, envelope)
 
 
 # Two honest clients move every value by 1 and 2, a third (hostile) by 30; example counts as claimed.
@@ -296,7 +311,7 @@ def test_over_selection_closes_with_the_first_updates_and_tells_the_late_one(tin
     for cid in chosen[:2]:
         _upload(c, *by_id[cid], 0)
     assert c.job("j").round == 1 and len(c.state.updates("j", 0)) == 2
-    with pytest.raises(PreconditionError, match="not accepting updates for round 0"):
+    with pytest.raises(PreconditionError, match="not accepting updates for round 1 "):
         _upload(c, *by_id[chosen[2]], 0)  # it trained for a round that closed without it
 
 
@@ -394,7 +409,7 @@ def test_jobs_list_show_and_cancel_from_the_command_line(world):
         return subprocess.run(offsite("cloud", "jobs", *args, "--state", state), capture_output=True, text=True)
     listed = run("list", "--json")
     assert listed.returncode == 0, listed.stderr
-    assert json.loads(listed.stdout) == [{"job_id": "j", "status": "running", "round": 1, "rounds": 2, "method": "full",
+    assert json.loads(listed.stdout) == [{"job_id": "j", "status": "running", "round": 2, "rounds": 2, "method": "full",
                                           "base_model": str(c.job("j").config.base_model), "clients_per_round": 3, "seats": 3}]
     shown = run("show", "j")
     assert shown.returncode == 0 and "round 1: 3 selected, 3 updates in; closed: all expected updates are in" in shown.stdout

@@ -202,6 +202,26 @@ def test_a_state_made_before_the_rounds_table_is_migrated(tmp_path):
     assert state.global_adapters("live") == SqliteState(path).global_adapters("live") == ["a0", "a1"]  # once
 
 
+def test_a_state_made_before_heldout_reports_gets_the_column(tmp_path):
+    import sqlite3
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)  # the updates and uploads tables as the code before report_heldout made them
+    db.execute("CREATE TABLE updates (job_id TEXT NOT NULL, round INTEGER NOT NULL, client_id TEXT NOT NULL, num_examples "
+               "INTEGER NOT NULL, blob_sha256 TEXT NOT NULL, upload_bytes BIGINT NOT NULL, accepted_at DOUBLE PRECISION "
+               "NOT NULL, train_loss DOUBLE PRECISION, PRIMARY KEY (job_id, round, client_id))")
+    db.execute("CREATE TABLE uploads (upload_id TEXT PRIMARY KEY, job_id TEXT NOT NULL, round INTEGER NOT NULL, client_id "
+               "TEXT NOT NULL, num_examples INTEGER NOT NULL, size BIGINT NOT NULL, sha256 TEXT NOT NULL, train_loss DOUBLE PRECISION)")
+    db.execute("INSERT INTO updates VALUES ('j', 0, 'c1', 10, 'd1', 5, 1.0, 2.5)")
+    db.commit()
+    db.close()
+    state = SqliteState(path)
+    assert [(u.client_id, u.train_loss, u.heldout_loss) for u in state.updates("j")] == [("c1", 2.5, None)]
+    state.add_job("j", "{}", 0.0)
+    state.start_job("j", "{}", "a0", 0.0)
+    state.add_update(UpdateRecord("j", 0, "c2", 10, "d2", 5, 2.0, 1.5, 3.5))
+    assert [u.heldout_loss for u in SqliteState(path).updates("j")] == [None, 3.5]
+
+
 def test_upload_sessions_open_once_and_close(state):
     from offsite.cloud.state import UploadRecord
     up = UploadRecord("a" * 32, "j", 0, "c1", 10, 1000, "d" * 64, train_loss=2.5)
@@ -316,3 +336,64 @@ def test_init_refuses_an_unreachable_database_before_writing_anything(tmp_path):
     with pytest.raises(ConfigError, match="cannot open the state database"):
         init_state(tmp_path / "s", ["client-1"], ["localhost"], 3600, "postgresql://u@127.0.0.1:1/db")
     assert not (tmp_path / "s").exists()
+
+
+def test_a_job_nothing_writes_to_is_deleted_with_every_row_naming_it(state):
+    """Only a failed, cancelled or done job is deleted, in one transaction with its rounds, selections, updates,
+    rejections, uploads and finalization claim; another job keeps all of its own; an API key loses its grant
+    (revoked when it had no other), so a later job with the id is not opened by it. The id is free again."""
+    from offsite.cloud.state import ApiKeyRecord, UploadRecord
+    for job_id in ("j", "k"):
+        _start(state, job_id, "{}")
+        state.select_clients(job_id, 0, ["c1"], 2.0)
+        state.add_update(UpdateRecord(job_id, 0, "c1", 10, f"{job_id}-d1", 100))
+        state.add_rejection(job_id, 0, "c2", "bad signature")
+        state.open_upload(UploadRecord(job_id * 32, job_id, 0, "c3", 10, 1000, "d" * 64))
+        state.claim_finalization(job_id, 3.0)
+    state.add_api_key(ApiKeyRecord("only-j", "h1", ("j",), "", 1.0))
+    state.add_api_key(ApiKeyRecord("both", "h2", ("j", "k"), "", 1.0))
+    with pytest.raises(PreconditionError, match="job j cannot be deleted: it is running"):
+        state.delete_job("j")
+    state.set_job_status("j", "cancelled")
+    state.delete_job("j")
+    with pytest.raises(NotFoundError):
+        state.delete_job("j")
+    assert [job.job_id for job in state.jobs()] == ["k"] and state.rounds("j") == [] and state.updates("j") == []
+    assert state.rejections("j") == [] and [u.job_id for u in state.open_uploads()] == ["k"]
+    assert state.claim_finalization("j", 4.0) and not state.claim_finalization("k", 4.0)  # j's claim went with it
+    keys = {key.key_id: key for key in state.api_keys()}
+    assert keys["only-j"].jobs == () and keys["only-j"].revoked_at is not None
+    assert keys["both"].jobs == ("k",) and keys["both"].revoked_at is None
+    k = state.rounds("k")[0]
+    assert (k.selected, [u.blob_sha256 for u in state.updates("k")], state.rejections("k")) == (
+        ("c1",), ["k-d1"], [(0, "c2", "bad signature")])
+    _start(state, "j", "{}")  # the id is free again, with nothing of the old job in it
+    assert state.updates("j") == [] and state.rounds("j")[0].selected == ()
+
+
+def test_only_a_job_that_failed_in_finalization_is_finalized_again(state):
+    """A failed job with closed rounds and no open one (its training finished) goes back to finalizing, in a
+    compare-and-set that drops its finalization's claim, so that one coordinator claims it again; a job that
+    failed while training, or one that is not failed, is refused with the reason."""
+    _start(state, "f", "{}")
+    state.close_round("f", 0, updates=0, result_sha256="a1", reason="", artifacts_json="{}", last=True, now=2.0)
+    assert state.claim_finalization("f", 3.0) and not state.claim_finalization("f", 3.0)  # the first claim wins
+    state.set_job_status("f", "failed")  # as finalize_job records a failed finalization
+    state.retry_finalization("f")
+    assert state.job("f").status == "finalizing"
+    with pytest.raises(PreconditionError, match="job f is finalizing: only a failed job's"):
+        state.retry_finalization("f")
+    assert state.claim_finalization("f", 4.0) and not state.claim_finalization("f", 4.0)
+    assert state.claim_finalization("f", 5.0, take_over=True)  # a coordinator starting up redoes it
+    _start(state, "t", "{}")
+    state.close_round("t", 0, updates=0, result_sha256="b1", reason="", artifacts_json="{}", last=False, now=2.0)
+    state.set_job_status("t", "failed")
+    with pytest.raises(PreconditionError, match=r"job t failed during training \(its round 2 never closed\)"):
+        state.retry_finalization("t")
+    state.add_job("c", "{}", 1.0)
+    state.set_job_status("c", "failed")
+    with pytest.raises(PreconditionError, match="job c failed during training .before its first round."):
+        state.retry_finalization("c")
+    assert [state.job(j).status for j in ("t", "c")] == ["failed", "failed"]
+    with pytest.raises(NotFoundError):
+        state.retry_finalization("missing")

@@ -1,4 +1,6 @@
 """Local training is repeatable, resumes from its checkpoint exactly, and accumulates gradients."""
+import time
+
 import pytest
 import torch
 
@@ -49,6 +51,26 @@ def test_a_run_killed_mid_training_resumes_to_the_same_update(trainer, tmp_path,
     assert steps[0] == 7 and resumed.stats.steps == 10  # picked up after step 6
     assert all(torch.equal(unbroken[k], resumed.update[k]) for k in unbroken)
     assert not checkpoint.path.exists()  # a finished round leaves no checkpoint behind
+
+
+def test_slow_steps_are_checkpointed_by_time(trainer, tmp_path):
+    """A round of fewer steps than --checkpoint-every still checkpoints when its steps are slow."""
+    local, start = trainer
+    cfg, digest = lm.TrainConfig(epochs=1, lr=3e-3, batch_size=8, seed=5), spec_digest(spec_of(start))
+    checkpoint = Checkpointer(tmp_path, key="round-0", every=1000, every_s=0.05)
+
+    def slow_then_die(step, total):
+        time.sleep(0.06)  # each step takes longer than every_s
+        if step == 4:
+            raise Interrupted()
+
+    with pytest.raises(Interrupted):
+        local.train_round(start, digest, cfg, show_progress=False, on_step=slow_then_die, checkpoint=checkpoint)
+    steps = []
+    local.train_round(start, digest, cfg, show_progress=False, on_step=lambda s, t: steps.append(s), checkpoint=checkpoint)
+    assert steps[0] == 5  # the checkpoint after step 4 was written by time, not by step count
+    fast = Checkpointer(tmp_path, key="k", every=1000, every_s=3600)
+    assert not fast.due(1) and fast.due(1000)
 
 
 def test_a_checkpoint_of_another_round_is_ignored(trainer, tmp_path):

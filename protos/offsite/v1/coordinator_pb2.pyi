@@ -36,7 +36,7 @@ class GetTaskRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class TrainingSettings(_message.Message):
-    __slots__ = ("epochs", "lr", "batch_size", "max_length", "seed", "method", "pack", "grad_accum", "gradient_checkpointing", "privacy", "upload_dtype", "prox_mu", "lr_schedule")
+    __slots__ = ("epochs", "lr", "batch_size", "max_length", "seed", "method", "pack", "grad_accum", "gradient_checkpointing", "privacy", "upload_dtype", "prox_mu", "lr_schedule", "report_heldout")
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +50,7 @@ class TrainingSettings(_message.Message):
     UPLOAD_DTYPE_FIELD_NUMBER: _ClassVar[int]
     PROX_MU_FIELD_NUMBER: _ClassVar[int]
     LR_SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    REPORT_HELDOUT_FIELD_NUMBER: _ClassVar[int]
     epochs: float
     lr: float
     batch_size: int
@@ -63,7 +64,8 @@ class TrainingSettings(_message.Message):
     upload_dtype: str
     prox_mu: float
     lr_schedule: str
-    def __init__(self, epochs: _Optional[float] = ..., lr: _Optional[float] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., seed: _Optional[int] = ..., method: _Optional[_Union[AdapterMethod, _Mapping]] = ..., pack: _Optional[bool] = ..., grad_accum: _Optional[int] = ..., gradient_checkpointing: _Optional[bool] = ..., privacy: _Optional[_Union[Privacy, _Mapping]] = ..., upload_dtype: _Optional[str] = ..., prox_mu: _Optional[float] = ..., lr_schedule: _Optional[str] = ...) -> None: ...
+    report_heldout: bool
+    def __init__(self, epochs: _Optional[float] = ..., lr: _Optional[float] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., seed: _Optional[int] = ..., method: _Optional[_Union[AdapterMethod, _Mapping]] = ..., pack: _Optional[bool] = ..., grad_accum: _Optional[int] = ..., gradient_checkpointing: _Optional[bool] = ..., privacy: _Optional[_Union[Privacy, _Mapping]] = ..., upload_dtype: _Optional[str] = ..., prox_mu: _Optional[float] = ..., lr_schedule: _Optional[str] = ..., report_heldout: _Optional[bool] = ...) -> None: ...
 
 class AdapterMethod(_message.Message):
     __slots__ = ("name", "r", "alpha", "dropout", "target_modules", "target_r", "orth_reg_weight", "virtual_tokens", "bottleneck_dim")
@@ -168,20 +170,22 @@ class Chunk(_message.Message):
     def __init__(self, index: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class UploadHeader(_message.Message):
-    __slots__ = ("job_id", "round", "num_examples", "size", "sha256", "train_loss")
+    __slots__ = ("job_id", "round", "num_examples", "size", "sha256", "train_loss", "heldout_loss")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    HELDOUT_LOSS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     round: int
     num_examples: int
     size: int
     sha256: str
     train_loss: float
-    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., num_examples: _Optional[int] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ..., train_loss: _Optional[float] = ...) -> None: ...
+    heldout_loss: float
+    def __init__(self, job_id: _Optional[str] = ..., round: _Optional[int] = ..., num_examples: _Optional[int] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ..., train_loss: _Optional[float] = ..., heldout_loss: _Optional[float] = ...) -> None: ...
 
 class UploadSession(_message.Message):
     __slots__ = ("upload_id", "offset", "chunk_size")
