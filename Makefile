@@ -16,7 +16,7 @@ TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 # Where the CPU wheel is found: a local wheel folder pip is configured with (PIP_FIND_LINKS), else PyTorch's index.
 TORCH_SOURCE = $(if $(PIP_FIND_LINKS),$(patsubst %,--find-links %,$(PIP_FIND_LINKS)),--extra-index-url $(TORCH_CPU_INDEX))
 
-.PHONY: demo test test-latest lock images protos clean
+.PHONY: install demo test test-latest lock images protos clean
 
 $(STAMP): pyproject.toml requirements/dev.lock requirements/torch-cpu.lock
 	$(PY) -m venv $(VENV)
@@ -29,6 +29,8 @@ endif
 	$(call PIP,$(BIN)) --require-hashes --no-deps -r requirements/dev.lock
 	$(call PIP,$(BIN)) --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+install: $(STAMP)  # .venv from the lock, offsite in it (editable): `. .venv/bin/activate` puts `offsite` on the PATH
 
 demo: $(STAMP)
 	$(BIN)/python -m offsite.demo --out runs/demo
