@@ -38,6 +38,9 @@ def _bind(address: str) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, int(port)))
+    # listening from here on: a client that reads the port file and connects while uvicorn still starts waits in
+    # the backlog instead of being refused (under load that start took long enough for tests to see ECONNREFUSED)
+    sock.listen(2048)
     return sock
 
 
