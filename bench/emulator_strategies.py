@@ -38,14 +38,14 @@ from offsite.emulator.build import build, load_base
 from offsite.emulator.bundle import load_bundle
 from offsite.emulator import methods
 from offsite.emulator.config import EmulatorConfig
-from offsite.emulator.evaluate import exact_match
+from offsite.emulator.evaluate import answerable, exact_match
 from offsite.emulator.methods import MethodConfig
 from offsite.emulator.distill import DistillConfig
 from offsite.emulator.quantize import tensor_bytes_by_block
 from offsite.emulator.realign import apply_patch, realign_bundle
 from offsite.files import write_json
 from offsite.tensors import spec_digest, spec_of, to_bytes
-from offsite.textdata import read_tasks, read_texts
+from offsite.textdata import Example, read_examples, read_tasks, read_texts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,19 +72,31 @@ def variants(distill_data: Path, steps: int) -> dict[str, EmulatorConfig]:
     }
 
 
+def heldout(folders: list[Path], tokenizer, max_length: int) -> tuple[list[lm.Row], list[Example]]:
+    """Every client's heldout.jsonl rendered as training renders it (text, prompt/completion or chat: the loss
+    counts the learned tokens only), and what exact match scores: a folder's heldout_task.jsonl (the demo's
+    match results cut out of its text bulletins), else its held-out examples' own short answers (chats)."""
+    held, tasks = [], []
+    for f in folders:
+        examples = read_examples(f / "heldout.jsonl")
+        held += lm.encode_examples(tokenizer, examples, max_length)
+        tasks += read_tasks(f / "heldout_task.jsonl") if (f / "heldout_task.jsonl").is_file() else answerable(tokenizer, examples)
+    return held, tasks
+
+
 def federate(base: Path, bundle: Path, folders: list[Path], s: DemoSettings, method: MethodConfig = MethodConfig(),
              lr: float | None = None, prox_mu: float = 0.0, lr_schedule: str = "round", realign_every: int = 0,
              realign_steps: int = 50, realign_data: Path | None = None, general: list | None = None) -> dict[str, float]:
     """The demo's schedule: rounds x clients, each from the global adapter; each update merged into the
     dense adapter it proposes and averaged by examples, as the coordinator does; with `realign_every`, the
     emulator re-aligned around the new global adapter every k rounds on `realign_data` (FedBiOT), as the
-    coordinator does. Returns the held-out loss and exact match (on each client's heldout_task.jsonl) of the
-    emulator with the adapter and of the plug-in, and what a client spent: trainable parameters, upload
-    bytes, seconds of training per round, and patch bytes per re-alignment; with `general` (encoded general
-    text), the loss of the emulator alone on it as the clients end up holding it."""
-    trainers = [LocalTrainer(bundle, read_texts(f / "train.jsonl"), None, s.max_length) for f in folders]
-    full, tokenizer = load_base(str(base))
-    plan = trainers[0].plan
+    coordinator does. Clients hold any data format and render it with the bundle's tokenizer (which carries a
+    job's chat template), as the held-out data is scored. Returns the held-out loss and exact match (see
+    `heldout`) of the emulator with the adapter and of the plug-in, and what a client spent: trainable
+    parameters, upload bytes, seconds of training per round, and patch bytes per re-alignment; with `general`
+    (encoded general text), the loss of the emulator alone on it as the clients end up holding it."""
+    trainers = [LocalTrainer(bundle, read_examples(f / "train.jsonl"), None, s.max_length) for f in folders]
+    full, tokenizer, plan = load_base(str(base))[0], trainers[0].tokenizer, trainers[0].plan
     scratch = load_bundle(bundle)[0]
     torch.manual_seed(s.seed)
     global_adapter = {**extract_adapter(full, plan, on_emulator=False), **methods.fresh_extras(scratch, plan, method)}
@@ -103,8 +115,7 @@ def federate(base: Path, bundle: Path, folders: list[Path], s: DemoSettings, met
             dcfg = DistillConfig(steps=realign_steps, lr=1e-4, seed=s.seed + r + 1, bf16=lm.cpu_has_fast_bf16())
             patch = realign_bundle(str(base), bundle, patch, method, global_adapter, read_texts(realign_data), dcfg)
             patch_bytes = len(to_bytes(patch))
-    held = [x for f in folders for x in lm.encode(tokenizer, read_texts(f / "heldout.jsonl"), s.max_length)]
-    tasks = [x for f in folders for x in read_tasks(f / "heldout_task.jsonl")]
+    held, tasks = heldout(folders, tokenizer, s.max_length)
     emulator, _, plan = load_bundle(bundle)
     if patch is not None:
         apply_patch(emulator, plan, patch)
@@ -145,9 +156,8 @@ def main() -> None:
     s, work = DemoSettings(), Path(args.work)
     base, folders, general_held, full, tokenizer = demo_inputs(s, work)
     general = lm.encode(tokenizer, general_held, s.max_length)
-    held = [x for f in folders for x in lm.encode(tokenizer, read_texts(f / "heldout.jsonl"), s.max_length)]
+    held, tasks = heldout(folders, tokenizer, s.max_length)
     zero_shot = lm.mean_token_loss(full, held, tokenizer.pad_token_id)
-    tasks = [x for f in folders for x in read_tasks(f / "heldout_task.jsonl")]
     zero_shot_accuracy = exact_match(full, tokenizer, tasks)
     full_general = lm.mean_token_loss(full, general, tokenizer.pad_token_id)
     cached = work / "central.json"  # the baseline does not depend on the emulator: compute it once

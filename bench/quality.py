@@ -24,11 +24,14 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from offsite import lm
 from offsite.client.train import LocalTrainer
-from offsite.demo.central import central_finetune
+from offsite.demo.central import full_finetune
 from offsite.demo.run import DemoSettings
-from offsite.emulator.adapter import extract_adapter, freeze_all_but_adapter, load_adapter
+from offsite.emulator import methods
+from offsite.emulator.adapter import extract_adapter
 from offsite.emulator.build import build, load_base
 from offsite.emulator.bundle import load_bundle
 from offsite.emulator.config import EmulatorConfig
@@ -36,11 +39,11 @@ from offsite.emulator.evaluate import exact_match
 from offsite.emulator.methods import MethodConfig
 from offsite.files import write_json
 from offsite.tensors import spec_digest, spec_of
-from offsite.textdata import read_tasks, read_texts
+from offsite.textdata import read_examples
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from emulator_strategies import demo_inputs, federate  # noqa: E402  (one setup, one federated schedule)
+from emulator_strategies import demo_inputs, federate, heldout  # noqa: E402  (one setup, one federated schedule)
 
 EMULATOR_DISTILL_STEPS = 100  # every row's emulator: the demo's until 2026-12 (keep 2 of 4 middle blocks, distilled)
 ROWS = {  # name -> the job file's options: [training] ones as keyword arguments of federate, [split] train_extra, [adapter] method
@@ -60,36 +63,51 @@ ROWS = {  # name -> the job file's options: [training] ones as keyword arguments
 }
 
 
-def _scores(model, tokenizer, held: list, tasks: list) -> dict[str, float]:
+def scores(model, tokenizer, held: list, tasks: list) -> dict[str, float]:
+    """Held-out loss on the learned tokens and exact match on the task examples."""
     return {"loss": round(lm.mean_token_loss(model, held, tokenizer.pad_token_id), 4),
             "accuracy": round(exact_match(model, tokenizer, tasks), 4)}
 
 
-def baselines(base: Path, bundle: Path, folders: list[Path], s: DemoSettings, held: list, tasks: list) -> dict[str, dict]:
-    """The three central baselines, each on the pooled data for rounds x epochs."""
-    pooled = [t for f in folders for t in read_texts(f / "train.jsonl")]
+def gap_closure(zero_shot: float, top: float, loss: float) -> float:
+    """How much of the way from the full model's zero-shot loss to central full fine-tuning's a loss goes."""
+    return round((zero_shot - loss) / (zero_shot - top), 4)
+
+
+def emulator_config(work: Path, train_extra: tuple[str, ...] = ()) -> EmulatorConfig:
+    """Every row's emulator: 2 of 4 middle blocks, distilled on the general corpus demo_inputs wrote to `work`."""
+    return EmulatorConfig(emulator_layers=2, distill_data=str(work / "data" / "general_train.jsonl"),
+                          distill_steps=EMULATOR_DISTILL_STEPS, distill_lr=1e-4, train_extra=train_extra)
+
+
+def baselines(base: Path, bundle: Path, folders: list[Path], s: DemoSettings, held: list, tasks: list,
+              method: MethodConfig = MethodConfig()) -> dict[str, dict]:
+    """The three central baselines, each on the pooled data for rounds x epochs, rendered with the bundle's
+    tokenizer (a job's chat template included); the adapter ones train `method` on the bundle's adapter
+    (its blocks and train_extra), as clients do."""
+    pooled = [e for f in folders for e in read_examples(f / "train.jsonl")]
     epochs = s.epochs * s.rounds
-    central = central_finetune(str(base), [f / "train.jsonl" for f in folders], {f.name: f / "heldout.jsonl" for f in folders},
-                               epochs, s.central_lr, s.batch_size, s.max_length, s.seed,
-                               task_files={f.name: f / "heldout_task.jsonl" for f in folders})
-    out = {"central_full_finetune": {"loss": central.loss["all"], "accuracy": central.accuracy["all"]}}
+    scratch, tokenizer, plan = load_bundle(bundle)
+    model, _ = full_finetune(str(base), pooled, epochs, s.central_lr, s.batch_size, s.max_length, s.seed,
+                             tokenizer.chat_template, show_progress=False)
+    out = {"central_full_finetune": scores(model, tokenizer, held, tasks)}
 
-    full, tokenizer = load_base(str(base))  # the adapter blocks trained on the full model itself
-    plan = load_bundle(bundle)[2]
-    encoded = lm.encode(tokenizer, pooled, s.max_length)
-    lm.train(full, encoded, freeze_all_but_adapter(full, plan, on_emulator=False), tokenizer.pad_token_id,
-             lm.TrainConfig(epochs=epochs, lr=s.lr, batch_size=s.batch_size, seed=s.seed, bf16=lm.cpu_has_fast_bf16()),
-             desc="central adapter on the full model", show_progress=False)
-    out["central_adapter_on_full"] = _scores(full, tokenizer, held, tasks)
+    cfg = lm.TrainConfig(epochs=epochs, lr=s.lr, batch_size=s.batch_size, seed=s.seed, bf16=lm.cpu_has_fast_bf16())
+    full = load_base(str(base))[0]  # the adapter trained on the full model itself
+    torch.manual_seed(s.seed)  # a method's fresh modules start as the clients' do
+    start = {**extract_adapter(full, plan, on_emulator=False), **methods.fresh_extras(scratch, plan, method)}
+    encoded = lm.encode_examples(tokenizer, pooled, s.max_length)
+    model, params = methods.attach(methods.apply(full, plan, method, start, on_emulator=False), plan, method,
+                                   on_emulator=False, total_steps=lm.total_steps(len(encoded), cfg))
+    lm.train(model, encoded, params, tokenizer.pad_token_id, cfg, desc="central adapter on the full model",
+             show_progress=False, **methods.training_hooks(model, method))
+    out["central_adapter_on_full"] = scores(model, tokenizer, held, tasks)
 
-    trainer = LocalTrainer(bundle, pooled, None, s.max_length)  # the adapter through the emulator, plugged in
-    full, tokenizer = load_base(str(base))
-    start = extract_adapter(full, plan, on_emulator=False)
-    result = trainer.train_round(start, spec_digest(spec_of(start)),
-                                 lm.TrainConfig(epochs=epochs, lr=s.lr, batch_size=s.batch_size, seed=s.seed,
-                                                bf16=lm.cpu_has_fast_bf16()), show_progress=False)
-    load_adapter(full, plan, result.update, on_emulator=False)
-    out["central_offsite"] = _scores(full, tokenizer, held, tasks)
+    result = LocalTrainer(bundle, pooled, None, s.max_length).train_round(  # the adapter through the emulator, plugged in
+        start, spec_digest(spec_of(start)), cfg, method, show_progress=False)
+    adapter = methods.propose(scratch, plan, method, start, result.update)
+    out["central_offsite"] = scores(methods.apply(load_base(str(base))[0], plan, method, adapter, on_emulator=False),
+                                    tokenizer, held, tasks)
     return out
 
 
@@ -101,20 +119,15 @@ def main() -> None:
     args = parser.parse_args()
     s, work = DemoSettings(), Path(args.work)
     base, folders, general_held, full, tokenizer = demo_inputs(s, work)
-    held = [x for f in folders for x in lm.encode(tokenizer, read_texts(f / "heldout.jsonl"), s.max_length)]
-    tasks = [x for f in folders for x in read_tasks(f / "heldout_task.jsonl")]
+    held, tasks = heldout(folders, tokenizer, s.max_length)
     general = lm.encode(tokenizer, general_held, s.max_length)
-    zero_shot, full_general = _scores(full, tokenizer, held, tasks), lm.mean_token_loss(full, general, tokenizer.pad_token_id)
+    zero_shot, full_general = scores(full, tokenizer, held, tasks), lm.mean_token_loss(full, general, tokenizer.pad_token_id)
     out_path = ROOT / "bench" / "results" / "quality.json"
     previous = json.loads(out_path.read_text()) if out_path.is_file() else {}
-    def emulator_config(train_extra: tuple[str, ...] = ()) -> EmulatorConfig:  # 2 of 4 middle blocks, distilled 100 steps
-        return EmulatorConfig(emulator_layers=2, distill_data=str(work / "data" / "general_train.jsonl"),
-                              distill_steps=EMULATOR_DISTILL_STEPS, distill_lr=1e-4, train_extra=train_extra)
-
     bundle = work / "quality-bundle"
-    build(str(base), emulator_config(), bundle, show_progress=False)
+    build(str(base), emulator_config(work), bundle, show_progress=False)
     emulator = load_bundle(bundle)[0]
-    emulator_zero_shot = _scores(emulator, tokenizer, held, tasks)
+    emulator_zero_shot = scores(emulator, tokenizer, held, tasks)
     margin = round(lm.mean_token_loss(emulator, general, tokenizer.pad_token_id) - full_general, 4)
     t = time.perf_counter()
     central = previous.get("baselines", {}) if args.no_baselines else baselines(base, bundle, folders, s, held, tasks)
@@ -122,7 +135,7 @@ def main() -> None:
     top = central["central_full_finetune"]["loss"]
 
     def closure(loss: float) -> float:
-        return round((zero_shot["loss"] - loss) / (zero_shot["loss"] - top), 4)
+        return gap_closure(zero_shot["loss"], top, loss)
 
     rows = {}
     for name in args.rows.split(","):
@@ -130,7 +143,7 @@ def main() -> None:
         extra = options.pop("train_extra", ())
         row_bundle = work / f"quality-bundle-{'-'.join(extra)}" if extra else bundle  # the same emulator, more in the adapter
         if extra:
-            build(str(base), emulator_config(extra), row_bundle, show_progress=False)
+            build(str(base), emulator_config(work, extra), row_bundle, show_progress=False)
         if "method" in options:
             options["method"] = MethodConfig(**options["method"])
         if options.get("realign_every"):

@@ -10,7 +10,7 @@ from pathlib import Path
 from offsite import lm
 from offsite.emulator.build import load_base
 from offsite.emulator.evaluate import exact_match, losses
-from offsite.textdata import read_tasks, read_texts
+from offsite.textdata import Example, read_examples, read_tasks, read_texts
 
 
 @dataclass(frozen=True)
@@ -19,15 +19,23 @@ class Central:
     accuracy: dict[str, float] = field(default_factory=dict)   # exact match per task set, and "all"
 
 
+def full_finetune(base: str, examples: list[Example], epochs: float, lr: float, batch_size: int, max_length: int,
+                  seed: int, chat_template: str | None = None, show_progress: bool = True):
+    """The whole base fine-tuned on `examples` in any format, rendered as clients render them (chats with a
+    job's `chat_template` where the base has none), and its tokenizer: the upper bound's model."""
+    model, tokenizer = load_base(base, chat_template=chat_template)
+    lm.train(model, lm.encode_examples(tokenizer, examples, max_length), list(model.parameters()), tokenizer.pad_token_id,
+             lm.TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, bf16=lm.cpu_has_fast_bf16()),
+             desc="central full fine-tune", show_progress=show_progress)
+    return model, tokenizer
+
+
 def central_finetune(base: str, train_files: list[Path], eval_files: dict[str, Path], epochs: float, lr: float,
                      batch_size: int, max_length: int, seed: int, task_files: dict[str, Path] | None = None) -> Central:
     """Held-out loss (and exact match on `task_files`) of the fully fine-tuned model."""
-    model, tokenizer = load_base(base)
+    model, tokenizer = full_finetune(base, [e for f in train_files for e in read_examples(f)], epochs, lr, batch_size,
+                                     max_length, seed)
     pad = tokenizer.pad_token_id
-    train = [x for f in train_files for x in lm.encode(tokenizer, read_texts(f), max_length)]
-    lm.train(model, train, list(model.parameters()), pad,
-             lm.TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, bf16=lm.cpu_has_fast_bf16()),
-             desc="central full fine-tune")
     sets = {name: lm.encode(tokenizer, read_texts(f), max_length) for name, f in eval_files.items()}
     loss = {"all": losses({"m": model}, [x for enc in sets.values() for x in enc], pad)["m"]}
     loss.update({name: losses({"m": model}, enc, pad)["m"] for name, enc in sets.items()})
