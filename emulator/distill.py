@@ -145,12 +145,20 @@ def _save_checkpoint(folder: Path, student: dict[str, torch.nn.Parameter], opt: 
     write_json(progress, {"step": step, "config": asdict(cfg)})  # written last: it commits the checkpoint
 
 
+RUN_FREE = {"bf16", "checkpoint_every"}  # how a run computes, not what it trains: a resume may change them (bf16 is
+                                        # chosen by a timing probe on CPUs, so it can differ between two runs)
+
+
+def _run_of(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in RUN_FREE}
+
+
 def _load_checkpoint(folder: Path, student: dict[str, torch.nn.Parameter], opt: torch.optim.AdamW, cfg: DistillConfig) -> int:
     weights, opt_path, progress = _checkpoint_paths(folder)
     if not progress.is_file():
         return 0
     meta = json.loads(progress.read_text())
-    if meta["config"] != asdict(cfg):
+    if _run_of(meta["config"]) != _run_of(asdict(cfg)):
         raise ConfigError(f"{folder} holds a checkpoint of a different distillation run; remove it or use another folder")
     saved, opt_state = load_file(str(weights)), load_file(str(opt_path))
     with torch.no_grad():

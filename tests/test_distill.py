@@ -1,4 +1,6 @@
 """Emulator distillation: the recipe's loss, that it helps, and that it resumes from checkpoints."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -78,6 +80,8 @@ def test_interrupted_distillation_resumes_to_the_same_weights(tiny_model, client
     with pytest.raises(ConfigError, match="different distillation run"):
         distill(teacher, fresh, PLAN, windows, tok.pad_token_id, DistillConfig(steps=7, seq_len=32, checkpoint_every=2),
                 tmp_path / "b", show_progress=False)
+    flipped = dataclasses.replace(cfg, bf16=not cfg.bf16, checkpoint_every=3)  # how it computes, not what it trains
+    assert distill(teacher, fresh, PLAN, windows, tok.pad_token_id, flipped, tmp_path / "b", show_progress=False).resumed_from == 6
 
 
 def test_build_with_distillation_records_it_in_the_manifest(tiny_model, client_data, tmp_path):
