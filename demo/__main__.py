@@ -11,6 +11,7 @@ from transformers.utils import logging as hf_logging
 
 from offsite.demo.base import BaseConfig
 from offsite.demo.run import DemoSettings, prepare, run_demo
+from offsite.demo.walkthrough import run_walkthrough
 
 
 def _noises(text: str) -> list[float]:
@@ -37,6 +38,8 @@ def main() -> int:
     parser.add_argument("--dp-sweep", type=_noises, default=[], metavar="Z1,Z2,...",
                         help="after the run, the same job again under DP-FedAvg at each noise multiplier (> 0); "
                              "the report gains epsilon and plug-in loss per level (each level costs one more job)")
+    parser.add_argument("--no-walkthrough", action="store_true",
+                        help="skip running the README's walkthrough after the demo (it needs the repository's docs/ and .venv/)")
     parser.add_argument("--prepare-only", action="store_true",
                         help="only write the base model, the data and OUT/job.toml (what deploy/compose.yaml starts from)")
     args = parser.parse_args()
@@ -50,6 +53,13 @@ def main() -> int:
         print(f"demo inputs ready in {args.out} ({time.perf_counter() - started:.0f} s); job: {Path(args.out) / 'job.toml'}")
         return 0
     ok = run_demo(Path(args.out), settings, args.dp_sweep)
+    if not args.no_walkthrough:  # the README's walkthrough, exactly as written, so that it cannot go stale
+        walked = run_walkthrough(Path(args.out).resolve() / "walkthrough")
+        print(f"README walkthrough: {walked.get('status', '')} in {walked['seconds']:.0f} s; validation loss "
+              f"{walked.get('validation')}; curl got {walked.get('completion_tokens', 0)} tokens")
+        for problem in walked["problems"]:
+            print(f"CHECK FAILED: {problem}")
+        ok = ok and not walked["problems"]
     print(f"demo finished in {time.perf_counter() - started:.0f} s: {'all checks passed' if ok else 'CHECKS FAILED'}")
     return 0 if ok else 1
 

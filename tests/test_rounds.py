@@ -396,17 +396,20 @@ def test_a_job_cancelled_while_its_round_aggregates_does_not_move(world, monkeyp
     assert c.metrics.rounds_completed.labels("j")._value.get() == 0 and done == []
 
 
-def test_jobs_list_show_and_cancel_from_the_command_line(world):
+def test_jobs_list_show_and_cancel_from_the_command_line(world, capsys):
     import json
-    import subprocess
-    from tests.procs import offsite
+    from types import SimpleNamespace
+
+    from offsite.cli import main
     c, _, clients, _ = world
     for client in clients:
         _upload(c, *client, 0)
     state = str(c.layout.root)
 
-    def run(*args):
-        return subprocess.run(offsite("cloud", "jobs", *args, "--state", state), capture_output=True, text=True)
+    def run(*args):  # the CLI in this process: what a separate one would print, without its start-up
+        code = main(["cloud", "jobs", *args, "--state", state])
+        out, err = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out, stderr=err)
     listed = run("list", "--json")
     assert listed.returncode == 0, listed.stderr
     assert json.loads(listed.stdout) == [{"job_id": "j", "status": "running", "round": 2, "rounds": 2, "method": "full",
@@ -414,7 +417,8 @@ def test_jobs_list_show_and_cancel_from_the_command_line(world):
     shown = run("show", "j")
     assert shown.returncode == 0 and "round 1: 3 selected, 3 updates in; closed: all expected updates are in" in shown.stdout
     assert "round 2: 3 selected, 0 updates in; open" in shown.stdout
-    assert run("show", "nope").returncode != 0 and "no job 'nope'" in run("show", "nope").stderr
+    missing = run("show", "nope")
+    assert missing.returncode != 0 and "no job 'nope'" in missing.stderr
     cancelled = run("cancel", "j")
     assert cancelled.returncode == 0 and c.state.job("j").status == "cancelled"
     again = run("cancel", "j")

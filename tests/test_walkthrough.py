@@ -1,36 +1,52 @@
-"""The README's walkthrough ("Running it yourself"), run exactly as written: the lines between its markers,
-in one bash, from a folder that has the repository's docs/ and .venv/ (what the README's reader has)."""
-import json
-import os
-import re
+"""The README's walkthrough cannot go stale: `make demo` runs it exactly as written (offsite.demo.walkthrough);
+here, in seconds, every command in it parses with offsite's own parser and the files it names line up."""
+import shlex
 import subprocess
-from pathlib import Path
 
-import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-BLOCK = re.compile(r"<!-- walkthrough:begin -->\n```sh\n(.*?)```\n<!-- walkthrough:end -->", re.S)
-
-
-def walkthrough() -> str:
-    found = BLOCK.findall((ROOT / "README.md").read_text())
-    assert len(found) == 1, "README.md has one walkthrough block between its markers"
-    return found[0]
+from offsite.cli import parser
+from offsite.cloud.job import JobConfig
+from offsite.demo import starter
+from offsite.demo.walkthrough import JOB, ROOT, walkthrough
 
 
-def test_the_readme_walkthrough_runs_as_written(tmp_path):
-    if not (ROOT / ".venv" / "bin" / "activate").is_file():
-        pytest.skip("the walkthrough activates the repository's .venv (make install)")
-    for name in ("docs", ".venv"):
-        (tmp_path / name).symlink_to(ROOT / name)
-    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "OFFSITE_FAILPOINTS")}
-    done = subprocess.run(["bash", "-euo", "pipefail", "-c", walkthrough()], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=420)
-    assert done.returncode == 0, done.stderr[-4000:]
-    assert "support-bot: done, round 5/5" in done.stdout, done.stdout
-    answer = json.loads(done.stdout[done.stdout.index('{"id"'):].splitlines()[0])  # curl's reply, the last output
-    assert answer["model"] == "support-bot" and answer["usage"]["completion_tokens"] > 0
-    report = json.loads((tmp_path / "first-job" / "state" / "jobs" / "support-bot" / "report.json").read_text())
-    validation = report["eval"]["validation"]
-    assert validation["plug_in"] < validation["full_zero_shot"] - 0.5, validation  # the first job learned something
-    assert "Traceback" not in done.stderr
+def commands() -> list[list[str]]:
+    """Each line's first command as argv: continuation lines joined, up to its first shell operator (& | > ;)."""
+    out = []
+    for line in walkthrough().replace("\\\n", " ").splitlines():
+        lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+        lexer.whitespace_split = True
+        words = []
+        for word in lexer:
+            if set(word) <= set("&|;<>()"):
+                break
+            words.append(word)
+        out.append(words)
+    return [w for w in out if w]
+
+
+def test_the_walkthrough_is_valid_bash():
+    assert subprocess.run(["bash", "-n", "-c", walkthrough()], capture_output=True).returncode == 0
+
+
+def test_every_offsite_command_of_the_walkthrough_parses():
+    offsite = [argv[1:] for argv in commands() if argv[0] == "offsite"]
+    assert len(offsite) >= 8  # init, jobs create, serve, two clients, status, keys, infer
+    for argv in offsite:
+        args = parser().parse_args(argv)  # an unknown command or flag exits here with argparse's message
+        assert callable(args.func), argv
+    starter_argv = next(argv for argv in commands() if argv[:3] == ["python", "-m", "offsite.demo.starter"])
+    assert starter_argv[3:] == ["first-job"]
+
+
+def test_the_example_job_fits_what_the_starter_writes(tmp_path):
+    """The copied docs/job.example.toml names the starter's base and files, and the job id the commands use."""
+    (tmp_path / "models" / "my-base").mkdir(parents=True)  # starter.write_starter's layout, without the weights
+    (tmp_path / "data").mkdir()
+    for name in ("alice", "bob", "validation"):
+        (tmp_path / "data" / f"{name}.jsonl").write_text('{"text": "x"}\n')
+    (tmp_path / "job.toml").write_text((ROOT / "docs" / "job.example.toml").read_text())
+    cfg = JobConfig.from_toml(tmp_path / "job.toml")
+    assert cfg.job_id == JOB and cfg.base_model == str((tmp_path / "models" / "my-base").resolve())
+    assert cfg.eval_sets == {"validation": str((tmp_path / "data" / "validation.jsonl").resolve())}
+    assert cfg.clients_per_round == len(starter.OWNERS) and f"--clients {','.join(starter.OWNERS)}" in walkthrough()
+    assert starter.BASE_LAYERS >= cfg.bottom + cfg.top + cfg.emulator_layers
