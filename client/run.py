@@ -3,6 +3,7 @@ roster the client is (or the one `--job` names) is done."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import hashlib
 import logging
@@ -300,6 +301,16 @@ def schedule_part(kind: str, round_: int, rounds: int) -> tuple[float, float]:
     return round_ / rounds, (round_ + 1) / rounds
 
 
+def checkpoint_key(task, method, train_cfg: lm.TrainConfig, data_sha256: str) -> str:
+    """What a round's training checkpoint belongs to: the round, its start, the method, the settings and the data.
+    It names what is trained, not how: bf16 autocast is a timing probe's choice (precision.choose), which a
+    restart on a busy machine can make differently (the checkpoint holds the fp32 master weights either way)."""
+    trained = dataclasses.replace(train_cfg, bf16=False)
+    key = (f"{task.job_id}/{task.round}/{task.adapter_sha256}/{task.emulator_patch_sha256}/{method}/{trained}/"
+           f"{data_sha256}")
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
 def _train(stub, task, trainer: LocalTrainer, me, cfg: ClientConfig, live: Liveness, retried) -> RoundResult:
     """Train the round; the result holds the update (the method's trainable tensors) and the training stats."""
     adapter_path = retried(lambda: download_blob(stub, task.adapter_sha256, _global_adapter(cfg, task)), "download adapter")
@@ -321,8 +332,8 @@ def _train(stub, task, trainer: LocalTrainer, me, cfg: ClientConfig, live: Liven
             raise RoundClosed()
 
     method = _method(task)
-    key = f"{task.job_id}/{task.round}/{task.adapter_sha256}/{patch}/{method}/{train_cfg}/{sha256_file(cfg.data)}"
-    checkpoint = Checkpointer(cfg.workdir / "checkpoints", hashlib.sha256(key.encode()).hexdigest(), cfg.checkpoint_every,
+    key = checkpoint_key(task, method, train_cfg, sha256_file(cfg.data))
+    checkpoint = Checkpointer(cfg.workdir / "checkpoints", key, cfg.checkpoint_every,
                               cfg.checkpoint_every_s)
     result = trainer.train_round(load_blob(adapter_path), task.skeleton_digest, train_cfg, method,
                                  desc=f"{me.client_id} round {task.round + 1}/{task.total_rounds}",

@@ -195,3 +195,18 @@ def test_through_lora_the_head_and_embeddings_train_as_factors_and_the_norm_in_f
         assert not torch.equal(proposal[name], start[name])
     table = start["model.embed_tokens.weight"].numel()
     assert out.update["model.embed_tokens.lora_embedding_A"].numel() + out.update["model.embed_tokens.lora_embedding_B"].numel() < table / 4
+
+
+def test_a_round_checkpoint_is_keyed_by_what_trains_not_how():
+    """A restart whose timing probe chose bf16 differently resumes the checkpoint; other settings do not."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from offsite.client.run import checkpoint_key
+    task = SimpleNamespace(job_id="j", round=1, adapter_sha256="a" * 64, emulator_patch_sha256="")
+    cfg = lm.TrainConfig(epochs=1, lr=1e-3, batch_size=8)
+    key = checkpoint_key(task, "lora", cfg, "d")
+    assert key == checkpoint_key(task, "lora", dataclasses.replace(cfg, bf16=True), "d")
+    assert key != checkpoint_key(task, "lora", dataclasses.replace(cfg, lr=2e-3), "d")
+    assert key != checkpoint_key(SimpleNamespace(**{**vars(task), "round": 2}), "lora", cfg, "d")
+    assert key != checkpoint_key(task, "lora", cfg, "other data")
