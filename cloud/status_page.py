@@ -8,7 +8,7 @@ import time
 from html import escape
 
 from offsite.cloud import privacy
-from offsite.cloud.status import LOSS_SHOWN_MAX
+from offsite.cloud.status import LOSS_SHOWN_MAX, describe_eta
 
 PLOT_COLOUR = "#d62728"  # the loss line; tests look for it in a screenshot
 REFRESH_S = 15
@@ -87,6 +87,9 @@ def _job(j: dict) -> str:
                   [[e(j["status"]), f"{shown_round} of {j['rounds']}", e(j["method"]), e(j["base_model"]), e(j["aggregator"]),
                     f"{j['clients_per_round']} ({j['seats']})", str(len(j["updates"])), str(len(j["rejected"])),
                     str(j["uploads_in_progress"])]], numeric=(6, 7, 8))]
+    eta = describe_eta(j)
+    if eta:
+        out.append(f"<p>{e(eta[0].upper() + eta[1:])}.</p>")
     recent = j["round_log"][-ROUNDS_SHOWN:]
     out.append(f"<h3>Rounds{f' (the last {ROUNDS_SHOWN})' if len(j['round_log']) > ROUNDS_SHOWN else ''}</h3>")
     out.append(_table(["round", "status", "selected", "updates in", "closed because"],

@@ -8,6 +8,7 @@ from offsite.cli import main
 from offsite.cloud import finalize
 from offsite.cloud.job import JobConfig
 from offsite.cloud.state import RoundRecord, UploadRecord
+from offsite.cloud import status_page
 from offsite.cloud.status import describe_eta, read_status, round_eta
 from offsite.files import sha256_file
 from tests.test_client_check import cli
@@ -163,5 +164,6 @@ def test_status_shows_each_jobs_round_time_and_time_left(tiny_model, tmp_path):
     (j,) = read_status(c)["jobs"]
     assert (j["round_s"], j["eta_s"]) == (30.0, 20.0 + 30.0)
     assert describe_eta(j) == "rounds take 30 s on average; training ends in about 50 s"
+    assert "<p>Rounds take 30 s on average; training ends in about 50 s.</p>" in status_page.render(read_status(c))
     out = cli("cloud", "status", "--state", c.layout.root)  # its clock is the real one: round 1 is long overdue
     assert "  rounds take 30 s on average; training ends in about 30 s" in out
