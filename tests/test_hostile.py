@@ -204,8 +204,10 @@ def test_idle_calls_on_both_ports_neither_freeze_nor_fill_the_coordinator(coordi
     assert _metric(web, "offsite_call_seconds_count", method="GetTask") >= 5 + ATTACKERS * 3
     assert _metric(web, "offsite_call_seconds_count", method="UploadChunks") >= ATTACKERS * 3
     # a cut download whose client reads nothing keeps the chunk in flight until that client goes away (gRPC
-    # cannot cancel a send), and keeps its slot: one client can pin at most calls_per_client of them
-    assert after["in_flight"] == ATTACKERS * 2 and after["in_flight_gone"] == 0
+    # cannot cancel a send), and keeps its slot: one client can pin at most calls_per_client of them. A few may
+    # end sooner (the client's transport took the chunk into its own buffers after the cut: 48-49 of 50 in about
+    # one run in four on 2 cores), never more than were pinned, and none outlives its client
+    assert ATTACKERS * 2 - 5 <= after["in_flight"] <= ATTACKERS * 2 and after["in_flight_gone"] == 0
     assert after["again"] == {grpc.StatusCode.RESOURCE_EXHAUSTED}
     # each pinned download holds its chunk and transport buffers (about 6 MiB measured with 1 MiB chunks)
     assert rss_during - rss_before < ATTACKERS * 2 * 10 and after["rss"] - rss_before < ATTACKERS * 2 * 10 + 100
