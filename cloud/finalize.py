@@ -143,16 +143,21 @@ class Finalizer:
     def __init__(self, coordinator, log):
         self.c, self.log = coordinator, log
         self.threads: list[threading.Thread] = []
+        self._running: set[str] = set()  # jobs this process is finalizing: poll need not try to claim them again
         self._one_at_a_time = threading.Lock()
 
     def start(self, job_id: str, take_over: bool = False) -> bool:
         """Finalize the job if this process wins its claim (`take_over`: whatever was claimed before)."""
         if not self.c.state.claim_finalization(job_id, self.c.now(), take_over):
             return False
+        self._running.add(job_id)
 
         def work() -> None:
-            with self._one_at_a_time:
-                finalize_job(self.c, job_id, self.log)
+            try:
+                with self._one_at_a_time:
+                    finalize_job(self.c, job_id, self.log)
+            finally:  # done or failed by now; `jobs finalize` may send it back, to be claimed afresh
+                self._running.discard(job_id)
         self.threads.append(threading.Thread(target=work, name=f"finalize-{job_id}", daemon=True))
         self.threads[-1].start()
         return True
@@ -161,7 +166,7 @@ class Finalizer:
         """Start every finalizing job that no coordinator has claimed: one whose failed finalization is to run
         again (`offsite cloud jobs finalize`). `serve` calls this each second."""
         for job in self.c.state.jobs():
-            if job.status == "finalizing":
+            if job.status == "finalizing" and job.job_id not in self._running:
                 self.start(job.job_id)
 
     def busy(self) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -28,8 +29,7 @@ def walkthrough(readme: Path = ROOT / "README.md") -> str:
 def run_walkthrough(folder: Path, root: Path = ROOT) -> dict:
     """Run the walkthrough in `folder` (made anew) and say what came of it: seconds, the job's status line, the
     plug-in's and the base's validation loss, and the served completion; "problems" lists what went wrong."""
-    if folder.exists():
-        subprocess.run(["rm", "-rf", str(folder)], check=True)
+    shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     for name in ("docs", ".venv"):
         (folder / name).symlink_to(root / name)
